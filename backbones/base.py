@@ -1,0 +1,425 @@
+"""The contract every backbone meets, and the shared block stack.
+
+A backbone maps embeddings `[B, S, D] -> [B, S, D]` causally. It is a stack of
+pre-norm residual blocks (RMSNorm -> sublayer -> dropout, + residual):
+
+    mixer (causal sequence mixer: attention, Mamba, Mamba2, S4D, S5, ...)
+    [cross-attention to the text memory]   when built with cross_attention=True
+    [channel mixer: MLP or EinFFT]          when the backbone has one
+
+Recurrent decoding follows mamba_ssm's `allocate_inference_cache()` / `step()`:
+
+    state = backbone.allocate_state(batch_size, max_len)
+    y = backbone(x_prefix, memory, memory_mask, state=state)   # optional prefill
+    y_t = backbone.step(x_t, state, memory, memory_mask)       # [B, D] -> [B, D]
+
+A state is a list (one entry per block) of dicts of tensors, updated in place.
+Teacher-forced step-by-step decoding must equal the parallel forward.
+
+To add a backbone, write one file with a `Mixer` subclass and a `Backbone`
+subclass decorated with `@register("name")`; nothing in the harness changes.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+State = dict[str, Any]
+
+
+# ----------------------------------------------------------------------------- sublayers
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class MLP(nn.Module):
+    """Channel mixer d -> ratio*d -> d with GELU (the study's SiMBA uses ratio 2)."""
+
+    def __init__(self, d_model: int, ratio: float = 4.0):
+        super().__init__()
+        hidden = int(round(d_model * ratio))
+        self.fc1 = nn.Linear(d_model, hidden)
+        self.fc2 = nn.Linear(hidden, d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class CrossAttention(nn.Module):
+    """Attention from the sequence to a text memory `[B, L, D]` with mask `[B, L]` (True = keep).
+
+    In decoding the projected memory keys/values are cached in the state on first use.
+    """
+
+    def __init__(self, d_model: int, n_heads: int):
+        super().__init__()
+        assert d_model % n_heads == 0, f"d_model {d_model} not divisible by n_heads {n_heads}"
+        self.n_heads = n_heads
+        self.q = nn.Linear(d_model, d_model, bias=False)
+        self.kv = nn.Linear(d_model, 2 * d_model, bias=False)
+        self.out = nn.Linear(d_model, d_model, bias=False)
+
+    def _kv(self, memory: Tensor) -> tuple[Tensor, Tensor]:
+        B, L, D = memory.shape
+        k, v = self.kv(memory).view(B, L, 2, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        return k, v  # [B, H, L, Dh] each
+
+    def forward(self, x: Tensor, memory: Tensor, memory_mask: Tensor | None, state: State | None = None):
+        B, S, D = x.shape
+        if state is not None:
+            if "xk" not in state:
+                state["xk"], state["xv"] = self._kv(memory)
+            k, v = state["xk"], state["xv"]
+        else:
+            k, v = self._kv(memory)
+        q = self.q(x).view(B, S, self.n_heads, D // self.n_heads).transpose(1, 2)
+        mask = None if memory_mask is None else memory_mask[:, None, None, :]  # [B, 1, 1, L]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(B, S, D))
+
+
+# ----------------------------------------------------------------------------- mixer contract
+
+
+class Mixer(nn.Module):
+    """A causal sequence mixer `[B, S, D] -> [B, S, D]`.
+
+    forward(x, state=None): with a state, `x` continues the sequence held by the
+    state (prefill, or one step when S == 1) and the state is updated in place.
+    """
+
+    #: True when the decoding state does not grow with sequence length.
+    constant_state: bool = True
+
+    def allocate_state(self, batch_size: int, max_len: int, device=None, dtype=None) -> State:
+        raise NotImplementedError
+
+    def step(self, x: Tensor, state: State) -> Tensor:
+        """One decoding step: `x [B, D] -> [B, D]`."""
+        return self.forward(x[:, None], state)[:, 0]
+
+    def scan_flops_per_token(self, seq_len: int) -> int:
+        """FLOPs per token per layer that a matmul counter cannot see (scans, FFT convs)."""
+        return 0
+
+    def state_numel(self, state: State) -> int:
+        return sum(t.numel() for t in state.values() if torch.is_tensor(t))
+
+
+class Block(nn.Module):
+    def __init__(
+        self,
+        d_model: int,
+        mixer: Mixer,
+        cross_attention: bool = False,
+        n_heads: int = 4,
+        channel_mixer: nn.Module | None = None,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.norm1 = RMSNorm(d_model)
+        self.mixer = mixer
+        self.cross = CrossAttention(d_model, n_heads) if cross_attention else None
+        self.norm_x = RMSNorm(d_model) if cross_attention else None
+        self.channel = channel_mixer
+        self.norm2 = RMSNorm(d_model) if channel_mixer is not None else None
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, memory=None, memory_mask=None, state: State | None = None) -> Tensor:
+        x = x + self.drop(self.mixer(self.norm1(x), state=None if state is None else state["mixer"]))
+        if self.cross is not None:
+            if memory is None:
+                raise ValueError("this backbone was built with cross_attention=True: pass the text memory")
+            xs = None if state is None else state["cross"]
+            x = x + self.drop(self.cross(self.norm_x(x), memory, memory_mask, xs))
+        if self.channel is not None:
+            x = x + self.drop(self.channel(self.norm2(x)))
+        return x
+
+    def step(self, x: Tensor, state: State, memory=None, memory_mask=None) -> Tensor:  # [B, D]
+        x = x + self.mixer.step(self.norm1(x), state["mixer"])
+        if self.cross is not None:
+            x = x + self.cross(self.norm_x(x)[:, None], memory, memory_mask, state["cross"])[:, 0]
+        if self.channel is not None:
+            x = x + self.channel(self.norm2(x))
+        return x
+
+
+# ----------------------------------------------------------------------------- backbone
+
+
+class Backbone(nn.Module):
+    """A stack of blocks plus a final norm. Subclasses implement `make_mixer`.
+
+    Subclass keyword arguments are the backbone's size knobs; `config()` returns
+    everything needed to rebuild it.
+    """
+
+    name: str = "?"
+    #: Whether the LM must add positional embeddings (attention has no order by itself).
+    needs_positions: bool = False
+    #: Channel mixer ratio (None = no channel mixer sublayer).
+    default_mlp_ratio: float | None = None
+
+    def __init__(
+        self,
+        d_model: int = 64,
+        n_layers: int = 2,
+        cross_attention: bool = False,
+        n_heads: int = 4,
+        dropout: float = 0.0,
+        mlp_ratio: float | None | str = "default",
+        **mixer_kwargs: Any,
+    ):
+        super().__init__()
+        self.d_model, self.n_layers, self.cross_attention = d_model, n_layers, cross_attention
+        self.n_heads, self.dropout = n_heads, dropout
+        self.mlp_ratio = self.default_mlp_ratio if mlp_ratio == "default" else mlp_ratio
+        self.mixer_kwargs = mixer_kwargs
+        self.blocks = nn.ModuleList(
+            Block(
+                d_model,
+                self.make_mixer(i),
+                cross_attention=cross_attention,
+                n_heads=n_heads,
+                channel_mixer=self.make_channel_mixer(i),
+                dropout=dropout,
+            )
+            for i in range(n_layers)
+        )
+        self.norm_f = RMSNorm(d_model)
+
+    # -- to override
+    def make_mixer(self, layer_idx: int) -> Mixer:
+        raise NotImplementedError
+
+    def make_channel_mixer(self, layer_idx: int) -> nn.Module | None:
+        return None if self.mlp_ratio is None else MLP(self.d_model, self.mlp_ratio)
+
+    # -- contract
+    def config(self) -> dict[str, Any]:
+        return dict(
+            d_model=self.d_model,
+            n_layers=self.n_layers,
+            cross_attention=self.cross_attention,
+            n_heads=self.n_heads,
+            dropout=self.dropout,
+            mlp_ratio=self.mlp_ratio,
+            **self.mixer_kwargs,
+        )
+
+    def forward(self, x: Tensor, memory=None, memory_mask=None, state: list[State] | None = None) -> Tensor:
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, memory, memory_mask, None if state is None else state[i])
+        return self.norm_f(x)
+
+    def allocate_state(self, batch_size: int, max_len: int, device=None, dtype=None) -> list[State]:
+        p = next(self.parameters())
+        device = device or p.device
+        dtype = dtype or p.dtype
+        return [
+            {"mixer": blk.mixer.allocate_state(batch_size, max_len, device, dtype), "cross": {}}
+            for blk in self.blocks
+        ]
+
+    def step(self, x: Tensor, state: list[State], memory=None, memory_mask=None) -> Tensor:
+        for blk, st in zip(self.blocks, state):
+            x = blk.step(x, st, memory, memory_mask)
+        return self.norm_f(x)
+
+    @property
+    def constant_state(self) -> bool:
+        return all(b.mixer.constant_state for b in self.blocks)
+
+    def state_size(self, batch_size: int = 1, seq_len: int = 1024) -> int:
+        """Elements of decoding state (self-mixer only) after `seq_len` tokens."""
+        with torch.device("meta"):
+            st = self.allocate_state(batch_size, seq_len, device="meta")
+        return sum(b.mixer.state_numel(s["mixer"]) for b, s in zip(self.blocks, st))
+
+    def num_params(self) -> int:
+        return count_params(self)
+
+    def scan_flops_per_token(self, seq_len: int) -> int:
+        return sum(b.mixer.scan_flops_per_token(seq_len) for b in self.blocks)
+
+    def flops_per_token(self, seq_len: int, memory_len: int = 0, mode: str = "train") -> int:
+        """Analytic FLOPs per token: 2 * matmul params (x3 for training fwd+bwd) + attention + scans.
+
+        `mode` is "train" (forward+backward) or "decode" (one forward step).
+        """
+        from backbones.flops import backbone_flops_per_token
+
+        return backbone_flops_per_token(self, seq_len, memory_len, mode)
+
+
+def count_params(module: nn.Module, trainable_only: bool = True) -> int:
+    """Parameter count; complex parameters count twice (real and imaginary part)."""
+    n = 0
+    for p in module.parameters():
+        if trainable_only and not p.requires_grad:
+            continue
+        n += p.numel() * (2 if p.is_complex() else 1)
+    return n
+
+
+# ----------------------------------------------------------------------------- registry
+
+_REGISTRY: dict[str, type[Backbone]] = {}
+_BUILTINS = ["transformer", "mamba", "mamba2", "s4d", "s5", "simba", "hybrid"]
+
+
+def register(name: str) -> Callable[[type[Backbone]], type[Backbone]]:
+    def deco(cls: type[Backbone]) -> type[Backbone]:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def _load_builtins() -> None:
+    for mod in _BUILTINS:
+        try:
+            importlib.import_module(f"backbones.{mod}")
+        except ModuleNotFoundError as e:  # a built-in not written yet must not hide the others
+            if e.name != f"backbones.{mod}":
+                raise
+    try:
+        from importlib.metadata import entry_points
+
+        for ep in entry_points(group="ttm_bench.backbones"):
+            if ep.name not in _REGISTRY:
+                cls = ep.load()
+                _REGISTRY[ep.name] = cls
+    except Exception as e:  # a broken third-party plugin is reported, not fatal
+        import warnings
+
+        warnings.warn(f"ttm_bench.backbones entry point failed to load: {e}")
+
+
+def registered() -> dict[str, type[Backbone]]:
+    _load_builtins()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_backbone_cls(name: str) -> type[Backbone]:
+    """A registered name, or a dotted path `pkg.module:Class` (or `pkg.module.Class`)."""
+    reg = registered()
+    if name in reg:
+        return reg[name]
+    if ":" in name or "." in name:
+        mod, _, attr = name.partition(":") if ":" in name else name.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(mod), attr)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(
+                f"cannot load backbone {name!r} ({e}); registered backbones: {', '.join(reg)}"
+            ) from e
+        if not (isinstance(cls, type) and issubclass(cls, Backbone)):
+            raise ValueError(f"{name!r} is not a backbones.base.Backbone subclass")
+        return cls
+    raise ValueError(f"unknown backbone {name!r}; registered backbones: {', '.join(reg)}")
+
+
+def build_backbone(name: str, **kwargs: Any) -> Backbone:
+    return get_backbone_cls(name)(**kwargs)
+
+
+@dataclass
+class SizeResult:
+    kwargs: dict[str, Any]
+    params: int
+    target: int
+
+    @property
+    def rel_error(self) -> float:
+        return abs(self.params - self.target) / self.target
+
+
+def size_to(
+    name: str,
+    target_params: int,
+    vary: str = "n_layers",
+    tol: float = 0.01,
+    extra_params: Callable[[dict[str, Any]], int] | None = None,
+    **fixed: Any,
+) -> SizeResult:
+    """Choose `vary` (an integer knob, e.g. n_layers or d_model) so the parameter count
+    (backbone + `extra_params(kwargs)`, e.g. the LM's embeddings and heads) is closest
+    to `target_params`. Models are built on the meta device (no memory).
+    When `vary` alone cannot reach `tol`, the other continuous knob (mlp_ratio or
+    expand when the backbone has one) is fine-tuned.
+    """
+    cls = get_backbone_cls(name)
+
+    def count(kw: dict[str, Any]) -> int:
+        with torch.device("meta"):
+            n = count_params(cls(**kw))
+        return n + (extra_params(kw) if extra_params else 0)
+
+    step = 1
+    if vary == "d_model":
+        step = 2 * int(fixed.get("n_heads", 4))  # keep heads (and halves for complex) divisible
+    lo, hi = step, step
+    while count({**fixed, vary: hi}) < target_params:
+        lo, hi = hi, hi * 2
+        if hi > 1 << 20:
+            raise ValueError(f"{name}: cannot reach {target_params} params by varying {vary}")
+    # binary search on multiples of step
+    while hi - lo > step:
+        mid = (lo + hi) // 2 // step * step
+        if count({**fixed, vary: mid}) < target_params:
+            lo = mid
+        else:
+            hi = mid
+    best = min((lo, hi), key=lambda v: abs(count({**fixed, vary: v}) - target_params))
+    kw = {**fixed, vary: best}
+    res = SizeResult(kw, count(kw), target_params)
+    if res.rel_error > tol:
+        res = _fine_tune(cls, count, kw, target_params) or res
+    return res
+
+
+def _fine_tune(cls, count, kw, target) -> SizeResult | None:
+    """Bisect a continuous knob (mlp_ratio) to close the remaining gap."""
+    knob = "mlp_ratio"
+    base = kw.get(knob, getattr(cls, "default_mlp_ratio", None))
+    if base in (None, "default"):
+        base = getattr(cls, "default_mlp_ratio", None)
+    if base is None:
+        return None
+    lo, hi = 0.25, 16.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if count({**kw, knob: mid}) < target:
+            lo = mid
+        else:
+            hi = mid
+    best = {**kw, knob: round(hi, 4)}
+    return SizeResult(best, count(best), target)
+
+
+def sinusoidal_positions(n: int, d: int, offset: int = 0, device=None) -> Tensor:
+    """Sinusoidal position table `[n, d]` starting at position `offset`."""
+    pos = torch.arange(offset, offset + n, device=device, dtype=torch.float32)[:, None]
+    i = torch.arange(0, d, 2, device=device, dtype=torch.float32)
+    ang = pos / (10000 ** (i / d))
+    out = torch.zeros(n, d, device=device)
+    out[:, 0::2] = torch.sin(ang)
+    out[:, 1::2] = torch.cos(ang[:, : d // 2])
+    return out
