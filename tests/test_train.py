@@ -1,0 +1,141 @@
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.synthetic import synthetic_prepared, tiny_config
+from ttm.config import load_config
+from ttm.train import read_log, run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def losses(run_dir):
+    return [(r["step"], r["loss"]) for r in read_log(run_dir / "log.jsonl")]
+
+
+def test_trains_logs_and_summarises(tmp_path):
+    s = run(tiny_config(**{"train.steps": 30}), tmp_path, data=synthetic_prepared(), progress=False)
+    rows = read_log(tmp_path / "log.jsonl")
+    assert s["status"] == "ok" and s["steps"] == 30
+    assert rows[-1]["loss"] < 0.5 * rows[0]["loss"]
+    assert {"step", "loss", "loss_per_codebook", "lr", "tokens", "flops", "wall_time"} <= set(rows[0])
+    assert any("val_loss" in r for r in rows) and s["val_loss"] is not None
+    assert s["flops"] == 30 * s["flops_per_step"] and s["tokens"] == 30 * 8 * 24
+    assert (tmp_path / "checkpoint.pt").exists() and (tmp_path / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("kind,limit", [("tokens", 8 * 24 * 5), ("steps", 5), ("seconds", 1e9)])
+def test_budgets_stop_the_run(tmp_path, kind, limit):
+    over = {"train.budget": {"kind": kind, "limit": limit}}
+    if kind == "seconds":  # stop on time: a tiny limit that one step exceeds
+        over["train.budget"]["limit"] = 1e-6
+    s = run(tiny_config(**over), tmp_path, data=synthetic_prepared(), progress=False)
+    assert s["budget"]["kind"] == kind
+    assert s["budget"]["used"] >= s["budget"]["limit"]
+    assert s["steps"] == (5 if kind != "seconds" else 1)
+
+
+def test_flops_budget(tmp_path):
+    probe = run(tiny_config(**{"train.steps": 1}), tmp_path / "a", data=synthetic_prepared(), progress=False)
+    per_step = probe["flops_per_step"]
+    s = run(tiny_config(**{"train.budget": {"kind": "flops", "limit": 3.5 * per_step}}), tmp_path / "b",
+            data=synthetic_prepared(), progress=False)
+    assert s["steps"] == 4 and s["flops"] >= 3.5 * per_step
+
+
+def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "tests/synthetic.py", str(full), "14"], cwd=ROOT, env=env, check=True)
+    p = subprocess.Popen([sys.executable, "tests/synthetic.py", str(killed), "14"], cwd=ROOT, env=env)
+    ck = killed / "checkpoint.pt"
+    t0 = time.time()
+    while not (ck.exists() and torch.load(ck, weights_only=True)["counters"]["step"] >= 4):
+        assert time.time() - t0 < 120 and p.poll() is None, "run ended before a mid-run checkpoint"
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    step_at_kill = torch.load(ck, weights_only=True)["counters"]["step"]
+    assert step_at_kill < 14
+    subprocess.run([sys.executable, "tests/synthetic.py", str(killed), "14"], cwd=ROOT, env=env, check=True)
+    assert losses(killed) == losses(full)  # bitwise equal floats, every step
+    a = torch.load(full / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(killed / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_incompatible_resume_is_refused(tmp_path):
+    run(tiny_config(**{"train.steps": 4}), tmp_path, data=synthetic_prepared(), progress=False)
+    with pytest.raises(ValueError, match=r"model.d_model: 32 -> 48"):
+        run(tiny_config(**{"train.steps": 8, "model.d_model": 48}), tmp_path, data=synthetic_prepared(),
+            progress=False)
+    # a longer budget is compatible: the run continues
+    s = run(tiny_config(**{"train.steps": 8}), tmp_path, data=synthetic_prepared(), progress=False)
+    assert s["steps"] == 8
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
+    cfg = tiny_config(**{"train.steps": 10, "train.lr": 1e30, "train.warmup": 0, "train.ckpt_every": 1,
+                         "train.grad_clip": 0})
+    s = run(cfg, tmp_path, data=synthetic_prepared(), progress=False)
+    assert s["status"] == "diverged" and "last good checkpoint" in s["message"]
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ck["counters"]["step"] < 10
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+def test_config_errors_name_key_and_file(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("model:\n  backbone: transformer\n  d_modle: 3\n")
+    with pytest.raises(ValueError, match=r"bad.yaml.*model.d_modle"):
+        load_config(f)
+    f.write_text("train:\n  steps: many\n")
+    with pytest.raises(ValueError, match=r"train.steps"):
+        load_config(f)
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_unknown_backbone_lists_registered(tmp_path):
+    with pytest.raises(ValueError, match="registered backbones: .*transformer"):
+        run(tiny_config(**{"model.backbone": "nope"}), tmp_path, data=synthetic_prepared(), progress=False)
+
+
+def test_target_params_matches_whole_lm(tmp_path):
+    target = 60_000
+    s = run(tiny_config(**{"train.steps": 1, "model.target_params": target}), tmp_path,
+            data=synthetic_prepared(), progress=False)
+    assert abs(s["params"] - target) / target < 0.01
+
+
+def _ddp_worker(rank, world, run_dir, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    cfg = tiny_config(**{"train.steps": 6, "model.caption_dropout": 0.0, "model.dropout": 0.0})
+    run(cfg, Path(run_dir), data=synthetic_prepared(), progress=False)
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_processes_match_single_process(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "ddp"), port), nprocs=2, join=True)
+    single = tiny_config(**{"train.steps": 6, "model.caption_dropout": 0.0, "model.dropout": 0.0})
+    run(single, tmp_path / "one", data=synthetic_prepared(), progress=False)
+    a, b = losses(tmp_path / "ddp"), losses(tmp_path / "one")
+    assert [s for s, _ in a] == [s for s, _ in b]
+    assert all(math.isclose(x, y, rel_tol=1e-4, abs_tol=1e-5) for (_, x), (_, y) in zip(a, b))
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["tokens"] == 6 * 8 * 24  # global batch accounting, same as one process

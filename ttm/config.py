@@ -1,0 +1,213 @@
+"""Run configuration: one validated pydantic model, loaded from YAML plus `key=value` overrides.
+
+Unknown keys and wrong types are errors naming the key and the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class DataConfig(_Strict):
+    preset: str = "tiny"  # embedded dataset preset (ignored when `manifest` is set)
+    manifest: str | None = None  # an existing manifest.jsonl (e.g. from `ttm-bench data import`)
+    root: str = "data"  # where embedded datasets and token caches live
+    seed: int = 0  # dataset seed (independent of the run seed)
+    max_seconds: float | None = None  # crop training clips to this length (None: whole clips)
+
+
+class CodecConfig(_Strict):
+    name: Literal["melrvq", "encodec", "dac"] = "melrvq"
+    path: str | None = None  # hub id / local dir (encodec, dac), fitted file (melrvq)
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+
+class TextConfig(_Strict):
+    name: Literal["minilm", "flan-t5"] = "minilm"
+    path: str | None = None
+    max_length: int = 32
+
+
+class ModelConfig(_Strict):
+    backbone: str = "transformer"
+    conditioning: Literal["prefix", "cross"] = "prefix"
+    pattern: Literal["delay", "parallel", "first_k"] = "delay"
+    first_k: int = 1
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    target_params: int | None = None  # total trainable params to match (sizes `size_by`)
+    size_by: Literal["n_layers", "d_model"] = "n_layers"
+    backbone_kwargs: dict[str, Any] = Field(default_factory=dict)
+    positions: Literal["auto", "sinusoidal", "none"] = "auto"
+    dropout: float = 0.0
+    caption_dropout: float = 0.1  # for classifier-free guidance
+    label_smoothing: float = 0.0
+
+
+class Budget(_Strict):
+    kind: Literal["steps", "tokens", "flops", "seconds"] = "steps"
+    limit: float
+
+
+class TrainConfig(_Strict):
+    steps: int = 200  # step budget (and LR-schedule length when the budget is not in steps)
+    budget: Budget | None = None  # overrides `steps` as the stopping rule
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.02
+    warmup: int = 20
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    ema: float | None = None  # EMA decay of weights used for eval/generation (None: off)
+    log_every: int = 10
+    eval_every: int = 50
+    ckpt_every: int = 50
+    val_batches: int = 4
+    flops_thresholds: list[float] = Field(default_factory=list)  # report FLOPs to reach these val losses
+    device: str = "auto"
+    bf16: bool | Literal["auto"] = "auto"  # bf16 autocast on CUDA
+    threads: int | None = None
+
+    @model_validator(mode="after")
+    def _budget(self):
+        if self.budget is None:
+            self.budget = Budget(kind="steps", limit=self.steps)
+        return self
+
+
+class GenerateConfig(_Strict):
+    n_clips: int = 8
+    seconds: float | None = None  # None: the dataset's clip length
+    cfg_scale: float = 3.0
+    top_k: int = 50
+    top_p: float = 0.0
+    temperature: float = 1.0
+    split: str = "test"
+
+
+class EvalConfig(_Strict):
+    metrics: list[str] = Field(default_factory=lambda: ["fd_probe", "adherence"])
+    probe_path: str | None = None
+
+
+class RunConfig(_Strict):
+    name: str | None = None
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    codec: CodecConfig = Field(default_factory=CodecConfig)
+    text: TextConfig = Field(default_factory=TextConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def hash(self, exclude: tuple[str, ...] = ()) -> str:
+        d = self.to_dict()
+        for k in exclude:
+            _pop(d, k)
+        return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+
+
+# keys that may differ on resume without changing the result (logging, the budget itself)
+RESUME_IGNORED = (
+    "name",
+    "train.steps",
+    "train.budget",
+    "train.log_every",
+    "train.ckpt_every",
+    "train.device",
+    "train.threads",
+    "generate",
+    "eval",
+)
+
+
+def _pop(d: dict, dotted: str) -> None:
+    *head, last = dotted.split(".")
+    for h in head:
+        d = d.get(h, {})
+    d.pop(last, None)
+
+
+def _set(d: dict, dotted: str, value: Any) -> None:
+    *head, last = dotted.split(".")
+    for h in head:
+        d = d.setdefault(h, {})
+        if not isinstance(d, dict):
+            raise ValueError(f"override {dotted!r}: {h!r} is not a section")
+    d[last] = value
+
+
+def apply_overrides(d: dict, overrides: list[str] | dict[str, Any]) -> dict:
+    """`["train.steps=100", "model.backbone=mamba"]` (values parsed as YAML) or a dict of dotted keys."""
+    items = overrides.items() if isinstance(overrides, dict) else []
+    if not isinstance(overrides, dict):
+        parsed = []
+        for o in overrides:
+            if "=" not in o:
+                raise ValueError(f"--set expects key=value, got {o!r}")
+            k, v = o.split("=", 1)
+            parsed.append((k.strip(), yaml.safe_load(v)))
+        items = parsed
+    for k, v in items:
+        _set(d, k, v)
+    return d
+
+
+def config_from_dict(d: dict[str, Any], source: str = "<config>") -> RunConfig:
+    try:
+        return RunConfig.model_validate(d)
+    except ValidationError as e:
+        msgs = []
+        for err in e.errors():
+            key = ".".join(str(x) for x in err["loc"])
+            msgs.append(f"{key}: {err['msg']}" + (f" (got {err['input']!r})" if "input" in err else ""))
+        raise ValueError(f"{source}: invalid config: " + "; ".join(msgs)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> RunConfig:
+    d: dict[str, Any] = {}
+    src = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        try:
+            d = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+        src = str(path)
+    if overrides:
+        apply_overrides(d, overrides)
+    return config_from_dict(d, src)
+
+
+def diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        key = f"{prefix}{k}"
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += diff_keys(va, vb, key + ".")
+        elif va != vb:
+            out.append(f"{key}: {va!r} -> {vb!r}")
+    return out

@@ -1,0 +1,237 @@
+"""The text-to-music LM around any backbone (MusicGen-style).
+
+    codes [B, K, T] --pattern--> seq [B, K', S] --embed (sum over codebooks)--> [B, S, D]
+    text  [B, L, Dt] --Linear + LayerNorm--> memory [B, 1 + L, D]   (a learned null token first)
+
+    prefix:  backbone([memory ; start ; audio[:-1]])  -> logits read from the start position on
+    cross:   backbone([start ; audio[:-1]], memory)   -> cross-attention to the memory
+
+One linear head per modelled codebook; loss = cross-entropy per codebook on valid
+positions (the pattern's special token is never a target), averaged over codebooks.
+Masked text positions (padding, and every position of the null caption used for
+classifier-free guidance) are replaced by a learned null vector, so the memory
+length is fixed and the null caption is well defined.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from backbones.base import Backbone, count_params, sinusoidal_positions
+from ttm.patterns import Pattern
+
+
+class TTMLM(nn.Module):
+    def __init__(
+        self,
+        backbone: Backbone,
+        pattern: Pattern,
+        text_dim: int,
+        conditioning: str = "prefix",
+        positions: str = "auto",
+        caption_dropout: float = 0.1,
+        label_smoothing: float = 0.0,
+    ):
+        super().__init__()
+        if conditioning not in ("prefix", "cross"):
+            raise ValueError(f"model.conditioning must be prefix or cross, got {conditioning!r}")
+        if conditioning == "cross" and not backbone.cross_attention:
+            raise ValueError("cross conditioning needs a backbone built with cross_attention=True")
+        self.backbone, self.pattern, self.conditioning = backbone, pattern, conditioning
+        self.caption_dropout, self.label_smoothing = caption_dropout, label_smoothing
+        D, card, Ko = backbone.d_model, pattern.cardinality, pattern.n_out
+        self.use_positions = positions == "sinusoidal" or (positions == "auto" and backbone.needs_positions)
+        self.text_proj = nn.Sequential(nn.Linear(text_dim, D), nn.LayerNorm(D))
+        self.null_text = nn.Parameter(torch.randn(D) * 0.02)
+        self.emb = nn.ModuleList(nn.Embedding(card + 1, D) for _ in range(Ko))  # +1: special token
+        self.heads = nn.ModuleList(nn.Linear(D, card, bias=False) for _ in range(Ko))
+
+    # ------------------------------------------------------------------ pieces
+
+    def non_embedding_params(self) -> int:
+        return count_params(self.backbone)
+
+    def memory(self, text_emb: Tensor, text_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """`[B, L, Dt], [B, L] -> memory [B, 1+L, D], mask [B, 1+L]` (null token always visible)."""
+        m = self.text_proj(text_emb)
+        m = torch.where(text_mask[..., None], m, self.null_text.to(m.dtype))
+        B = m.shape[0]
+        m = torch.cat([self.null_text.to(m.dtype).expand(B, 1, -1), m], dim=1)
+        mask = torch.cat([text_mask.new_ones(B, 1), text_mask], dim=1)
+        return m, mask
+
+    def embed_tokens(self, tokens: Tensor) -> Tensor:
+        """`[B, K', S] -> [B, S, D]` (sum of per-codebook embeddings)."""
+        return sum(e(tokens[:, k]) for k, e in enumerate(self.emb))
+
+    def _pos(self, n: int, offset: int, ref: Tensor) -> Tensor:
+        return sinusoidal_positions(n, ref.shape[-1], offset, device=ref.device).to(ref.dtype)
+
+    def logits(self, h: Tensor) -> Tensor:
+        """`[B, S, D] -> [B, K', S, card]`."""
+        return torch.stack([head(h) for head in self.heads], dim=1)
+
+    def start_tokens(self, B: int, device) -> Tensor:
+        return torch.full((B, self.pattern.n_out, 1), self.pattern.special, dtype=torch.long, device=device)
+
+    # ------------------------------------------------------------------ training
+
+    def forward(self, seq_in: Tensor, text_emb: Tensor, text_mask: Tensor) -> Tensor:
+        """Teacher-forced logits. `seq_in [B, K', S]` starts with the start token -> `[B, K', S, card]`."""
+        mem, mem_mask = self.memory(text_emb, text_mask)
+        x = self.embed_tokens(seq_in)  # [B, S, D]
+        S, M = x.shape[1], mem.shape[1]
+        if self.conditioning == "prefix":
+            x = torch.cat([mem, x], dim=1)  # [B, M + S, D]
+            if self.use_positions:
+                x = x + self._pos(M + S, 0, x)
+            h = self.backbone(x)[:, M:]
+        else:
+            if self.use_positions:
+                x = x + self._pos(S, 0, x)
+            h = self.backbone(x, mem, mem_mask)
+        return self.logits(h)
+
+    def loss(
+        self, codes: Tensor, lengths: Tensor, text_emb: Tensor, text_mask: Tensor, generator=None, forward=None
+    ) -> tuple[Tensor, Tensor]:
+        """`codes [B, K, T]`, `lengths [B]` -> (mean loss, loss per codebook [K']).
+
+        `forward`: the module to call for logits (a DDP wrapper of this model); default self.
+        """
+        B = codes.shape[0]
+        if self.training and self.caption_dropout > 0:
+            drop = torch.rand(B, generator=generator, device="cpu").to(codes.device) < self.caption_dropout
+            text_mask = text_mask & ~drop[:, None]
+        seq = self.pattern.build(codes)  # [B, K', S]
+        valid = self.pattern.valid_mask(lengths, seq.shape[-1])  # [B, K', S]
+        seq = seq.masked_fill(~valid, self.pattern.special)  # padding past a clip's end is never input
+        seq_in = torch.cat([self.start_tokens(B, codes.device), seq[..., :-1]], dim=-1)
+        logits = (forward or self)(seq_in, text_emb, text_mask)  # [B, K', S, card]
+        target = seq.masked_fill(~valid, -100)
+        per_k = []
+        for k in range(seq.shape[1]):
+            per_k.append(
+                F.cross_entropy(
+                    logits[:, k].reshape(-1, logits.shape[-1]).float(),
+                    target[:, k].reshape(-1),
+                    ignore_index=-100,
+                    label_smoothing=self.label_smoothing,
+                )
+            )
+        per_k = torch.stack(per_k)
+        return per_k.mean(), per_k
+
+    # ------------------------------------------------------------------ sampling
+
+    @torch.no_grad()
+    def generate(
+        self,
+        text_emb: Tensor,
+        text_mask: Tensor,
+        n_frames: int,
+        cfg_scale: float = 3.0,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+        recurrent: bool = True,
+        greedy: bool = False,
+    ) -> Tensor:
+        """Sample codes `[B, K', n_frames]`.
+
+        Classifier-free guidance runs the conditional and the null caption as one batch
+        of 2B. `recurrent=True` advances the backbone state one step per token;
+        `recurrent=False` re-runs the whole sequence per token (the study's public
+        sampler; kept for benchmarks and equivalence tests).
+        """
+        B, dev = text_emb.shape[0], text_emb.device
+        use_cfg = cfg_scale != 1.0
+        if use_cfg:
+            text_emb = torch.cat([text_emb, text_emb])
+            text_mask = torch.cat([text_mask, torch.zeros_like(text_mask)])
+        mem, mem_mask = self.memory(text_emb, text_mask)
+        B2, M = mem.shape[0], mem.shape[1]
+        S = self.pattern.seq_len(n_frames)
+        valid = self.pattern.valid_mask(torch.full((1,), n_frames, device=dev), S)[0]  # [K', S]
+        seq = torch.full((B2, self.pattern.n_out, S), self.pattern.special, dtype=torch.long, device=dev)
+        pick = _sampler(top_k, top_p, temperature, generator, greedy)
+
+        def guided(logits: Tensor) -> Tensor:  # [B2, K', card] -> [B, K', card]
+            if not use_cfg:
+                return logits
+            cond, uncond = logits[:B].float(), logits[B:].float()
+            return uncond + cfg_scale * (cond - uncond)
+
+        prefix = self.conditioning == "prefix"
+        if recurrent:
+            state = self.backbone.allocate_state(B2, (M if prefix else 0) + S)
+            x = self.embed_tokens(self.start_tokens(B2, dev))  # [B2, 1, D]
+            if prefix:
+                x = torch.cat([mem, x], dim=1)
+            if self.use_positions:
+                x = x + self._pos(x.shape[1], 0, x)
+            h = self.backbone(x, *(() if prefix else (mem, mem_mask)), state=state)[:, -1]  # [B2, D]
+        for s in range(S):
+            if not recurrent:
+                seq_in = torch.cat([self.start_tokens(B2, dev), seq[..., :s]], dim=-1)
+                h = self._full(seq_in, mem, mem_mask)[:, -1]
+            logits = guided(torch.stack([head(h) for head in self.heads], dim=1))  # [B, K', card]
+            tok = pick(logits)  # [B, K']
+            tok = torch.where(valid[:, s][None], tok, self.pattern.special)
+            seq[:, :, s] = tok.repeat(2, 1) if use_cfg else tok
+            if recurrent and s < S - 1:
+                x = self.embed_tokens(seq[:, :, s : s + 1])[:, 0]  # [B2, D]
+                if self.use_positions:
+                    x = x + self._pos(1, (M if prefix else 0) + s + 1, x)[0]
+                h = self.backbone.step(x, state, *(() if prefix else (mem, mem_mask)))
+        return self.pattern.revert(seq[:B])
+
+    def _full(self, seq_in: Tensor, mem: Tensor, mem_mask: Tensor) -> Tensor:
+        x = self.embed_tokens(seq_in)
+        if self.conditioning == "prefix":
+            M = mem.shape[1]
+            x = torch.cat([mem, x], dim=1)
+            if self.use_positions:
+                x = x + self._pos(x.shape[1], 0, x)
+            return self.backbone(x)[:, M:]
+        if self.use_positions:
+            x = x + self._pos(x.shape[1], 0, x)
+        return self.backbone(x, mem, mem_mask)
+
+
+def _sampler(top_k: int, top_p: float, temperature: float, generator, greedy: bool) -> Callable[[Tensor], Tensor]:
+    def pick(logits: Tensor) -> Tensor:  # [B, K, V] -> [B, K]
+        if greedy or temperature <= 0:
+            return logits.argmax(-1)
+        logits = logits.float() / temperature
+        if top_k and top_k < logits.shape[-1]:
+            kth = logits.topk(top_k, dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, -math.inf)
+        if top_p and 0 < top_p < 1:
+            srt, idx = logits.sort(dim=-1, descending=True)
+            cum = srt.softmax(-1).cumsum(-1)
+            drop = cum - srt.softmax(-1) > top_p  # keep the smallest prefix with mass >= top_p
+            srt = srt.masked_fill(drop, -math.inf)
+            logits = torch.full_like(logits, -math.inf).scatter(-1, idx, srt)
+        probs = logits.softmax(-1)
+        flat = probs.reshape(-1, probs.shape[-1])
+        return torch.multinomial(flat.cpu(), 1, generator=generator).to(probs.device).view(probs.shape[:-1])
+
+    return pick
+
+
+def lm_extra_params(n_out: int, cardinality: int, text_dim: int, d_model: int) -> int:
+    """Trainable LM parameters outside the backbone (embeddings, heads, text projection)."""
+    return (
+        n_out * (cardinality + 1) * d_model  # embeddings
+        + n_out * d_model * cardinality  # heads
+        + text_dim * d_model + d_model  # text Linear
+        + 2 * d_model  # LayerNorm
+        + d_model  # null token
+    )

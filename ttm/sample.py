@@ -1,0 +1,171 @@
+"""Generation: `ttm-bench generate RUN (--prompt TEXT | --prompts FILE | --split test) --out DIR`.
+
+Writes one WAV per caption and `samples.jsonl` rows `{file, caption, seed, attributes}`.
+Sampling is recurrent (backbone state / KV cache, one step per token) with classifier-free
+guidance as one batched pass of conditional + null captions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ttm.audio import atomic_write_text, save_audio
+
+
+def _slug(text: str, n: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n] or "clip"
+
+
+def read_prompts(path: Path) -> list[dict]:
+    """A text file (one caption per line) or JSONL (`caption` and optional `attributes`)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"prompts file {path} does not exist")
+    out = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("{"):
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not valid JSON ({e})") from None
+            if "caption" not in d:
+                raise ValueError(f"{path}:{i}: missing field 'caption'")
+            out.append({"caption": d["caption"], "attributes": d.get("attributes", {})})
+        else:
+            out.append({"caption": line, "attributes": {}})
+    return out
+
+
+def generate_clips(
+    model,
+    codec,
+    encoder,
+    prompts: list[dict],
+    out_dir: Path,
+    seconds: float,
+    cfg_scale: float = 3.0,
+    top_k: int = 50,
+    top_p: float = 0.0,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 8,
+    max_text_len: int = 32,
+    progress: bool = True,
+) -> dict:
+    """Generate one clip per prompt into `out_dir`; returns timing (real-time factor)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = next(model.parameters()).device
+    n_frames = max(1, int(round(seconds * codec.frame_rate)))
+    rows, t_gen, t_dec = [], 0.0, 0.0
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(prompts), desc="generate", leave=False, file=sys.stderr, disable=not progress)
+    for b0 in range(0, len(prompts), batch_size):
+        chunk = prompts[b0 : b0 + batch_size]
+        emb, mask = encoder.encode([p["caption"] for p in chunk])
+        emb, mask = emb[:, :max_text_len], mask[:, :max_text_len]
+        pad = max_text_len - emb.shape[1]
+        emb = torch.nn.functional.pad(emb, (0, 0, 0, pad)).to(device)
+        mask = torch.nn.functional.pad(mask, (0, pad), value=False).to(device)
+        g = torch.Generator().manual_seed(seed + b0)
+        t0 = time.perf_counter()
+        codes = model.generate(emb, mask, n_frames, cfg_scale=cfg_scale, top_k=top_k, top_p=top_p,
+                               temperature=temperature, generator=g)  # [b, K', T]
+        t1 = time.perf_counter()
+        if codes.shape[1] < codec.n_codebooks:  # first_k models: decode from the codebooks they model
+            wav = _decode_partial(codec, codes)
+        else:
+            wav = codec.decode(codes.cpu())  # [b, C, N]
+        t2 = time.perf_counter()
+        t_gen, t_dec = t_gen + t1 - t0, t_dec + t2 - t1
+        for j, p in enumerate(chunk):
+            i = b0 + j
+            name = f"{i:04d}-{_slug(p['caption'])}.wav"
+            save_audio(out_dir / name, wav[j], codec.sample_rate)
+            rows.append({"file": name, "caption": p["caption"], "seed": seed + b0, "index": j,
+                         "attributes": p.get("attributes", {})})
+        bar.update(len(chunk))
+    bar.close()
+    atomic_write_text(out_dir / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    audio_s = len(prompts) * n_frames / codec.frame_rate
+    return {
+        "n_clips": len(prompts),
+        "seconds_per_clip": n_frames / codec.frame_rate,
+        "lm_time_s": t_gen,
+        "decode_time_s": t_dec,
+        "rtf_lm": t_gen / max(audio_s, 1e-9),  # < 1: faster than real time
+        "rtf_total": (t_gen + t_dec) / max(audio_s, 1e-9),
+    }
+
+
+def _decode_partial(codec, codes: torch.Tensor) -> torch.Tensor:
+    """Decode codes of the first k codebooks only (the stage-1 bottleneck), if the codec can."""
+    if hasattr(codec, "decode_first_k"):
+        return codec.decode_first_k(codes.cpu())
+    raise ValueError(
+        f"the model predicts {codes.shape[1]} of {codec.n_codebooks} codebooks and the codec "
+        f"{type(codec).__name__} cannot decode a partial stack: use a two-stage model to render audio"
+    )
+
+
+def prompts_from_split(data, split: str, n: int) -> list[dict]:
+    if split not in data.splits:
+        raise ValueError(f"split {split!r} not in the dataset (have {sorted(data.splits)})")
+    sp = data.splits[split]
+    n = min(n, len(sp))
+    return [{"caption": sp.captions[i], "attributes": sp.attributes[i], "id": sp.ids[i] if sp.ids else None}
+            for i in range(n)]
+
+
+def cli(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="ttm-bench generate", description=__doc__.split("\n")[0])
+    ap.add_argument("run", help="trained run directory")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one caption")
+    src.add_argument("--prompts", help="text file (one caption per line) or JSONL with 'caption'")
+    src.add_argument("--split", help="captions of this dataset split (train/valid/test)")
+    ap.add_argument("--n", type=int, default=8, help="clips from --split")
+    ap.add_argument("--seconds", type=float, default=None)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--cfg-scale", type=float, default=None)
+    ap.add_argument("--top-k", type=int, default=None)
+    ap.add_argument("--top-p", type=float, default=None)
+    ap.add_argument("--temperature", type=float, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--device", default="cpu")
+    a = ap.parse_args(argv)
+    from ttm.prepare import build_text_encoder_for
+    from ttm.train import load_run
+
+    cfg, model, data = load_run(Path(a.run), a.device)
+    if a.prompt:
+        prompts = [{"caption": a.prompt, "attributes": {}}]
+    elif a.prompts:
+        prompts = read_prompts(Path(a.prompts))
+    else:
+        prompts = prompts_from_split(data, a.split, a.n)
+    g = cfg.generate
+    seconds = a.seconds or g.seconds or data.splits["train"].codes.shape[-1] / data.codec.frame_rate
+    info = generate_clips(
+        model, data.codec, build_text_encoder_for(cfg), prompts, Path(a.out), seconds,
+        cfg_scale=g.cfg_scale if a.cfg_scale is None else a.cfg_scale,
+        top_k=g.top_k if a.top_k is None else a.top_k,
+        top_p=g.top_p if a.top_p is None else a.top_p,
+        temperature=g.temperature if a.temperature is None else a.temperature,
+        seed=a.seed, batch_size=a.batch_size, max_text_len=cfg.text.max_length,
+    )
+    print(json.dumps(info))
+    print(Path(a.out) / "samples.jsonl")
+    return 0

@@ -1,0 +1,540 @@
+"""Training: `ttm-bench train CONFIG.yaml [--set key=value ...] [--out RUN_DIR]`.
+
+One loop for one CPU, one GPU or many processes (`torchrun --nproc_per_node=N -m ttm.train
+CONFIG`, or `ttm-bench train --nproc N`): budgets in steps, tokens, FLOPs or seconds;
+gradient accumulation; AdamW with no-decay groups; warm-up + cosine; bf16 autocast on
+CUDA; optional EMA; validation per codebook; NaN guard; exact resume from atomic
+checkpoints (model, optimizer, scheduler, RNG, data position, counters).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from backbones.base import build_backbone, get_backbone_cls, size_to
+from ttm.audio import atomic_write_text
+from ttm.config import RESUME_IGNORED, RunConfig, diff_keys, load_config
+from ttm.flops import analytic_flops_per_token, count_train_step_flops
+from ttm.lm import TTMLM, lm_extra_params
+from ttm.patterns import Pattern
+from ttm.prepare import Prepared, Split, prepare
+
+CKPT = "checkpoint.pt"
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def backbone_kwargs(cfg: RunConfig, n_out: int, cardinality: int, text_dim: int) -> dict[str, Any]:
+    """Backbone constructor kwargs; with `model.target_params`, sized so that the whole LM
+    (backbone + embeddings + heads + text projection) matches the target."""
+    m = cfg.model
+    kw = dict(
+        d_model=m.d_model,
+        n_layers=m.n_layers,
+        n_heads=m.n_heads,
+        cross_attention=m.conditioning == "cross",
+        dropout=m.dropout,
+        **m.backbone_kwargs,
+    )
+    if m.target_params:
+        get_backbone_cls(m.backbone)  # clear error for unknown names
+        kw.pop(m.size_by)
+        res = size_to(
+            m.backbone,
+            m.target_params,
+            vary=m.size_by,
+            extra_params=lambda k: lm_extra_params(n_out, cardinality, text_dim, k["d_model"]),
+            **kw,
+        )
+        kw = res.kwargs
+    return kw
+
+
+def build_model(cfg: RunConfig, n_codebooks: int, cardinality: int, text_dim: int) -> TTMLM:
+    pattern = Pattern(cfg.model.pattern, n_codebooks, cardinality, k=cfg.model.first_k)
+    kw = backbone_kwargs(cfg, pattern.n_out, cardinality, text_dim)
+    bb = build_backbone(cfg.model.backbone, **kw)
+    return TTMLM(
+        bb,
+        pattern,
+        text_dim,
+        conditioning=cfg.model.conditioning,
+        positions=cfg.model.positions,
+        caption_dropout=cfg.model.caption_dropout,
+        label_smoothing=cfg.model.label_smoothing,
+    )
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on norms, biases, embeddings, SSM A/D/dt and other 1-d/log parameters."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        skip = (
+            p.dim() < 2
+            or "norm" in name
+            or name.startswith("emb.")
+            or leaf in ("A_log", "A", "D", "dt_bias", "log_dt", "Lambda_re", "Lambda_im", "null_text")
+            or getattr(p, "_no_weight_decay", False)
+        )
+        (no_decay if skip else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        prog = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * prog))
+
+    return f
+
+
+# ----------------------------------------------------------------------------- data order
+
+
+def epoch_perm(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+
+
+def next_indices(pos: dict, n: int, batch: int, seed: int) -> list[int]:
+    """Indices of the next global batch; `pos` = {"epoch", "idx"} is advanced in place."""
+    out: list[int] = []
+    while len(out) < batch:
+        perm = epoch_perm(n, seed, pos["epoch"])
+        take = perm[pos["idx"] : pos["idx"] + batch - len(out)].tolist()
+        out += take
+        pos["idx"] += len(take)
+        if pos["idx"] >= n:
+            pos["epoch"] += 1
+            pos["idx"] = 0
+    return out
+
+
+def batch_of(split: Split, idx: list[int], device, max_frames: int | None = None, gen=None):
+    codes, lengths = split.codes[idx], split.lengths[idx]
+    if max_frames and codes.shape[-1] > max_frames:
+        starts = [
+            int(torch.randint(0, max(1, int(l) - max_frames + 1), (1,), generator=gen)) for l in lengths
+        ]
+        codes = torch.stack([c[:, s : s + max_frames] for c, s in zip(codes, starts)])
+        lengths = (lengths - torch.tensor(starts)).clamp(max=max_frames)
+    return (
+        codes.to(device),
+        lengths.to(device),
+        split.text_emb[idx].to(device),
+        split.text_mask[idx].to(device),
+    )
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def dist_info() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def maybe_init_distributed(device: torch.device) -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(path, weights_only=True, map_location="cpu")
+
+
+def check_resume_compatible(cfg: RunConfig, ckpt: dict, run_dir: Path) -> None:
+    a = _without(ckpt["config"], RESUME_IGNORED)
+    b = _without(cfg.to_dict(), RESUME_IGNORED)
+    diffs = diff_keys(a, b)
+    if diffs:
+        raise ValueError(
+            f"{run_dir / CKPT}: cannot resume, the config differs from the checkpoint's: " + "; ".join(diffs)
+        )
+
+
+def _without(d: dict, keys) -> dict:
+    d = json.loads(json.dumps(d))
+    for k in keys:
+        *head, last = k.split(".")
+        cur = d
+        for h in head:
+            cur = cur.get(h, {})
+        cur.pop(last, None)
+    return d
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+@torch.no_grad()
+def validate(model: TTMLM, split: Split, cfg: RunConfig, device) -> tuple[float, list[float]]:
+    was = model.training
+    model.eval()
+    losses = []
+    bs = cfg.train.batch_size
+    n = min(len(split), bs * cfg.train.val_batches)
+    for i in range(0, n, bs):
+        idx = list(range(i, min(n, i + bs)))
+        _, per_k = model.loss(*batch_of(split, idx, device))
+        losses.append(per_k.float().cpu() * len(idx))
+    model.train(was)
+    per_k = (torch.stack(losses).sum(0) / n).tolist()
+    return float(sum(per_k) / len(per_k)), per_k
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def run(cfg: RunConfig, run_dir: Path, data: Prepared | None = None, progress: bool = True) -> dict:
+    """Train (or resume) one run into `run_dir`; returns the summary dict."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = pick_device(cfg.train.device)
+    maybe_init_distributed(device)
+    rank, world = dist_info()
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    if cfg.train.batch_size % world:
+        raise ValueError(f"train.batch_size {cfg.train.batch_size} is not divisible by {world} processes")
+
+    data = data or prepare(cfg, progress=progress and rank == 0)
+    train, valid = data.splits["train"], data.splits.get("valid")
+    codec = data.codec
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, codec.n_codebooks, codec.cardinality, data.text_dim).to(device)
+    max_frames = (
+        int(round(cfg.data.max_seconds * codec.frame_rate)) if cfg.data.max_seconds else None
+    )
+    T = min(train.codes.shape[-1], max_frames or 10**9)
+    text_len = train.text_emb.shape[1]
+    B, accum = cfg.train.batch_size, cfg.train.grad_accum
+    local_B = B // world
+
+    # FLOPs of one optimizer step (global batch), counted once on a probe batch of fixed shape
+    probe = batch_of(train, list(range(min(len(train), local_B))), device, max_frames,
+                     torch.Generator().manual_seed(0))
+    fl = count_train_step_flops(model, *probe)
+    scale = (B * accum) / probe[0].shape[0]
+    flops_per_step = int(fl["total"] * scale)
+    tokens_per_step = B * accum * T
+    budget = cfg.train.budget
+    horizon = {
+        "steps": lambda: int(budget.limit),
+        "tokens": lambda: math.ceil(budget.limit / tokens_per_step),
+        "flops": lambda: math.ceil(budget.limit / flops_per_step),
+        "seconds": lambda: cfg.train.steps,
+    }[budget.kind]()
+
+    opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
+                            betas=tuple(cfg.train.betas))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lr_lambda(cfg.train.warmup, horizon, cfg.train.min_lr_ratio)
+    )
+    ema = (
+        torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.train.ema)
+        )
+        if cfg.train.ema
+        else None
+    )
+    gen = torch.Generator().manual_seed(cfg.seed + 1)  # caption dropout and crops
+    counters = {"step": 0, "tokens": 0, "flops": 0, "train_time": 0.0}
+    pos = {"epoch": 0, "idx": 0}
+    best_val = None
+    ckpt_path = run_dir / CKPT
+    log_path = run_dir / "log.jsonl"
+    if ckpt_path.exists():
+        ck = load_checkpoint(ckpt_path)
+        check_resume_compatible(cfg, ck, run_dir)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        if ema is not None and ck.get("ema") is not None:
+            ema.load_state_dict(ck["ema"])
+        torch.set_rng_state(ck["rng"]["torch"])
+        gen.set_state(ck["rng"]["gen"])
+        counters, pos, best_val = ck["counters"], ck["data_pos"], ck.get("best_val")
+        _truncate_log(log_path, counters["step"])
+        if rank == 0 and progress:
+            print(f"resumed {run_dir} at step {counters['step']}", file=sys.stderr)
+    elif rank == 0:
+        log_path.unlink(missing_ok=True)
+    if rank == 0:
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    ddp = (
+        torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if world > 1
+        else model
+    )
+    use_bf16 = device.type == "cuda" and cfg.train.bf16 in (True, "auto")
+
+    def used() -> float:
+        return {"steps": counters["step"], "tokens": counters["tokens"], "flops": counters["flops"],
+                "seconds": counters["train_time"]}[budget.kind]
+
+    def checkpoint() -> None:
+        if rank != 0:
+            return
+        save_checkpoint(ckpt_path, {
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
+            "rng": {"torch": torch.get_rng_state(), "gen": gen.get_state()},
+            "counters": dict(counters), "data_pos": dict(pos), "best_val": best_val,
+            "config": cfg.to_dict(),
+        })
+
+    status, message = "ok", ""
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=horizon if budget.kind == "steps" else None, initial=counters["step"],
+                   desc=f"train {cfg.model.backbone}", leave=False, file=sys.stderr)
+    model.train()
+    while used() < budget.limit:
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        per_k_sum = None
+        for _ in range(accum):
+            idx = next_indices(pos, len(train), B, cfg.seed)
+            idx = idx[rank * local_B : (rank + 1) * local_B]
+            batch = batch_of(train, idx, device, max_frames, gen)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss, per_k = _loss(ddp, model, batch, gen)
+            (loss / accum).backward()
+            per_k_sum = per_k.detach() if per_k_sum is None else per_k_sum + per_k.detach()
+        per_k = (per_k_sum / accum)
+        if world > 1:
+            torch.distributed.all_reduce(per_k)
+            per_k /= world
+        if not torch.isfinite(per_k).all():
+            status = "diverged"
+            message = (f"loss became {per_k.tolist()} at step {counters['step'] + 1}; stopped, the last "
+                       f"good checkpoint (step {_ckpt_step(ckpt_path)}) is kept")
+            break
+        if cfg.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        opt.step()
+        sched.step()
+        if ema is not None:
+            ema.update_parameters(model)
+        counters["step"] += 1
+        counters["tokens"] += tokens_per_step
+        counters["flops"] += flops_per_step
+        counters["train_time"] += time.perf_counter() - t0
+        step = counters["step"]
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{per_k.mean().item():.3f}")
+        row = None
+        last = used() >= budget.limit
+        if step % cfg.train.log_every == 0 or step == 1 or last:
+            row = {"step": step, "loss": per_k.mean().item(), "loss_per_codebook": per_k.tolist(),
+                   "lr": sched.get_last_lr()[0], "tokens": counters["tokens"], "flops": counters["flops"],
+                   "wall_time": counters["train_time"]}
+        if valid is not None and len(valid) and (step % cfg.train.eval_every == 0 or last):
+            vl, vk = validate(_eval_model(model, ema), valid, cfg, device)
+            row = row or {"step": step, "loss": per_k.mean().item(), "loss_per_codebook": per_k.tolist(),
+                          "lr": sched.get_last_lr()[0], "tokens": counters["tokens"],
+                          "flops": counters["flops"], "wall_time": counters["train_time"]}
+            row.update(val_loss=vl, val_loss_per_codebook=vk)
+            if not math.isfinite(vl):
+                status, message = "diverged", f"validation loss is {vl} at step {step}; stopped"
+            best_val = vl if best_val is None or vl < best_val else best_val
+        if row is not None and rank == 0:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        if status != "ok":
+            break
+        if step % cfg.train.ckpt_every == 0 or last:
+            checkpoint()
+    if bar is not None:
+        bar.close()
+
+    summary = make_summary(cfg, model, data, counters, budget, status, message, log_path, T, text_len,
+                           flops_per_step, fl)
+    if rank == 0:
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+        if status != "ok":
+            print(f"warning: {message}", file=sys.stderr)
+    return summary
+
+
+def _loss(ddp, model: TTMLM, batch, gen):
+    # under DDP the logits must come through the wrapper's forward (gradient sync hooks)
+    return model.loss(*batch, generator=gen, forward=None if ddp is model else ddp)
+
+
+def _eval_model(model, ema):
+    return ema.module if ema is not None else model
+
+
+def _ckpt_step(path: Path) -> int:
+    if not path.exists():
+        return 0
+    return int(load_checkpoint(path)["counters"]["step"])
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log rows written after the checkpoint we resume from (they will be redone)."""
+    if not path.exists():
+        return
+    rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= step]
+    atomic_write_text(path, "".join(r + "\n" for r in rows))
+
+
+def read_log(path: Path) -> list[dict]:
+    if not Path(path).exists():
+        return []
+    return [json.loads(r) for r in Path(path).read_text().splitlines() if r.strip()]
+
+
+def make_summary(cfg, model, data, counters, budget, status, message, log_path, T, text_len,
+                 flops_per_step, fl) -> dict:
+    rows = read_log(log_path)
+    vals = [r for r in rows if "val_loss" in r]
+    reach = {}
+    for thr in cfg.train.flops_thresholds:
+        hit = next((r for r in vals if r["val_loss"] <= thr), None)
+        reach[str(thr)] = hit["flops"] if hit else None
+    limits_hit = {
+        "steps": counters["step"], "tokens": counters["tokens"], "flops": counters["flops"],
+        "seconds": counters["train_time"],
+    }
+    return {
+        "name": cfg.name,
+        "status": status,
+        "message": message,
+        "backbone": cfg.model.backbone,
+        "backbone_config": model.backbone.config(),
+        "conditioning": cfg.model.conditioning,
+        "pattern": cfg.model.pattern,
+        "params": sum(p.numel() * (2 if p.is_complex() else 1) for p in model.parameters() if p.requires_grad),
+        "non_embedding_params": model.non_embedding_params(),
+        "target_params": cfg.model.target_params,
+        "steps": counters["step"],
+        "tokens": counters["tokens"],
+        "flops": counters["flops"],
+        "flops_per_step": flops_per_step,
+        "flops_per_step_counted": fl["counted"],
+        "flops_per_step_scan": fl["scan"],
+        "flops_per_token_analytic": analytic_flops_per_token(model, T, text_len, "train"),
+        "budget": {"kind": budget.kind, "limit": budget.limit, "used": limits_hit[budget.kind],
+                   "binding": budget.kind, "all": limits_hit},
+        "val_loss": vals[-1]["val_loss"] if vals else None,
+        "val_loss_per_codebook": vals[-1]["val_loss_per_codebook"] if vals else None,
+        "best_val_loss": min((r["val_loss"] for r in vals), default=None),
+        "flops_to_reach": reach,
+        "train_time_s": counters["train_time"],
+        "frames_per_clip": T,
+        "codec": data.codec.identity(),
+        "manifest": str(data.manifest),
+        "config_hash": cfg.hash(),
+    }
+
+
+def load_run(run_dir: Path, device: str = "cpu") -> tuple[RunConfig, TTMLM, Prepared]:
+    """Rebuild a trained run's model (EMA weights when present) and its data products."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CKPT).exists():
+        raise FileNotFoundError(f"{run_dir}: no {CKPT} (is this a trained run directory?)")
+    cfg = load_config(run_dir / "config.yaml")
+    data = prepare(cfg, progress=False)
+    model = build_model(cfg, data.codec.n_codebooks, data.codec.cardinality, data.text_dim)
+    ck = load_checkpoint(run_dir / CKPT)
+    if ck.get("ema"):
+        sd = {k[len("module."):]: v for k, v in ck["ema"].items() if k.startswith("module.")}
+        model.load_state_dict(sd)
+    else:
+        model.load_state_dict(ck["model"])
+    return cfg, model.to(device).eval(), data
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def cli(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="ttm-bench train", description=__doc__.split("\n")[0])
+    ap.add_argument("config", nargs="?", help="YAML run config (defaults if omitted)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    ap.add_argument("--out", help="run directory (default runs/<name or backbone>-<config hash>)")
+    ap.add_argument("--nproc", type=int, default=1, help="processes (torchrun DDP); gloo on CPU")
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+    cfg = load_config(a.config, a.set)
+    out = Path(a.out or f"runs/{cfg.name or cfg.model.backbone}-{cfg.hash(RESUME_IGNORED)}")
+    if a.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        import subprocess
+
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}",
+               "-m", "ttm.train", *argv_without_nproc(argv)]
+        if not a.out:
+            cmd += ["--out", str(out)]
+        return subprocess.call(cmd)
+    s = run(cfg, out, progress=not a.no_progress)
+    if dist_info()[0] == 0:
+        print(json.dumps({k: s[k] for k in ("status", "steps", "params", "val_loss", "flops", "train_time_s")}))
+        print(out)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0 if s["status"] == "ok" else 1
+
+
+def argv_without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for x in argv:
+        if skip:
+            skip = False
+            continue
+        if x == "--nproc":
+            skip = True
+            continue
+        if x.startswith("--nproc="):
+            continue
+        out.append(x)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(cli(sys.argv[1:]))
