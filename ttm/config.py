@@ -38,7 +38,28 @@ class TextConfig(_Strict):
     max_length: int = 32
 
 
+class DiffusionConfig(_Strict):
+    """Stage 2 of a two-stage model: diffusion over the codec latent, conditioned on the
+    stage-1 tokens (first `stage1_k` codebooks) and the text."""
+
+    denoiser: str = "transformer"  # any registered backbone, run bidirectionally
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    target_params: int | None = None
+    backbone_kwargs: dict[str, Any] = Field(default_factory=dict)
+    bidirectional: Literal["sum", "concat"] = "sum"  # how forward and backward passes are merged
+    objective: Literal["v"] = "v"
+    schedule: Literal["cosine"] = "cosine"
+    sampler: Literal["ddim", "ancestral"] = "ddim"
+    sample_steps: int = 50
+    cfg_scale: float = 3.0
+    cond_dropout: float = 0.1
+    stage2_fraction: float = 0.5  # share of the run's budget given to stage 2
+
+
 class ModelConfig(_Strict):
+    kind: Literal["lm", "two_stage"] = "lm"  # two_stage: first_k LM (stage 1) + latent diffusion
     backbone: str = "transformer"
     conditioning: Literal["prefix", "cross"] = "prefix"
     pattern: Literal["delay", "parallel", "first_k"] = "delay"
@@ -53,6 +74,7 @@ class ModelConfig(_Strict):
     dropout: float = 0.0
     caption_dropout: float = 0.1  # for classifier-free guidance
     label_smoothing: float = 0.0
+    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
 
 
 class Budget(_Strict):

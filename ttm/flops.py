@@ -8,9 +8,22 @@ forward (the usual 3x rule), the matmul backward is counted exactly.
 from __future__ import annotations
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
 
 from ttm.lm import TTMLM
+
+# The CPU flash-attention kernels have no formula in torch's counter (CUDA ones do): register
+# the same formulas so attention is counted on every device.
+_aten = torch.ops.aten
+if _aten._scaled_dot_product_flash_attention_for_cpu.default not in torch.utils.flop_counter.flop_registry:
+
+    @register_flop_formula(_aten._scaled_dot_product_flash_attention_for_cpu)
+    def _sdpa_cpu(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    @register_flop_formula(_aten._scaled_dot_product_flash_attention_for_cpu_backward)
+    def _sdpa_cpu_bwd(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kw) -> int:
+        return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
 def backbone_positions(model: TTMLM, n_frames: int, text_len: int) -> int:

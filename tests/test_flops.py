@@ -1,0 +1,54 @@
+"""FLOP accounting against hand counts."""
+
+import pytest
+import torch
+
+from backbones.base import build_backbone
+from ttm.flops import count_train_step_flops
+from ttm.lm import TTMLM
+from ttm.patterns import Pattern
+
+B, L, Dt, d, n, V, K, T = 2, 5, 12, 32, 2, 16, 3, 10
+
+
+def tiny_lm(cond: str, backbone: str = "transformer", **kw) -> TTMLM:
+    torch.manual_seed(0)
+    bb = build_backbone(backbone, d_model=d, n_layers=n, cross_attention=cond == "cross", **kw)
+    return TTMLM(bb, Pattern("delay", K, V), Dt, cond, caption_dropout=0.0)
+
+
+def batch():
+    return (torch.randint(0, V, (B, K, T)), torch.full((B,), T), torch.randn(B, L, Dt),
+            torch.ones(B, L, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("cond", ["prefix", "cross"])
+def test_transformer_train_step_flops_match_hand_count(cond):
+    S = T + K - 1  # delay pattern
+    P = S + (L + 1 if cond == "prefix" else 0)  # backbone positions (text + null token prefix)
+    M = L + 1  # memory length
+    text = 2 * B * L * Dt * d  # text projection; its input needs no gradient: backward = 1x
+    per_layer = 2 * B * P * d * 3 * d + 2 * B * P * d * d + 2 * B * P * d * 4 * d * 2  # qkv, out, MLP
+    attn = 4 * B * P * P * d  # QK^T and AV over the full (masked) square
+    if cond == "cross":
+        per_layer += 2 * B * P * d * d + 2 * B * M * d * 2 * d + 2 * B * P * d * d  # q, kv, out
+        attn_x = 4 * B * P * M * d
+    else:
+        attn_x = 0
+    heads = K * 2 * B * S * d * V
+    linear = n * per_layer + heads
+    attention = n * (attn + attn_x)
+    expected = 3 * linear + 2 * text + 3.5 * attention  # SDPA backward = 2.5x its forward
+    got = count_train_step_flops(tiny_lm(cond), *batch())
+    assert got["scan"] == 0
+    assert got["counted"] == expected
+
+
+def test_counting_leaves_rng_and_grads_untouched():
+    lm, b = tiny_lm("prefix"), batch()
+    lm.train()  # dropout and caption dropout would draw random numbers
+    lm.caption_dropout = 0.5
+    before = torch.get_rng_state()
+    count_train_step_flops(lm, *b)
+    assert torch.equal(before, torch.get_rng_state())
+    assert all(p.grad is None for p in lm.parameters())
