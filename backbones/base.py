@@ -391,7 +391,9 @@ def size_to(
     kw = {**fixed, vary: best}
     res = SizeResult(kw, count(kw), target_params)
     if res.rel_error > tol:
-        res = _fine_tune(cls, count, kw, target_params) or res
+        tuned = _fine_tune(cls, count, kw, target_params)
+        if tuned is not None and tuned.rel_error < res.rel_error:  # a knob without effect is not kept
+            res = tuned
     return res
 
 

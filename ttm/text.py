@@ -27,7 +27,9 @@ DEFAULT_FLAN_T5 = "google/flan-t5-base"
 class TextEncoder(nn.Module):
     """A frozen transformers encoder; `encode` returns the last hidden states of the caption tokens."""
 
-    def __init__(self, name: str, tokenizer: Any, model: nn.Module, max_length: int = 32, cache_size: int = 1024):
+    def __init__(
+        self, name: str, tokenizer: Any, model: nn.Module, max_length: int = 32, cache_size: int = 1024
+    ):
         super().__init__()
         if max_length < 1:
             raise ValueError(f"text encoder: max_length must be >= 1, got {max_length}")
@@ -41,7 +43,7 @@ class TextEncoder(nn.Module):
         self._cache: OrderedDict[str, Tensor] = OrderedDict()  # caption -> [l, D] on CPU
         self._state_hash: str | None = None
 
-    def train(self, mode: bool = True) -> "TextEncoder":  # frozen: always eval (no dropout)
+    def train(self, mode: bool = True) -> TextEncoder:  # frozen: always eval (no dropout)
         return super().train(False)
 
     @property
@@ -127,7 +129,10 @@ def minilm_path() -> str:
 
 
 def build_text_encoder(
-    name: str, path: str | os.PathLike | None = None, max_length: int = 32, device: str | torch.device | None = None
+    name: str,
+    path: str | os.PathLike | None = None,
+    max_length: int = 32,
+    device: str | torch.device | None = None,
 ) -> TextEncoder:
     """`minilm` (path: default the packaged all-MiniLM-L6-v2) or `flan-t5` (path: hub id or local
     directory, default google/flan-t5-base; looked up in the local HF cache)."""

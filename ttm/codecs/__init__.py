@@ -1,8 +1,8 @@
 """Audio codecs: `melrvq` (offline default, fitted on the train split), `encodec`, `dac`.
 
-    codec = build_codec("melrvq", path="tokens/melrvq.safetensors")
-    codec = build_codec("encodec", path="facebook/encodec_32khz", n_codebooks=4)
-    codec = load_codec("dac:/models/dac_44khz")      # or a melrvq file, or a model directory
+codec = build_codec("melrvq", path="tokens/melrvq.safetensors")
+codec = build_codec("encodec", path="facebook/encodec_32khz", n_codebooks=4)
+codec = load_codec("dac:/models/dac_44khz")      # or a melrvq file, or a model directory
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ def build_codec(name: str, **settings: Any) -> Codec:
         path = settings.pop("path", None) or DEFAULT_MODELS[name]
         allowed = {"n_codebooks", "device"}
         if set(settings) - allowed:
-            raise ValueError(f"{name}: unknown settings {sorted(set(settings) - allowed)}; expected {sorted(allowed)}")
+            raise ValueError(
+                f"{name}: unknown settings {sorted(set(settings) - allowed)}; expected {sorted(allowed)}"
+            )
         return cls(path, **settings)
     raise ValueError(f"unknown codec {name!r}; expected one of {', '.join(CODECS)}")
 

@@ -15,8 +15,9 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -168,7 +169,9 @@ def _train_audio(manifest: Path, entries: list[Entry], sample_rate: int) -> Iter
         yield _read_clip(manifest, e, sample_rate, 1)
 
 
-def fit_or_load_melrvq(manifest: str | os.PathLike, out: str | os.PathLike, seed: int = 0, **settings: Any) -> MelRVQCodec:
+def fit_or_load_melrvq(
+    manifest: str | os.PathLike, out: str | os.PathLike, seed: int = 0, **settings: Any
+) -> MelRVQCodec:
     """The melrvq codec fitted on the train split of `manifest`, saved at `out`.
 
     An existing file at `out` is reused when it was fitted with the same settings, seed and
@@ -229,8 +232,13 @@ def tokenize_main(argv: list[str]) -> int:
     ap.add_argument("--out", type=Path, help="token root (default: MANIFEST's folder/tokens)")
     ap.add_argument("--n-codebooks", type=int)
     ap.add_argument("--seed", type=int, default=0, help="melrvq fitting seed")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="melrvq setting (e.g. cardinality=256, hop_length=320); repeatable")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="melrvq setting (e.g. cardinality=256, hop_length=320); repeatable",
+    )
     ap.add_argument("--max-frames", type=int, help="crop clips to this many frames")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--device", default=None)
@@ -241,7 +249,11 @@ def tokenize_main(argv: list[str]) -> int:
     if a.n_codebooks is not None:
         settings["n_codebooks"] = a.n_codebooks
     if a.codec == "melrvq":
-        path = Path(a.codec_path) if a.codec_path else out_root / f"melrvq-seed{a.seed}-{hash_json(settings)}.codec"
+        path = (
+            Path(a.codec_path)
+            if a.codec_path
+            else out_root / f"melrvq-seed{a.seed}-{hash_json(settings)}.codec"
+        )
         codec: Codec = fit_or_load_melrvq(a.manifest, path, seed=a.seed, **settings)
         if a.device:
             codec.to(a.device)
@@ -249,7 +261,8 @@ def tokenize_main(argv: list[str]) -> int:
         if a.set:
             raise ValueError(f"--set applies to melrvq only, not {a.codec}")
         codec = build_codec(a.codec, path=a.codec_path, device=a.device, **settings)
-    d = tokenize_manifest(a.manifest, codec, out_root, progress=not a.quiet, batch_size=a.batch_size,
-                          max_frames=a.max_frames)
+    d = tokenize_manifest(
+        a.manifest, codec, out_root, progress=not a.quiet, batch_size=a.batch_size, max_frames=a.max_frames
+    )
     print(d)
     return 0

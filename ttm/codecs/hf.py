@@ -35,7 +35,9 @@ def resolve_pretrained(name_or_path: str | os.PathLike) -> tuple[str, bool]:
     p = Path(s).expanduser()
     if p.is_dir():
         return str(p.resolve()), True
-    looks_like_path = p.is_absolute() or s.startswith((".", "~")) or s.count("/") > 1 or os.sep != "/" and os.sep in s
+    looks_like_path = (
+        p.is_absolute() or s.startswith((".", "~")) or s.count("/") > 1 or os.sep != "/" and os.sep in s
+    )
     if p.exists():
         raise FileNotFoundError(f"{p}: expected a pretrained model directory, found a file")
     if looks_like_path:
@@ -83,7 +85,7 @@ class HFCodec(Codec):
         self.source = source
         self._state_hash: str | None = None
 
-    def train(self, mode: bool = True) -> "HFCodec":  # always eval: quantizer dropout must stay off
+    def train(self, mode: bool = True) -> HFCodec:  # always eval: quantizer dropout must stay off
         return super().train(False)
 
     @property
@@ -133,8 +135,12 @@ class EncodecCodec(HFCodec):
 
     kind = "encodec"
 
-    def __init__(self, name_or_path: str | os.PathLike = "facebook/encodec_24khz", n_codebooks: int | None = None,
-                 device: str | torch.device | None = None):
+    def __init__(
+        self,
+        name_or_path: str | os.PathLike = "facebook/encodec_24khz",
+        n_codebooks: int | None = None,
+        device: str | torch.device | None = None,
+    ):
         from transformers import EncodecModel
 
         model = load_pretrained(EncodecModel, name_or_path, "encodec")
@@ -151,7 +157,9 @@ class EncodecCodec(HFCodec):
         max_k = max(self._per_bw.values())
         k = self._per_bw[self._bandwidths[0]] if n_codebooks is None else int(n_codebooks)
         if not 1 <= k <= max_k:
-            raise ValueError(f"encodec: n_codebooks must be in [1, {max_k}] for {name_or_path}, got {n_codebooks}")
+            raise ValueError(
+                f"encodec: n_codebooks must be in [1, {max_k}] for {name_or_path}, got {n_codebooks}"
+            )
         self._k = k
         self._bandwidth = next(b for b in self._bandwidths if self._per_bw[b] >= k)
         if device is not None:
@@ -196,8 +204,12 @@ class DacCodec(HFCodec):
 
     kind = "dac"
 
-    def __init__(self, name_or_path: str | os.PathLike = "descript/dac_44khz", n_codebooks: int | None = None,
-                 device: str | torch.device | None = None):
+    def __init__(
+        self,
+        name_or_path: str | os.PathLike = "descript/dac_44khz",
+        n_codebooks: int | None = None,
+        device: str | torch.device | None = None,
+    ):
         from transformers import DacModel
 
         model = load_pretrained(DacModel, name_or_path, "dac")
@@ -205,7 +217,9 @@ class DacCodec(HFCodec):
         max_k = int(model.config.n_codebooks)
         k = max_k if n_codebooks is None else int(n_codebooks)
         if not 1 <= k <= max_k:
-            raise ValueError(f"dac: n_codebooks must be in [1, {max_k}] for {name_or_path}, got {n_codebooks}")
+            raise ValueError(
+                f"dac: n_codebooks must be in [1, {max_k}] for {name_or_path}, got {n_codebooks}"
+            )
         self._k = k
         if device is not None:
             self.to(device)

@@ -16,8 +16,9 @@ import math
 import os
 import tempfile
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,13 +58,14 @@ class MelRVQCodec(Codec):
         griffin_lim_iters: int = 32,
         griffin_lim_momentum: float = 0.99,
         griffin_lim_seed: int = 0,
-        max_fit_frames: int = 100_000,
+        max_fit_frames: int = 50_000,
         kmeans_iters: int = 100,
         log_floor: float = 1e-5,
     ):
         super().__init__()
         f_max = float(sample_rate) / 2 if f_max is None else float(f_max)
-        for name, v in dict(n_fft=n_fft, hop_length=hop_length, n_mels=n_mels, n_codebooks=n_codebooks).items():
+        sizes = {"n_fft": n_fft, "hop_length": hop_length, "n_mels": n_mels, "n_codebooks": n_codebooks}
+        for name, v in sizes.items():
             if int(v) < 1:
                 raise ValueError(f"melrvq: {name} must be >= 1, got {v}")
         if cardinality < 2:
@@ -72,22 +74,22 @@ class MelRVQCodec(Codec):
             raise ValueError(f"melrvq: hop_length {hop_length} must not exceed n_fft {n_fft}")
         if not 0 <= f_min < f_max <= sample_rate / 2:
             raise ValueError(f"melrvq: need 0 <= f_min < f_max <= sample_rate/2, got {f_min}, {f_max}")
-        self.settings: dict[str, Any] = dict(
-            sample_rate=int(sample_rate),
-            n_fft=int(n_fft),
-            hop_length=int(hop_length),
-            n_mels=int(n_mels),
-            f_min=float(f_min),
-            f_max=f_max,
-            n_codebooks=int(n_codebooks),
-            cardinality=int(cardinality),
-            griffin_lim_iters=int(griffin_lim_iters),
-            griffin_lim_momentum=float(griffin_lim_momentum),
-            griffin_lim_seed=int(griffin_lim_seed),
-            max_fit_frames=int(max_fit_frames),
-            kmeans_iters=int(kmeans_iters),
-            log_floor=float(log_floor),
-        )
+        self.settings: dict[str, Any] = {
+            "sample_rate": int(sample_rate),
+            "n_fft": int(n_fft),
+            "hop_length": int(hop_length),
+            "n_mels": int(n_mels),
+            "f_min": float(f_min),
+            "f_max": f_max,
+            "n_codebooks": int(n_codebooks),
+            "cardinality": int(cardinality),
+            "griffin_lim_iters": int(griffin_lim_iters),
+            "griffin_lim_momentum": float(griffin_lim_momentum),
+            "griffin_lim_seed": int(griffin_lim_seed),
+            "max_fit_frames": int(max_fit_frames),
+            "kmeans_iters": int(kmeans_iters),
+            "log_floor": float(log_floor),
+        }
         from transformers.audio_utils import mel_filter_bank
 
         with warnings.catch_warnings():
@@ -107,7 +109,9 @@ class MelRVQCodec(Codec):
         fb_t = torch.from_numpy(fb.astype(np.float32))  # [F, M]
         self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
         self.register_buffer("mel_fb", fb_t.T.contiguous(), persistent=False)  # [M, F]
-        self.register_buffer("mel_pinv", torch.linalg.pinv(fb_t.T.double()).float(), persistent=False)  # [F, M]
+        self.register_buffer(
+            "mel_pinv", torch.linalg.pinv(fb_t.T.double()).float(), persistent=False
+        )  # [F, M]
         # fitted state (None until fit/load)
         self.register_buffer("mean", None)  # [M]
         self.register_buffer("std", None)  # [M]
@@ -164,7 +168,16 @@ class MelRVQCodec(Codec):
     def identity(self) -> dict[str, Any]:
         self._require_fitted()
         s = self.settings
-        keys = ["sample_rate", "n_fft", "hop_length", "n_mels", "f_min", "f_max", "n_codebooks", "cardinality"]
+        keys = [
+            "sample_rate",
+            "n_fft",
+            "hop_length",
+            "n_mels",
+            "f_min",
+            "f_max",
+            "n_codebooks",
+            "cardinality",
+        ]
         return {
             "codec": "melrvq",
             **{k: s[k] for k in keys},
@@ -176,7 +189,12 @@ class MelRVQCodec(Codec):
     def _stft(self, wav: Tensor) -> Tensor:  # [B, N] -> complex [B, F, T]
         s = self.settings
         return torch.stft(
-            wav, s["n_fft"], s["hop_length"], window=self.window, center=True, pad_mode="constant",
+            wav,
+            s["n_fft"],
+            s["hop_length"],
+            window=self.window,
+            center=True,
+            pad_mode="constant",
             return_complex=True,
         )
 
@@ -191,12 +209,12 @@ class MelRVQCodec(Codec):
         return mel.clamp_min(self.settings["log_floor"]).log()
 
     # ----------------------------------------------------------------- fitting
-    def fit(self, wavs: Iterable[Tensor], seed: int = 0, sample_rate: int | None = None) -> "MelRVQCodec":
+    def fit(self, wavs: Iterable[Tensor], seed: int = 0, sample_rate: int | None = None) -> MelRVQCodec:
         """Fit normalisation and the K codebooks on `wavs` (each `[C, N]`; any iterable, read once).
 
         Mean/std use every frame; k-means uses a uniform sample of at most `max_fit_frames`
         frames (bottom-k of seeded random keys, so memory stays bounded). Deterministic in
-        (data, order, seed).
+        (data, order, seed) on a given library stack, whatever the thread count.
         """
         s = self.settings
         cap = s["max_fit_frames"]
@@ -230,16 +248,21 @@ class MelRVQCodec(Codec):
         std = (total_sq / n_frames - mean.square()).clamp_min(0).sqrt().clamp_min(1e-3)
         z = ((kept.double() - mean) / std).float()  # [min(n_frames, cap), M]
         from sklearn.cluster import KMeans
+        from threadpoolctl import threadpool_limits
 
         residual = z.clone()
         books = []
         for k in range(s["n_codebooks"]):
-            with warnings.catch_warnings():
+            # one thread: sklearn's parallel centre updates sum in a thread-count-dependent order
+            with warnings.catch_warnings(), threadpool_limits(limits=1):
                 # duplicate frames (silence) can leave fewer distinct points than clusters
                 warnings.filterwarnings("ignore", message="Number of distinct clusters")
                 km = KMeans(
-                    n_clusters=s["cardinality"], n_init=1, max_iter=s["kmeans_iters"],
-                    random_state=seed * 1000 + k, algorithm="lloyd",
+                    n_clusters=s["cardinality"],
+                    n_init=1,
+                    max_iter=s["kmeans_iters"],
+                    random_state=seed * 1000 + k,
+                    algorithm="lloyd",
                 ).fit(residual.numpy())
             centers = torch.from_numpy(km.cluster_centers_.astype(np.float32))  # [card, M]
             books.append(centers)
@@ -315,9 +338,15 @@ class MelRVQCodec(Codec):
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".safetensors.tmp")
         os.close(fd)
         try:
-            save_file(tensors, tmp, metadata={
-                "format": FORMAT, "settings": json.dumps(self.settings), "fit_info": json.dumps(self.fit_info),
-            })
+            save_file(
+                tensors,
+                tmp,
+                metadata={
+                    "format": FORMAT,
+                    "settings": json.dumps(self.settings),
+                    "fit_info": json.dumps(self.fit_info),
+                },
+            )
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -325,7 +354,7 @@ class MelRVQCodec(Codec):
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, **overrides: Any) -> "MelRVQCodec":
+    def load(cls, path: str | os.PathLike, **overrides: Any) -> MelRVQCodec:
         """Load a codec written by `save`. `overrides` may change decode-only settings (Griffin-Lim)."""
         from safetensors import SafetensorError, safe_open
 
@@ -335,16 +364,20 @@ class MelRVQCodec(Codec):
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{path}: not a melrvq codec file ({e})") from e
         if meta.get("format") != FORMAT or set(tensors) != {"mean", "std", "codebooks"}:
-            raise ValueError(f"{path}: not a melrvq codec file (format {meta.get('format')!r}, expected {FORMAT!r})")
+            raise ValueError(
+                f"{path}: not a melrvq codec file (format {meta.get('format')!r}, expected {FORMAT!r})"
+            )
         settings = json.loads(meta["settings"])
         decode_only = {"griffin_lim_iters", "griffin_lim_momentum", "griffin_lim_seed"}
         bad = set(overrides) - decode_only
         if bad:
-            raise ValueError(f"melrvq load: cannot override {sorted(bad)} of a fitted codec (only {sorted(decode_only)})")
+            raise ValueError(
+                f"melrvq load: cannot override {sorted(bad)} of a fitted codec (only {sorted(decode_only)})"
+            )
         codec = cls(**{**settings, **overrides})
         K, card, M = tensors["codebooks"].shape
         if (K, card, M) != (codec.n_codebooks, codec.cardinality, codec.latent_dim):

@@ -1,0 +1,329 @@
+"""Mamba2 (state-space duality, SSD; Dao & Gu 2024), laid out as state-spaces/mamba's `Mamba2` module.
+
+    in_proj: x -> (z, x, B, C, dt)
+    causal depthwise conv + SiLU over (x, B, C)
+    SSD: h_t = exp(dt_t * A) h_{t-1} + dt_t * x_t B_t^T,  y_t = h_t C_t + D * x_t
+         (scalar A per head, dt = softplus(dt + dt_bias), B/C shared by the heads of a group)
+    gated RMSNorm: y = rmsnorm(y * silu(z)) (per group), then out_proj
+
+Training uses the chunked SSD algorithm: a pure-PyTorch version (CPU, and the GPU
+fallback; no data-dependent Python control flow, so torch.compile can trace it) or,
+on CUDA when `mamba_ssm` is installed, its Triton kernel `mamba_chunk_scan_combined`.
+Both accept an initial state and return the final one, so `forward(x, state)`
+continues a sequence (prefill). Decoding uses the recurrence one token at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from backbones.base import Backbone, Mixer, State, register
+
+MAMBA2_KNOBS = ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size", "use_kernel")
+
+_KERNEL: Any = None  # mamba_ssm's mamba_chunk_scan_combined, or False when not importable
+
+
+def _chunk_scan_kernel():
+    """mamba_ssm's Triton SSD kernel, imported on first use (None when unavailable)."""
+    global _KERNEL
+    if _KERNEL is None:
+        try:
+            from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+            _KERNEL = mamba_chunk_scan_combined
+        except Exception:  # not installed, or installed without a working triton
+            _KERNEL = False
+    return _KERNEL or None
+
+
+# ----------------------------------------------------------------------------- SSD
+
+
+def segsum(x: Tensor) -> Tensor:
+    """Stable segment sums: `x [..., T] -> [..., T, T]`, out[i, j] = x[j+1] + ... + x[i]
+    for i >= j (0 on the diagonal) and -inf above it, so exp(out) is the decay from j to i."""
+    T = x.shape[-1]
+    keep = torch.ones(T, T, dtype=torch.bool, device=x.device)
+    xx = x[..., :, None].expand(*x.shape, T)  # [..., T(i), T(j)] = x[i]
+    xx = xx.masked_fill(~keep.tril(-1), 0.0)
+    out = xx.cumsum(-2)  # out[i, j] = sum_{j < k <= i} x[k]
+    return out.masked_fill(~keep.tril(0), -math.inf)
+
+
+def ssd_chunked(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    chunk_size: int,
+    D: Tensor | None = None,
+    initial_state: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Chunked SSD scan (the "minimal SSD" algorithm of the Mamba2 paper).
+
+    x [b, l, h, p], dt [b, l, h] (already positive: after softplus), A [h] (negative),
+    B, C [b, l, g, n] (head i uses group i // (h // g)), D [h], initial_state [b, h, p, n].
+    Returns y [b, l, h, p] and the final state [b, h, p, n]. A length that is not a
+    multiple of the chunk is zero-padded: dt = 0 there, so padding neither decays nor
+    feeds the state.
+    """
+    b, l, h, p = x.shape
+    g, n = B.shape[-2:]
+    hg = h // g
+    q = min(chunk_size, l)
+    pad = (-l) % q
+    x0 = x
+    if pad:
+        x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
+        dt = F.pad(dt, (0, 0, 0, pad))
+    c = (l + pad) // q
+    x = x.reshape(b, c, q, h, p)
+    B = B.reshape(b, c, q, g, n)
+    C = C.reshape(b, c, q, g, n)
+    dt = dt.reshape(b, c, q, h)
+
+    dA = (dt * A).permute(0, 3, 1, 2)  # [b, h, c, q]
+    Acs = dA.cumsum(-1)  # [b, h, c, q]
+    xdt = x * dt[..., None]  # [b, c, q, h, p]
+
+    # 1. within each chunk: y = (C B^T * decay mask) x dt  (the quadratic, attention-like form)
+    causal = torch.ones(q, q, dtype=torch.bool, device=x.device).tril()
+    decay = torch.exp((Acs[..., :, None] - Acs[..., None, :]).masked_fill(~causal, -math.inf))  # [b, h, c, q, q]
+    CB = torch.einsum("bclgn,bcsgn->bgcls", C, B)  # [b, g, c, q, q]
+    scores = CB[:, :, None] * decay.view(b, g, hg, c, q, q)  # [b, g, hg, c, q, q]
+    xh = xdt.permute(0, 3, 1, 2, 4).reshape(b, g, hg, c, q, p)  # [b, g, hg, c, q, p]
+    y = scores @ xh  # [b, g, hg, c, q, p]
+
+    # 2. the state each chunk leaves behind, starting from zero
+    to_end = torch.exp(Acs[..., -1:] - Acs)  # [b, h, c, q]
+    xw = (xh * to_end.view(b, g, hg, c, q, 1)).transpose(-1, -2)  # [b, g, hg, c, p, q]
+    Bg = B.permute(0, 3, 1, 2, 4)[:, :, None]  # [b, g, 1, c, q, n]
+    states = (xw @ Bg).reshape(b, h, c, p, n)  # [b, h, c, p, n]
+
+    # 3. pass states across chunks: entering chunk z = sum_j decay(j -> z) * state_j
+    if initial_state is None:
+        initial_state = x.new_zeros(b, h, p, n)
+    states = torch.cat([initial_state[:, :, None].to(states.dtype), states], dim=2)  # [b, h, c+1, p, n]
+    chunk_decay = torch.exp(segsum(F.pad(Acs[..., -1], (1, 0))))  # [b, h, c+1, c+1]
+    states = (chunk_decay @ states.reshape(b, h, c + 1, p * n)).view(b, h, c + 1, p, n)
+    final = states[:, :, -1]  # [b, h, p, n]
+    states = states[:, :, :-1]  # [b, h, c, p, n]
+
+    # 4. contribution of the entering state to each position: C_t h_in * decay(start -> t)
+    Cg = C.permute(0, 3, 1, 2, 4)[:, :, None]  # [b, g, 1, c, q, n]
+    y_off = Cg @ states.view(b, g, hg, c, p, n).transpose(-1, -2)  # [b, g, hg, c, q, p]
+    y = y + y_off * torch.exp(Acs).view(b, g, hg, c, q, 1)
+
+    y = y.reshape(b, h, c * q, p).transpose(1, 2)[:, :l]  # [b, l, h, p]
+    if D is not None:
+        y = y + x0 * D[:, None]
+    return y, final
+
+
+def ssd_flops_per_token(seq_len: int, chunk_size: int, nheads: int, headdim: int, d_state: int, ngroups: int) -> int:
+    """Analytic FLOPs per token of one chunked SSD scan (forward), Q = min(chunk, seq_len):
+
+        C B^T within the chunk          2 Q G N
+        decay mask on the scores          Q H
+        scores @ (x dt)                 2 Q H P
+        chunk-end states B^T (x dt)     2 H P N
+        state passing between chunks    2 H P N / Q
+        C h_in for each position        2 H P N
+        x * dt, D skip                  3 H P
+
+    Multiply-adds count as 2. The in/out projections and the conv are matmuls, counted
+    elsewhere. One recurrent decoding step costs about 5 H P N + 3 H P instead.
+    """
+    Q = max(1, min(chunk_size, seq_len))
+    H, P, N, G = nheads, headdim, d_state, ngroups
+    return int(2 * Q * G * N + Q * H + 2 * Q * H * P + 4 * H * P * N + 2 * H * P * N / Q + 3 * H * P)
+
+
+# ----------------------------------------------------------------------------- mixer
+
+
+class GatedRMSNorm(nn.Module):
+    """rmsnorm(y * silu(z)) over groups of `group_size` channels (mamba_ssm's norm_before_gate=False)."""
+
+    def __init__(self, d: int, group_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.group_size, self.eps = group_size, eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, y: Tensor, z: Tensor) -> Tensor:
+        y = y * F.silu(z)
+        shape = y.shape
+        y = y.reshape(*shape[:-1], shape[-1] // self.group_size, self.group_size)
+        y = F.rms_norm(y, (self.group_size,), eps=self.eps)
+        return y.reshape(shape) * self.weight
+
+
+class Mamba2Mixer(Mixer):
+    """The Mamba2 sequence mixer. Decoding state: the conv window `[B, conv_dim, d_conv-1]`
+    and the SSM state `[B, nheads, headdim, d_state]` (kept in at least float32)."""
+
+    constant_state = True
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 64,
+        d_conv: int = 4,
+        expand: int = 2,
+        headdim: int = 16,
+        ngroups: int = 1,
+        chunk_size: int = 64,
+        use_kernel: bool = True,
+        A_init_range: tuple[float, float] = (1.0, 16.0),
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+    ):
+        super().__init__()
+        for knob, v in {"d_state": d_state, "d_conv": d_conv, "expand": expand, "headdim": headdim,
+                            "ngroups": ngroups, "chunk_size": chunk_size}.items():
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"mamba2: {knob} must be a positive integer, got {v!r}")
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.headdim, self.ngroups, self.chunk_size, self.use_kernel = headdim, ngroups, chunk_size, use_kernel
+        self.d_inner = expand * d_model
+        if self.d_inner % headdim:
+            raise ValueError(f"mamba2: expand * d_model = {self.d_inner} is not divisible by headdim = {headdim}")
+        self.nheads = self.d_inner // headdim
+        if self.nheads % ngroups:
+            raise ValueError(f"mamba2: nheads = {self.nheads} is not divisible by ngroups = {ngroups}")
+        self.conv_dim = self.d_inner + 2 * ngroups * d_state
+
+        # order: [z, x, B, C, dt]
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * ngroups * d_state + self.nheads, bias=False)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, bias=True)
+        self.dt_bias = nn.Parameter(torch.empty(self.nheads))
+        self.A_log = nn.Parameter(torch.empty(self.nheads))
+        self.D = nn.Parameter(torch.ones(self.nheads))
+        for p in (self.dt_bias, self.A_log, self.D):
+            p._no_weight_decay = True
+        self._init_ssm(A_init_range, dt_min, dt_max, dt_init_floor)
+        self.norm = GatedRMSNorm(self.d_inner, self.d_inner // ngroups)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+
+    @torch.no_grad()
+    def _init_ssm(self, A_init_range, dt_min, dt_max, dt_init_floor) -> None:
+        """mamba_ssm's init: A uniform in A_init_range; dt log-uniform in [dt_min, dt_max],
+        stored as dt_bias = softplus^-1(dt). Skipped on the meta device (shapes only, for
+        parameter counting: arithmetic on meta tensors is slow the first time)."""
+        if self.dt_bias.is_meta:
+            return
+        self.A_log.copy_(torch.empty_like(self.A_log).uniform_(*A_init_range).log())
+        u = torch.rand_like(self.dt_bias)
+        dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=dt_init_floor)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+    # -- helpers
+    def _split(self, zxbcdt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+
+    def _ssm_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return torch.promote_types(dtype, torch.float32)
+
+    def forward(self, x: Tensor, state: State | None = None) -> Tensor:
+        b, l, _ = x.shape
+        z, xBC, dt = self._split(self.in_proj(x))  # [b, l, d_inner], [b, l, conv_dim], [b, l, h]
+
+        # causal depthwise conv, continuing from the state's window when given
+        xt = xBC.transpose(1, 2)  # [b, conv_dim, l]
+        if state is None:
+            xt = F.pad(xt, (self.d_conv - 1, 0))
+        else:
+            xt = torch.cat([state["conv"].to(xt.dtype), xt], dim=-1)  # [b, conv_dim, d_conv-1+l]
+            state["conv"].copy_(xt[:, :, xt.shape[-1] - (self.d_conv - 1) :])
+        xBC = F.silu(F.conv1d(xt, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)).transpose(1, 2)
+        xs, Bm, Cm = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], -1)
+        xs = xs.reshape(b, l, self.nheads, self.headdim)
+        Bm = Bm.reshape(b, l, self.ngroups, self.d_state)
+        Cm = Cm.reshape(b, l, self.ngroups, self.d_state)
+        init = None if state is None else state["ssm"]
+
+        kernel = _chunk_scan_kernel() if (self.use_kernel and x.is_cuda) else None
+        if kernel is not None:
+            A = -torch.exp(self.A_log.float())
+            out = kernel(
+                xs, dt, A, Bm, Cm, chunk_size=self.chunk_size, D=self.D, dt_bias=self.dt_bias,
+                dt_softplus=True, initial_states=None if init is None else init.float(),
+                return_final_states=state is not None,
+            )
+            y, final = (out if state is not None else (out, None))
+        else:
+            sd = self._ssm_dtype(x.dtype)
+            dts = F.softplus(dt.to(sd) + self.dt_bias.to(sd))  # [b, l, h]
+            A = -torch.exp(self.A_log.to(sd))  # [h]
+            y, final = ssd_chunked(
+                xs.to(sd), dts, A, Bm.to(sd), Cm.to(sd), self.chunk_size, self.D.to(sd),
+                None if init is None else init.to(sd),
+            )
+        if state is not None:
+            state["ssm"].copy_(final)
+        y = y.to(x.dtype).reshape(b, l, self.d_inner)
+        return self.out_proj(self.norm(y, z))
+
+    def step(self, x: Tensor, state: State) -> Tensor:  # [b, d_model] -> [b, d_model]
+        b = x.shape[0]
+        z, xBC, dt = self._split(self.in_proj(x))  # [b, d_inner], [b, conv_dim], [b, h]
+        win = torch.cat([state["conv"].to(xBC.dtype), xBC[:, :, None]], dim=-1)  # [b, conv_dim, d_conv]
+        state["conv"].copy_(win[:, :, 1:])
+        xBC = F.silu((win * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias)
+        xs, Bm, Cm = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], -1)
+
+        h = state["ssm"]  # [b, H, P, N]
+        sd = h.dtype
+        hg = self.nheads // self.ngroups
+        dt = F.softplus(dt.to(sd) + self.dt_bias.to(sd))  # [b, H]
+        dA = torch.exp(dt * -torch.exp(self.A_log.to(sd)))  # [b, H]
+        xh = xs.to(sd).view(b, self.nheads, self.headdim)  # [b, H, P]
+        Bh = Bm.to(sd).view(b, self.ngroups, 1, self.d_state).expand(-1, -1, hg, -1).reshape(b, self.nheads, self.d_state)
+        Ch = Cm.to(sd).view(b, self.ngroups, 1, self.d_state).expand(-1, -1, hg, -1).reshape(b, self.nheads, self.d_state)
+        h.copy_(h * dA[:, :, None, None] + (dt[:, :, None] * xh)[..., None] * Bh[:, :, None, :])
+        y = (h * Ch[:, :, None, :]).sum(-1) + self.D.to(sd)[:, None] * xh  # [b, H, P]
+        y = y.to(x.dtype).reshape(b, self.d_inner)
+        return self.out_proj(self.norm(y, z))
+
+    def allocate_state(self, batch_size: int, max_len: int, device=None, dtype=None) -> State:
+        dtype = dtype or self.in_proj.weight.dtype
+        return {
+            "conv": torch.zeros(batch_size, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype),
+            "ssm": torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device,
+                               dtype=self._ssm_dtype(dtype)),
+        }
+
+    def scan_flops_per_token(self, seq_len: int) -> int:
+        return ssd_flops_per_token(seq_len, self.chunk_size, self.nheads, self.headdim, self.d_state, self.ngroups)
+
+
+def mamba2_mixer_kwargs(backbone: str, mixer_kwargs: dict[str, Any], own: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The Mamba2 knobs among a backbone's mixer kwargs; an unknown knob raises ValueError."""
+    unknown = sorted(set(mixer_kwargs) - set(MAMBA2_KNOBS) - set(own))
+    if unknown:
+        raise ValueError(
+            f"{backbone}: unknown knob(s) {', '.join(unknown)}; expected some of {', '.join(MAMBA2_KNOBS + own)}"
+        )
+    return {k: v for k, v in mixer_kwargs.items() if k in MAMBA2_KNOBS}
+
+
+@register("mamba2")
+class Mamba2(Backbone):
+    """Mamba2 blocks only (the study's "Prefix Mamba"); pass mlp_ratio for an MLP sublayer.
+
+    Knobs: d_state (64), d_conv (4), expand (2), headdim (16), ngroups (1), chunk_size (64),
+    use_kernel (True: mamba_ssm's Triton SSD kernel on CUDA when installed).
+    """
+
+    default_mlp_ratio = None
+
+    def make_mixer(self, layer_idx: int) -> Mixer:
+        return Mamba2Mixer(self.d_model, **mamba2_mixer_kwargs(self.name, self.mixer_kwargs))
