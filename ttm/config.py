@@ -40,7 +40,7 @@ class TextConfig(_Strict):
 
 class DiffusionConfig(_Strict):
     """Stage 2 of a two-stage model: diffusion over the codec latent, conditioned on the
-    stage-1 tokens (first `stage1_k` codebooks) and the text."""
+    stage-1 tokens (first `model.first_k` codebooks) and the text."""
 
     denoiser: str = "transformer"  # any registered backbone, run bidirectionally
     d_model: int = 64
@@ -55,7 +55,9 @@ class DiffusionConfig(_Strict):
     sample_steps: int = 50
     cfg_scale: float = 3.0
     cond_dropout: float = 0.1
-    stage2_fraction: float = 0.5  # share of the run's budget given to stage 2
+    stage2_fraction: float = Field(0.5, gt=0, lt=1)  # share of the budget (and of model.target_params) for stage 2
+    target: Literal["residual", "full"] = "residual"  # residual: latent(all) - latent(first k); full: latent(all)
+    stage2_only: bool = False  # set in RUN/stage2/config.yaml: this run trains the diffusion stage alone
 
 
 class ModelConfig(_Strict):

@@ -34,6 +34,12 @@ def run_cell(cfg: RunConfig, run_dir: Path, progress: bool = True) -> dict:
     samples = run_dir / "samples"
     g = cfg.generate
     prompts = prompts_from_split(data, g.split, g.n_clips)
+    if not (samples / "samples.jsonl").exists() and cfg.model.kind == "two_stage":
+        from ttm.two_stage import generate_for_run
+
+        summary["generation"] = generate_for_run(run_dir, prompts, samples, data=data, seconds=g.seconds,
+                                                 seed=cfg.seed, progress=progress)
+        atomic_write_text(summary_path, json.dumps(summary, indent=2))
     if not (samples / "samples.jsonl").exists():
         from ttm.train import build_model
 

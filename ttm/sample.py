@@ -145,7 +145,14 @@ def cli(argv: list[str]) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--steps", type=int, default=None, help="two-stage runs: diffusion sampling steps")
+    ap.add_argument("--sampler", choices=["ddim", "ancestral"], default=None, help="two-stage runs: diffusion sampler")
+    ap.add_argument("--diffusion-cfg-scale", type=float, default=None, help="two-stage runs: stage-2 guidance")
     a = ap.parse_args(argv)
+    from ttm.two_stage import generate_cli, is_two_stage_run
+
+    if is_two_stage_run(a.run):
+        return generate_cli(a)
     from ttm.prepare import build_text_encoder_for
     from ttm.train import load_run
 

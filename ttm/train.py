@@ -62,7 +62,19 @@ def backbone_kwargs(cfg: RunConfig, n_out: int, cardinality: int, text_dim: int)
     return kw
 
 
-def build_model(cfg: RunConfig, n_codebooks: int, cardinality: int, text_dim: int) -> TTMLM:
+def build_model(cfg: RunConfig, n_codebooks: int, cardinality: int, text_dim: int, data: Prepared | None = None):
+    """model.kind "lm": the TTMLM. A stage-2 config (model.kind "two_stage" with
+    model.diffusion.stage2_only): the LatentDiffusion, which needs `data` (its codec, and the
+    train split for the latent statistics)."""
+    if cfg.model.kind == "two_stage":
+        if not cfg.model.diffusion.stage2_only:
+            raise ValueError("model.kind=two_stage trains two models: use ttm.two_stage.run_two_stage "
+                             "(ttm-bench train and ttm.train.run dispatch to it)")
+        if data is None:
+            raise ValueError("building a stage-2 (diffusion) model needs the prepared data (codec, train split)")
+        from ttm.diffusion import build_latent_diffusion
+
+        return build_latent_diffusion(cfg, data.codec, text_dim, data.splits["train"])
     pattern = Pattern(cfg.model.pattern, n_codebooks, cardinality, k=cfg.model.first_k)
     kw = backbone_kwargs(cfg, pattern.n_out, cardinality, text_dim)
     bb = build_backbone(cfg.model.backbone, **kw)
@@ -224,6 +236,10 @@ def pick_device(name: str) -> torch.device:
 
 def run(cfg: RunConfig, run_dir: Path, data: Prepared | None = None, progress: bool = True) -> dict:
     """Train (or resume) one run into `run_dir`; returns the summary dict."""
+    if cfg.model.kind == "two_stage" and not cfg.model.diffusion.stage2_only:
+        from ttm.two_stage import run_two_stage
+
+        return run_two_stage(cfg, run_dir, data=data, progress=progress)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.train.device)
@@ -241,7 +257,7 @@ def run(cfg: RunConfig, run_dir: Path, data: Prepared | None = None, progress: b
     train, valid = data.splits["train"], data.splits.get("valid")
     codec = data.codec
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, codec.n_codebooks, codec.cardinality, data.text_dim).to(device)
+    model = build_model(cfg, codec.n_codebooks, codec.cardinality, data.text_dim, data=data).to(device)
     max_frames = (
         int(round(cfg.data.max_seconds * codec.frame_rate)) if cfg.data.max_seconds else None
     )
@@ -481,7 +497,7 @@ def load_run(run_dir: Path, device: str = "cpu") -> tuple[RunConfig, TTMLM, Prep
         raise FileNotFoundError(f"{run_dir}: no {CKPT} (is this a trained run directory?)")
     cfg = load_config(run_dir / "config.yaml")
     data = prepare(cfg, progress=False)
-    model = build_model(cfg, data.codec.n_codebooks, data.codec.cardinality, data.text_dim)
+    model = build_model(cfg, data.codec.n_codebooks, data.codec.cardinality, data.text_dim, data=data)
     ck = load_checkpoint(run_dir / CKPT)
     if ck.get("ema"):
         sd = {k[len("module."):]: v for k, v in ck["ema"].items() if k.startswith("module.")}

@@ -1,0 +1,507 @@
+"""The offline probe evaluator: a small audio classifier trained on the reference's train split.
+
+A log-mel front end (torch.stft + transformers' mel_filter_bank), three 1-D conv blocks,
+mean/max pooling over time -> an embedding `[D]` (D = 96 by default), and one linear
+head per categorical attribute (family, instrument, tempo, mode, style, texture; only
+those with >= 2 classes among the train clips). It is trained ONLY on the manifest's
+train split (random crops) and its accuracy is measured on the held-out valid + test
+clips (whole clips), next to the chance level (always predicting the most frequent
+training class, scored on the same held-out clips).
+
+Its embeddings give the FD_probe metric, its predictions the text-adherence metric.
+Quality floor: a probe is refused unless it beats chance on the held-out clips both
+by a margin (mean accuracy >= mean over attributes of chance + frac * (1 - chance),
+frac = 0.1 by default) and significantly (pooled one-sided binomial test, p < 0.05).
+(A stricter margin such as frac = 0.5 is out of reach with the tiny dataset's 10
+held-out clips and 38 training clips: its probes reach about 0.5 mean accuracy
+against 0.32 chance, p < 0.005.)
+
+    probe = train_probe(Path("data/tiny/manifest.jsonl"), Path("runs/probe.pt"))
+    probe.heldout_accuracy   # {"family": 0.93, ..., "mean": 0.81}
+    probe.predict([wav])     # {"family": ["strings"], ...}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ttm.audio import load_audio
+
+ATTRIBUTES = ("family", "instrument", "tempo", "mode", "style", "texture")
+FORMAT = "ttm-bench-probe/1"
+DEFAULT_FLOOR_FRAC = 0.1
+SIGNIFICANCE = 0.05
+
+
+@dataclass
+class ProbeSettings:
+    sample_rate: int = 16000
+    n_fft: int = 512
+    hop_length: int = 320
+    n_mels: int = 48
+    f_min: float = 30.0
+    f_max: float = 8000.0
+    channels: tuple[int, ...] = (64, 96, 128)
+    emb_dim: int = 96
+    dropout: float = 0.3
+    crop_s: float = 1.5
+    epochs: int | None = None  # None: enough epochs to see ~3000 crops, clamped to [10, 60]
+    batch_size: int = 16
+    lr: float = 3e-3
+    weight_decay: float = 1e-2
+    seed: int = 0
+    attributes: tuple[str, ...] = ATTRIBUTES
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["channels"] = list(self.channels)
+        d["attributes"] = list(self.attributes)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ProbeSettings:
+        d = dict(d)
+        d["channels"] = tuple(d["channels"])
+        d["attributes"] = tuple(d["attributes"])
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------- network
+
+
+class LogMel(nn.Module):
+    """`wav [B, N]` -> log-mel `[B, n_mels, T]` (power spectrogram, Slaney mel, log10)."""
+
+    def __init__(self, s: ProbeSettings):
+        super().__init__()
+        from transformers.audio_utils import mel_filter_bank
+
+        self.n_fft, self.hop = s.n_fft, s.hop_length
+        fb = mel_filter_bank(
+            num_frequency_bins=s.n_fft // 2 + 1,
+            num_mel_filters=s.n_mels,
+            min_frequency=s.f_min,
+            max_frequency=min(s.f_max, s.sample_rate / 2),
+            sampling_rate=s.sample_rate,
+            norm="slaney",
+            mel_scale="slaney",
+        )
+        self.register_buffer("fb", torch.tensor(fb, dtype=torch.float32).T.contiguous(), persistent=False)  # [M, F]
+        self.register_buffer("window", torch.hann_window(s.n_fft), persistent=False)
+
+    def forward(self, wav: Tensor) -> Tensor:
+        spec = torch.stft(wav, self.n_fft, self.hop, window=self.window, center=True, return_complex=True)
+        power = spec.real**2 + spec.imag**2  # [B, F, T]
+        return torch.log10(torch.clamp(self.fb @ power, min=1e-10))  # [B, M, T]
+
+
+class ProbeNet(nn.Module):
+    """Log-mel -> three 1-D conv blocks over time (mel bins as channels) -> mean and max over
+    time -> Linear -> embedding `[B, D]`; one linear head per attribute on the embedding.
+    1-D convolutions keep training at a few seconds to a minute on one CPU core."""
+
+    def __init__(self, s: ProbeSettings, n_classes: dict[str, int]):
+        super().__init__()
+        self.logmel = LogMel(s)
+        self.bn0 = nn.BatchNorm1d(s.n_mels)
+        layers: list[nn.Module] = []
+        c_in = s.n_mels
+        for i, c in enumerate(s.channels):
+            k = 5 if i == 0 else 3
+            layers += [nn.Conv1d(c_in, c, k, padding=k // 2, bias=False), nn.BatchNorm1d(c), nn.ReLU()]
+            if i < len(s.channels) - 1:
+                layers.append(nn.MaxPool1d(2, ceil_mode=True))
+            c_in = c
+        self.conv = nn.Sequential(*layers)
+        self.proj = nn.Linear(2 * c_in, s.emb_dim)
+        self.drop = nn.Dropout(s.dropout)
+        self.heads = nn.ModuleDict({a: nn.Linear(s.emb_dim, k) for a, k in n_classes.items()})
+
+    def embed_mel(self, mel: Tensor) -> Tensor:  # [B, M, T] -> [B, D]
+        x = self.conv(self.bn0(mel))  # [B, C, T']
+        return self.proj(torch.cat([x.mean(-1), x.amax(-1)], dim=1))
+
+    def heads_out(self, emb: Tensor) -> dict[str, Tensor]:
+        emb = self.drop(emb)
+        return {a: h(emb) for a, h in self.heads.items()}
+
+
+# ----------------------------------------------------------------------------- manifest helpers
+
+
+def _read_entries(manifest: Path) -> list[dict[str, Any]]:
+    """Manifest entries as dicts with an absolute `audio` path (ttm.data.manifest does the validation)."""
+    from ttm.data.manifest import read_manifest, resolve_audio
+
+    return [
+        {"id": e.id, "audio": resolve_audio(manifest, e), "caption": e.caption, "split": e.split, "attributes": e.attributes}
+        for e in read_manifest(manifest)
+    ]
+
+
+def manifest_hash(manifest: Path) -> str:
+    """sha256 of the manifest file's bytes (the audio is assumed fixed by its manifest)."""
+    manifest = Path(manifest)
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{manifest}: manifest not found")
+    return hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
+
+
+def _labels(entries: list[dict[str, Any]], attr: str) -> list[str | None]:
+    out = []
+    for e in entries:
+        v = e["attributes"].get(attr)
+        out.append(None if v is None else str(v))
+    return out
+
+
+# ----------------------------------------------------------------------------- the probe
+
+
+class Probe:
+    """A trained probe: `embed`, `predict`, `heldout_accuracy`, `chance`, `check_quality`."""
+
+    def __init__(self, net: ProbeNet, settings: ProbeSettings, classes: dict[str, list[str]], info: dict[str, Any]):
+        self.net = net.eval()
+        self.settings = settings
+        self.classes = classes
+        self.info = info
+        self.path: Path | None = None
+
+    # -- reported numbers
+    @property
+    def heldout_accuracy(self) -> dict[str, float]:
+        return dict(self.info["heldout_accuracy"])
+
+    @property
+    def chance(self) -> dict[str, float]:
+        return dict(self.info["chance"])
+
+    @property
+    def sample_rate(self) -> int:
+        return self.settings.sample_rate
+
+    @property
+    def dim(self) -> int:
+        return self.settings.emb_dim
+
+    @property
+    def attributes(self) -> list[str]:
+        return list(self.classes)
+
+    def identity(self) -> dict[str, Any]:
+        """Everything that fixes the probe's outputs: settings, classes, weights hash."""
+        h = hashlib.sha256()
+        for k, v in sorted(self.net.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        return {
+            "settings": self.settings.to_dict(),
+            "classes": self.classes,
+            "manifest_hash": self.info.get("manifest_hash"),
+            "weights": h.hexdigest()[:16],
+        }
+
+    def required_accuracy(self, frac: float = DEFAULT_FLOOR_FRAC) -> float:
+        """Mean over attributes of chance + frac * (1 - chance)."""
+        if not 0 <= frac <= 1:
+            raise ValueError(f"probe floor: frac must lie in [0, 1], got {frac}")
+        ch = [self.info["chance"][a] for a in self.classes]
+        return float(np.mean([c + frac * (1 - c) for c in ch]))
+
+    def significance(self) -> tuple[float, float]:
+        """(z, p) of a one-sided test that the held-out predictions beat chance: correct answers
+        pooled over attributes against their expectation under chance (binomial, normal
+        approximation; the attributes of a clip are treated as independent)."""
+        n = self.info["n_heldout_per_attribute"]
+        acc, ch = self.info["heldout_accuracy"], self.info["chance"]
+        correct = sum(acc[a] * n[a] for a in self.classes)
+        expected = sum(ch[a] * n[a] for a in self.classes)
+        var = sum(n[a] * ch[a] * (1 - ch[a]) for a in self.classes)
+        if var <= 0:
+            return 0.0, 1.0
+        from scipy.stats import norm
+
+        z = (correct - expected) / math.sqrt(var)
+        return float(z), float(norm.sf(z))
+
+    def check_quality(self, frac: float = DEFAULT_FLOOR_FRAC) -> None:
+        """The quality floor. Raise ValueError unless the probe beats chance on the held-out clips
+        both by a margin (mean accuracy >= `required_accuracy(frac)`) and significantly
+        (`significance()` p < 0.05)."""
+        got, need = self.info["heldout_accuracy"]["mean"], self.required_accuracy(frac)
+        _, p = self.significance()
+        if got < need or p >= SIGNIFICANCE:
+            per = ", ".join(
+                f"{a} {self.info['heldout_accuracy'][a]:.3f} (chance {self.info['chance'][a]:.3f})" for a in self.classes
+            )
+            where = f" ({self.path})" if self.path else ""
+            raise ValueError(
+                f"probe{where}: mean held-out accuracy {got:.3f} (required {need:.3f} = chance + {frac:g} * "
+                f"(1 - chance), averaged over attributes), one-sided p = {p:.3g} against chance (required < "
+                f"{SIGNIFICANCE:g}) on {self.info['n_heldout']} held-out clips: {per}; "
+                "the probe is too weak to score with"
+            )
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path) if self.path else None,
+            "heldout_accuracy": self.heldout_accuracy,
+            "chance": self.chance,
+            "required_accuracy": self.required_accuracy(),
+            "significance": dict(zip(("z", "p"), self.significance())),
+            "floor_rule": f"mean held-out accuracy >= mean(chance + frac * (1 - chance)) and one-sided "
+            f"p < {SIGNIFICANCE:g} against chance (pooled binomial z-test)",
+            "classes": self.classes,
+            "n_train": self.info.get("n_train"),
+            "n_heldout": self.info.get("n_heldout"),
+            "manifest": self.info.get("manifest"),
+            "manifest_hash": self.info.get("manifest_hash"),
+        }
+
+    # -- inference
+    def _prepare(self, wav: Tensor | np.ndarray) -> Tensor:
+        x = torch.as_tensor(wav, dtype=torch.float32)
+        if x.dim() == 2:
+            x = x.mean(0)  # [C, N] -> [N]
+        if x.dim() != 1:
+            raise ValueError(f"probe: expected audio [N] or [C, N], got shape {tuple(x.shape)}")
+        if x.numel() < self.settings.n_fft:
+            x = F.pad(x, (0, self.settings.n_fft - x.numel()))
+        return x
+
+    @torch.no_grad()
+    def _embed_one(self, wav: Tensor) -> Tensor:
+        return self.net.embed_mel(self.net.logmel(self._prepare(wav)[None]))[0]
+
+    @torch.no_grad()
+    def embed(self, wavs: list[Tensor] | Tensor) -> Tensor:
+        """Audio at `sample_rate` (a list of `[N]` / `[C, N]`, or a batch `[B, N]`) -> `[B, D]`."""
+        self.net.eval()
+        return torch.stack([self._embed_one(w) for w in wavs])
+
+    @torch.no_grad()
+    def predict_logits(self, wavs: list[Tensor] | Tensor) -> dict[str, Tensor]:
+        emb = self.embed(wavs)
+        return {a: v for a, v in self.net.heads_out(emb).items()}
+
+    def predict(self, wavs: list[Tensor] | Tensor) -> dict[str, list[str]]:
+        """{attr: [B] predicted class labels}."""
+        return {a: [self.classes[a][i] for i in lg.argmax(-1).tolist()] for a, lg in self.predict_logits(wavs).items()}
+
+    # -- files
+    def save(self, path: Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        obj = {
+            "format": FORMAT,
+            "settings": self.settings.to_dict(),
+            "classes": self.classes,
+            "state_dict": self.net.state_dict(),
+            "info": self.info,
+        }
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".pt.tmp")
+        os.close(fd)
+        try:
+            torch.save(obj, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        self.path = path
+
+    @classmethod
+    def load(cls, path: Path) -> Probe:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "probe.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: probe file not found")
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{path}: not a probe file ({e})") from e
+        if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+            raise ValueError(f"{path}: not a probe file (expected format {FORMAT!r})")
+        settings = ProbeSettings.from_dict(obj["settings"])
+        classes = {a: list(c) for a, c in obj["classes"].items()}
+        net = ProbeNet(settings, {a: len(c) for a, c in classes.items()})
+        net.load_state_dict(obj["state_dict"])
+        probe = cls(net, settings, classes, obj["info"])
+        probe.path = path
+        return probe
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _accuracy(pred: list[int], target: list[int]) -> float:
+    return float(np.mean([p == t for p, t in zip(pred, target)])) if target else float("nan")
+
+
+def _targets(es: list[dict[str, Any]], classes: dict[str, list[str]]) -> dict[str, list[int]]:
+    """Class indices per attribute: -100 for a missing attribute (ignored by the loss), -1 for a
+    class never seen in training (always counted wrong)."""
+    out: dict[str, list[int]] = {}
+    for a, cl in classes.items():
+        idx = {c: i for i, c in enumerate(cl)}
+        out[a] = [(-100 if v is None else idx.get(v, -1)) for v in _labels(es, a)]
+    return out
+
+
+def train_probe(
+    manifest: Path,
+    out: Path,
+    seed: int = 0,
+    epochs: int | None = None,
+    progress: bool = True,
+    settings: ProbeSettings | None = None,
+) -> Probe:
+    """Train a probe on the manifest's train split, measure it on valid + test, save it to `out`.
+
+    If `out` already holds a probe trained on the same manifest bytes with the same settings,
+    it is loaded instead of retrained. `out` is a file path (a directory means DIR/probe.pt).
+    """
+    manifest = Path(manifest)
+    out = Path(out)
+    if out.is_dir():
+        out = out / "probe.pt"
+    s = settings or ProbeSettings()
+    s = ProbeSettings.from_dict({**s.to_dict(), "seed": seed, "epochs": epochs if epochs is not None else s.epochs})
+    mhash = manifest_hash(manifest)
+    if out.is_file():
+        try:
+            old = Probe.load(out)
+        except ValueError:
+            old = None
+        if old is not None and old.info.get("manifest_hash") == mhash and old.settings == s:
+            return old
+
+    entries = _read_entries(manifest)
+    train = [e for e in entries if e["split"] == "train"]
+    held = [e for e in entries if e["split"] in ("valid", "test")]
+    if not train:
+        raise ValueError(f"{manifest}: the probe needs train-split clips, found none")
+    if not held:
+        raise ValueError(f"{manifest}: the probe needs valid/test clips to measure its accuracy, found none")
+
+    classes: dict[str, list[str]] = {}
+    for a in s.attributes:
+        vals = sorted({v for v in _labels(train, a) if v is not None})
+        if len(vals) >= 2:
+            classes[a] = vals
+    if not classes:
+        raise ValueError(
+            f"{manifest}: no attribute among {', '.join(s.attributes)} has >= 2 classes in the train split "
+            "(field 'attributes'); the probe has nothing to learn"
+        )
+
+    with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's RNG state
+        torch.manual_seed(s.seed)
+        return _train(manifest, out, s, classes, train, held, mhash, progress)
+
+
+def _train(manifest, out, s: ProbeSettings, classes, train, held, mhash: str, progress: bool) -> Probe:
+    rng = np.random.default_rng(s.seed)
+    net = ProbeNet(s, {a: len(c) for a, c in classes.items()})
+    t0 = time.time()
+
+    def load_all(es: list[dict[str, Any]], what: str) -> list[Tensor]:
+        wavs = []
+        for e in es:
+            if not Path(e["audio"]).is_file():
+                raise FileNotFoundError(f"{manifest}: {what} clip {e['id']!r}: audio file {e['audio']} not found")
+            wavs.append(load_audio(e["audio"], s.sample_rate, channels=1)[0])
+        return wavs
+
+    with torch.no_grad():
+        train_mels = [net.logmel(w[None])[0] for w in load_all(train, "train")]  # [M, T_i]
+    y_train = _targets(train, classes)
+    frames = [m.shape[-1] for m in train_mels]
+    crop = max(8, min(int(s.crop_s * s.sample_rate / s.hop_length), int(np.median(frames))))
+    n_epochs = s.epochs if s.epochs is not None else int(np.clip(math.ceil(3000 / len(train)), 10, 60))
+    steps_per_epoch = max(1, math.ceil(len(train) / s.batch_size))
+    opt = torch.optim.AdamW(net.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.lr, total_steps=n_epochs * steps_per_epoch, pct_start=0.2)
+
+    def crop_mel(m: Tensor) -> Tensor:
+        t = m.shape[-1]
+        if t <= crop:  # pad short clips with the log floor (silence)
+            return F.pad(m, (0, crop - t), value=-10.0)
+        st = int(rng.integers(0, t - crop + 1))
+        return m[:, st : st + crop]
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(n_epochs), desc="probe: training", disable=not progress, leave=False)
+    net.train()
+    for _ in bar:
+        order = rng.permutation(len(train))
+        total = 0.0
+        for b in range(steps_per_epoch):
+            idx = order[b * s.batch_size : (b + 1) * s.batch_size]
+            if len(idx) < 2:  # BatchNorm needs two examples
+                continue
+            mel = torch.stack([crop_mel(train_mels[i]) for i in idx])  # [B, M, crop]
+            mel = mel + torch.empty(len(idx), 1, 1).uniform_(-0.3, 0.3)  # random gain (+-3 dB)
+            logits = net.heads_out(net.embed_mel(mel))
+            losses = [
+                F.cross_entropy(logits[a], torch.tensor([y_train[a][i] for i in idx]), ignore_index=-100)
+                for a in classes
+                if any(y_train[a][i] >= 0 for i in idx)
+            ]
+            if not losses:
+                continue
+            loss = torch.stack(losses).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach())
+        bar.set_postfix(loss=f"{total / steps_per_epoch:.3f}")
+    net.eval()
+
+    probe = Probe(net, s, classes, {})
+    held_wavs = load_all(held, "held-out")
+    pred = {a: lg.argmax(-1).tolist() for a, lg in probe.predict_logits(held_wavs).items()}
+    y_held = _targets(held, classes)
+    acc, chance, n_per = {}, {}, {}
+    for a in classes:
+        keep = [i for i, t in enumerate(y_held[a]) if t != -100]
+        if not keep:
+            raise ValueError(f"{manifest}: no valid/test clip has attribute {a!r}; its accuracy cannot be measured")
+        majority = int(np.bincount([t for t in y_train[a] if t >= 0], minlength=len(classes[a])).argmax())
+        acc[a] = _accuracy([pred[a][i] for i in keep], [y_held[a][i] for i in keep])
+        chance[a] = _accuracy([majority] * len(keep), [y_held[a][i] for i in keep])
+        n_per[a] = len(keep)
+    acc["mean"] = float(np.mean([acc[a] for a in classes]))
+    chance["mean"] = float(np.mean([chance[a] for a in classes]))
+    probe.info = {
+        "heldout_accuracy": acc,
+        "chance": chance,
+        "n_train": len(train),
+        "n_heldout": len(held),
+        "n_heldout_per_attribute": n_per,
+        "epochs": n_epochs,
+        "crop_frames": crop,
+        "train_time_s": round(time.time() - t0, 2),
+        "manifest": str(manifest.resolve()),
+        "manifest_hash": mhash,
+    }
+    probe.save(out)
+    return probe
+
+
+__all__ = ["ATTRIBUTES", "Probe", "ProbeNet", "ProbeSettings", "manifest_hash", "train_probe"]

@@ -1,0 +1,208 @@
+"""eval.runner end to end on a synthetic set with tiny random models (`ttm-bench eval`)."""
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_eval_embedders import make_set, synth_clip, tiny_ast, tiny_clap, tiny_encodec
+
+from eval.runner import cli, evaluate
+from ttm.audio import save_audio
+
+ALL = "fd_probe,adherence,kl_ast,kl_ast_sam,clap,fad_clap,fad_encodec"
+
+
+class MuLawCodec:
+    """8-bit mu-law at 16 kHz: a real (if simple) codec for the codec floor."""
+
+    sample_rate, channels = 16000, 1
+
+    def identity(self):
+        return {"codec": "mulaw", "bits": 8, "sample_rate": self.sample_rate}
+
+    def encode(self, wav):  # [B, C, N] -> [B, 1, N]
+        x = wav.mean(1, keepdim=True).clamp(-1, 1)
+        y = torch.sign(x) * torch.log1p(255 * x.abs()) / math.log(256)
+        return ((y + 1) / 2 * 255).round().long()
+
+    def decode(self, codes):  # [B, 1, N] -> [B, 1, N]
+        y = codes.float() / 255 * 2 - 1
+        return torch.sign(y) * (256 ** y.abs() - 1) / 255
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    manifest = make_set(root / "set")
+    gen = root / "gen"
+    gen.mkdir()
+    lines = []
+    for e in (json.loads(x) for x in manifest.read_text().splitlines()):
+        if e["split"] != "test":
+            continue
+        a = e["attributes"]  # re-rendered at another pitch, phase and rate (22.05 kHz -> resampled)
+        save_audio(gen / f"{e['id']}.wav", synth_clip(a["family"], a["tempo"], 770, sr=22050, seed=99), 22050)
+        lines.append({"file": f"{e['id']}.wav", "caption": e["caption"], "seed": 1, "attributes": a})
+    save_audio(gen / "silent.wav", np.zeros(16000, np.float32), 16000)
+    lines.append({"file": "silent.wav", "caption": "A slow sine tone.", "seed": 2, "attributes": {"family": "sine", "tempo": "slow"}})
+    sf.write(gen / "empty.wav", np.zeros(0, np.float32), 16000)
+    lines.append({"file": "empty.wav", "caption": "A fast noise tone.", "seed": 3, "attributes": {"family": "noise", "tempo": "fast"}})
+    (gen / "samples.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    ckpts = {"clap": tiny_clap(root / "clap"), "ast": tiny_ast(root / "ast"), "encodec": tiny_encodec(root / "encodec")}
+    return {"root": root, "manifest": manifest, "gen": gen, "ckpts": {k: str(v) for k, v in ckpts.items()}}
+
+
+@pytest.fixture(autouse=True)
+def isolated(env, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("TTM_BENCH_CACHE", str(env["root"] / "cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(env["root"] / "empty-hf-cache"))
+    monkeypatch.delenv("TTM_BENCH_VGGISH", raising=False)
+
+
+def _ckpt_args(env):
+    return [a for k, v in env["ckpts"].items() for a in ("--ckpt", f"{k}={v}")]
+
+
+def test_eval_cli_end_to_end_writes_json_and_csv(env, capsys):
+    out = env["root"] / "run" / "eval.json"
+    argv = ["--generated", str(env["gen"]), "--reference", str(env["manifest"]), "--metrics", ALL,
+            "--out", str(out), "--quiet", "--n-bootstrap", "100", *_ckpt_args(env)]
+    assert cli(argv) == 0
+    res = json.loads(out.read_text())
+    assert set(res["metrics"]) == set(ALL.split(","))
+    for name, m in res["metrics"].items():
+        assert math.isfinite(m["value"]) and m["ci_low"] <= m["ci_high"], name
+        sr = m["settings"]["sr"]  # generated: 22.05 kHz clips plus the 16 kHz silent and empty ones
+        assert m["settings"]["resampled_from"]["generated"] == sorted({16000, 22050} - {sr}), name
+        assert m["settings"]["resampled_from"]["reference"] == sorted({16000} - {sr}), name
+        assert set(m["floors"]) == {"noise", "codec"} and m["floors"]["codec"] is None
+    assert res["metrics"]["fad_clap"]["settings"]["sr"] == 48000
+    assert res["metrics"]["fd_probe"]["n"] == 8 and res["metrics"]["fd_probe"]["n_reference"] == 6
+    noise = res["metrics"]["fad_encodec"]["floors"]["noise"]
+    assert noise["n_half_a"] == 3 and noise["n_generated_used"] == 3 and noise["value"] >= 0
+    assert res["metrics"]["fad_encodec"]["fd_inf"]["value"] is not None  # 8 clips x 75 frames > 500
+    for name in ("fd_probe", "adherence"):
+        assert res["metrics"][name]["probe"]["heldout_accuracy"]["mean"] >= res["metrics"][name]["probe"]["required_accuracy"]
+    adh = res["metrics"]["adherence"]
+    assert set(adh["per_attribute"]) == {"family", "tempo"} and 0 <= adh["value"] <= 1
+    assert res["metrics"]["kl_ast"]["direction"] == "KL(reference || generated)"
+    assert res["metrics"]["kl_ast_sam"]["direction"] == "KL(generated || reference)"
+    assert res["metrics"]["kl_ast"]["n_pairs"] == 8
+    assert res["generated"]["n_empty"] == 1 and res["generated"]["n_silent"] == 1
+    assert {f["file"] for f in res["generated"]["flagged"]} == {"silent.wav", "empty.wav"}
+    rows = list(csv.DictReader(out.with_suffix(".csv").open()))
+    assert len(rows) == 8
+    assert {"file", "caption", "flag", "adherence", "adherence_family", "clap", "kl_ast", "kl_ast_sam"} <= set(rows[0])
+    assert {r["file"]: r["flag"] for r in rows}["empty.wav"] == "empty"
+    clap_mean = np.mean([float(r["clap"]) for r in rows])
+    assert clap_mean == pytest.approx(res["metrics"]["clap"]["value"], abs=1e-5)
+    assert "fd_probe" in capsys.readouterr().out
+
+    # embeddings are cached on disk: a second run reads them back and gives the same numbers
+    cached = list((env["root"] / "cache" / "embeddings").rglob("*.npz"))
+    assert len(cached) >= 4 * (8 + 6)
+    again = evaluate(env["gen"], env["manifest"], ALL.split(","), None, ckpts=env["ckpts"], n_bootstrap=100, progress=False)
+    for name, m in again["metrics"].items():
+        assert m["value"] == pytest.approx(res["metrics"][name]["value"], rel=1e-6, abs=1e-9), name
+    assert len(list((env["root"] / "cache" / "embeddings").rglob("*.npz"))) == len(cached)
+
+
+def test_codec_floor(env):
+    res = evaluate(env["gen"], env["manifest"], ["fd_probe", "adherence", "kl_ast"], None, codec=MuLawCodec(),
+                   ckpts=env["ckpts"], n_bootstrap=50, progress=False)
+    assert res["codec"]["codec"] == "mulaw"
+    fd = res["metrics"]["fd_probe"]["floors"]
+    # an almost transparent codec: the resynthesised reference sits far closer to the reference
+    # than one half of the reference to the other
+    assert 0 <= fd["codec"]["value"] < fd["noise"]["value"]
+    adh = res["metrics"]["adherence"]["floors"]
+    assert abs(adh["codec"]["value"] - adh["noise"]["value"]) <= 0.2
+    assert res["metrics"]["kl_ast"]["floors"]["codec"]["value"] < 0.01
+
+
+def test_default_metrics_skip_unavailable_weights(env):
+    res = evaluate(env["gen"], env["manifest"], None, None, ckpts={"clap": env["ckpts"]["clap"]}, n_bootstrap=20, progress=False)
+    assert {"fd_probe", "adherence", "clap", "fad_clap"} <= set(res["metrics"])
+    assert set(res["skipped"]) == {"kl_ast", "kl_ast_sam", "fad_encodec", "fd_vggish"}
+    assert "not in the Hugging Face cache" in res["skipped"]["kl_ast"]
+    assert "TTM_BENCH_VGGISH" in res["skipped"]["fd_vggish"]
+
+
+def test_reference_folder_and_probe_path(env, tmp_path):
+    ref = tmp_path / "ref"
+    for p in (env["manifest"].parent / "audio").glob("*-5.wav"):
+        save_audio(ref / p.name, sf.read(p, dtype="float32")[0], 16000)
+    with pytest.raises(ValueError, match="probe metrics need a manifest"):
+        evaluate(env["gen"], ref, ["fd_probe"], None, progress=False)
+    probe = next((env["root"] / "cache" / "probes").glob("*.pt"), None)
+    if probe is None:  # this test alone: train it through a manifest run first
+        evaluate(env["gen"], env["manifest"], ["fd_probe"], None, n_bootstrap=10, progress=False)
+        probe = next((env["root"] / "cache" / "probes").glob("*.pt"))
+    res = evaluate(env["gen"], ref, ["fd_probe", "fad_encodec"], None, probe_path=probe, ckpts=env["ckpts"],
+                   n_bootstrap=20, progress=False)
+    assert res["reference"]["kind"] == "folder" and res["reference"]["n"] == 6
+    assert res["metrics"]["fd_probe"]["n_reference"] == 6
+    with pytest.raises(ValueError, match="kl: no generated clip shares a caption"):
+        evaluate(env["gen"], ref, ["kl_ast"], None, ckpts=env["ckpts"], progress=False)
+
+
+def test_probe_floor_refuses_to_score(env):
+    with pytest.raises(ValueError, match=r"mean held-out accuracy 0\.\d+ \(required 1\.000 = chance"):
+        evaluate(env["gen"], env["manifest"], ["fd_probe"], None, probe_floor=1.0, progress=False)
+
+
+def test_bad_input_errors(env, tmp_path):
+    with pytest.raises(ValueError, match="unknown bogus"):
+        evaluate(env["gen"], env["manifest"], ["bogus"], None, progress=False)
+    with pytest.raises(FileNotFoundError, match="metric fd_vggish: vggish: no weights given"):
+        evaluate(env["gen"], env["manifest"], ["fd_vggish"], None, progress=False)
+    bad = tmp_path / "gen"
+    bad.mkdir()
+    (bad / "samples.jsonl").write_text(json.dumps({"file": "missing.wav", "caption": "x"}) + "\n")
+    with pytest.raises(FileNotFoundError, match="missing.wav not found"):
+        evaluate(bad, env["manifest"], ["fd_probe"], None, progress=False)
+    with pytest.raises(ValueError, match="split: expected one of train, valid, test, got 'train2'"):
+        evaluate(env["gen"], env["manifest"], ["fd_probe"], None, split="train2", progress=False)
+    train_only = env["manifest"].parent / "train_only.jsonl"
+    train_only.write_text("".join(x for x in env["manifest"].read_text().splitlines(True) if '"train"' in x))
+    with pytest.raises(ValueError, match="no clips in split 'test'"):
+        evaluate(env["gen"], train_only, ["fd_probe"], None, progress=False)
+    with pytest.raises(ValueError, match="expected NAME=PATH"):
+        cli(["--list", "--ckpt", "clap"])
+
+
+def test_list_and_dispatch_through_ttm_bench(env, capsys):
+    from ttm.cli import main
+
+    assert main(["eval", "--list", "--ckpt", f"clap={env['ckpts']['clap']}"]) == 0
+    out = capsys.readouterr().out
+    for m in ALL.split(",") + ["fd_vggish"]:
+        assert m in out
+    assert "fd_vggish    embedder=vggish   NOT available" in out
+    assert "clap         embedder=clap     available" in out
+    assert main(["eval", "--generated", str(env["gen"]), "--reference", str(env["manifest"]), "--metrics", "bogus"]) == 2
+    assert "ttm-bench eval: error: --metrics: unknown bogus" in capsys.readouterr().err
+
+
+def test_samples_without_attributes_take_the_reference_ones(env, tmp_path):
+    import shutil
+
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    lines = [json.loads(x) for x in (env["gen"] / "samples.jsonl").read_text().splitlines()][:6]
+    for x in lines:
+        shutil.copy(env["gen"] / x["file"], gen / x["file"])
+    (gen / "samples.jsonl").write_text("".join(json.dumps({**x, "attributes": {}}) + "\n" for x in lines))
+    res = evaluate(gen, env["manifest"], ["adherence"], None, n_bootstrap=20, progress=False)
+    assert res["generated"]["n_attributes_from_reference"] == 6
+    assert res["metrics"]["adherence"]["per_attribute"]["family"]["n"] == 6

@@ -1,0 +1,324 @@
+"""Two-stage runs: a first-k LM (stage 1) + latent diffusion (stage 2), trained one after the other.
+
+    RUN/config.yaml      the two-stage config (model.kind: two_stage)
+    RUN/stage1/          a normal LM run: pattern first_k, k = model.first_k
+    RUN/stage2/          the LatentDiffusion run (model.diffusion.stage2_only: true)
+    RUN/summary.json     both stages: params, FLOPs, tokens, steps and time summed, each reported
+    RUN/samples/         (generation) WAVs + samples.jsonl, as ttm/sample.py writes them
+
+The budget (train.budget, and train.steps as the LR horizon) and a total
+`model.target_params` are split between the stages by `model.diffusion.stage2_fraction`.
+Both stages are trained by `ttm.train.run`, so they resume, log and count FLOPs like any run.
+
+Generation: stage-1 LM samples the first-k codes -> stage 2 samples the latent given those
+codes and the caption -> `codec.decode_latent` renders audio.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from ttm.audio import atomic_write_text, save_audio
+from ttm.config import RunConfig, config_from_dict, load_config
+from ttm.diffusion import LatentDiffusion, build_latent_diffusion, check_latent_codec
+
+STAGES = ("stage1", "stage2")
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def _split(total: float, frac2: float, integer: bool) -> tuple[float, float]:
+    """(stage-1 share, stage-2 share) of `total`; integer shares are >= 1 and sum to `total`."""
+    if not integer:
+        return total * (1 - frac2), total * frac2
+    a = min(max(1, round(total * (1 - frac2))), max(1, int(total) - 1))
+    return a, max(1, int(total) - a)
+
+
+def _set_budget(d: dict, cfg: RunConfig, stage: int) -> None:
+    b, f = cfg.train.budget, cfg.model.diffusion.stage2_fraction
+    d["train"]["budget"] = {"kind": b.kind, "limit": _split(b.limit, f, b.kind == "steps")[stage - 1]}
+    d["train"]["steps"] = _split(cfg.train.steps, f, True)[stage - 1]  # the LR horizon
+
+
+def stage_configs(cfg: RunConfig) -> tuple[RunConfig, RunConfig]:
+    """The stage-1 (LM, first_k) and stage-2 (diffusion only) run configs of a two-stage config."""
+    if cfg.model.kind != "two_stage" or cfg.model.diffusion.stage2_only:
+        raise ValueError("stage_configs: expected a config with model.kind=two_stage (not a stage-2 config)")
+    f = cfg.model.diffusion.stage2_fraction
+    total = cfg.model.target_params
+    base = cfg.to_dict()
+
+    s1 = copy.deepcopy(base)
+    s1["name"] = f"{cfg.name}-stage1" if cfg.name else None
+    s1["model"].update(kind="lm", pattern="first_k")
+    if total:
+        s1["model"]["target_params"] = round(total * (1 - f))
+    _set_budget(s1, cfg, 1)
+
+    s2 = copy.deepcopy(base)
+    s2["name"] = f"{cfg.name}-stage2" if cfg.name else None
+    s2["model"]["backbone"] = cfg.model.diffusion.denoiser  # the summary's "backbone" is what stage 2 trains
+    s2["model"]["target_params"] = None
+    s2["model"]["diffusion"]["stage2_only"] = True
+    if total:
+        s2["model"]["diffusion"]["target_params"] = round(total * f)
+    _set_budget(s2, cfg, 2)
+    return config_from_dict(s1, "stage 1 of a two-stage config"), config_from_dict(s2, "stage 2 of a two-stage config")
+
+
+def is_two_stage_config(cfg: RunConfig) -> bool:
+    return cfg.model.kind == "two_stage" and not cfg.model.diffusion.stage2_only
+
+
+def is_two_stage_run(run_dir: str | Path) -> bool:
+    """Whether `run_dir` holds a two-stage run (its config.yaml says model.kind: two_stage)."""
+    p = Path(run_dir) / "config.yaml"
+    if not p.is_file():
+        return False
+    try:
+        d = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError:
+        return False
+    m = d.get("model", {}) if isinstance(d, dict) else {}
+    return m.get("kind") == "two_stage" and not (m.get("diffusion") or {}).get("stage2_only", False)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def run_two_stage(cfg: RunConfig, run_dir: str | Path, data=None, progress: bool = True) -> dict:
+    """Train (or resume) both stages into `run_dir/stage1` and `run_dir/stage2`; returns the
+    combined summary (also written to `run_dir/summary.json`)."""
+    from ttm import prepare as prep
+    from ttm.train import dist_info, run
+
+    run_dir = Path(run_dir)
+    c1, c2 = stage_configs(cfg)
+    data = data or prep.prepare(cfg, progress=progress)
+    check_latent_codec(data.codec)  # fail before stage 1 trains, not after
+    rank = dist_info()[0]
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    s1 = run(c1, run_dir / "stage1", data=data, progress=progress)
+    s2 = run(c2, run_dir / "stage2", data=data, progress=progress) if s1["status"] == "ok" else None
+    summary = combine_summaries(cfg, s1, s2)
+    if dist_info()[0] == 0:
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def combine_summaries(cfg: RunConfig, s1: dict, s2: dict | None) -> dict:
+    """One summary for the two-stage run: totals (sums) at the top level, each stage under `stages`."""
+    stages = {"stage1": s1, "stage2": s2}
+    done = [s for s in (s1, s2) if s is not None]
+    if s2 is None:
+        status, message = s1["status"], f"stage 1: {s1['message']}; stage 2 not trained"
+    elif s2["status"] != "ok":
+        status, message = s2["status"], f"stage 2: {s2['message']}"
+    else:
+        status, message = "ok", ""
+
+    def total(key: str):
+        return sum(s[key] for s in done)
+
+    b = cfg.train.budget
+    used = {k: sum(s["budget"]["all"][k] for s in done) for k in ("steps", "tokens", "flops", "seconds")}
+    return {
+        "name": cfg.name,
+        "kind": "two_stage",
+        "status": status,
+        "message": message,
+        "backbone": cfg.model.backbone,  # stage 1
+        "denoiser": cfg.model.diffusion.denoiser,
+        "conditioning": cfg.model.conditioning,
+        "pattern": "first_k",
+        "first_k": cfg.model.first_k,
+        "stage2_fraction": cfg.model.diffusion.stage2_fraction,
+        "params": total("params"),
+        "non_embedding_params": total("non_embedding_params"),
+        "target_params": cfg.model.target_params,
+        "steps": total("steps"),
+        "tokens": total("tokens"),
+        "flops": total("flops"),
+        "budget": {"kind": b.kind, "limit": b.limit, "used": used[b.kind], "binding": b.kind, "all": used},
+        # the stages' validation losses measure different things (cross-entropy of the first k
+        # codebooks; diffusion v-MSE): there is no single val_loss of a two-stage model
+        "val_loss": None,
+        "val_loss_stage1": s1.get("val_loss"),
+        "val_loss_stage2": None if s2 is None else s2.get("val_loss"),
+        "train_time_s": total("train_time_s"),
+        "frames_per_clip": s1.get("frames_per_clip"),
+        "codec": s1.get("codec"),
+        "manifest": s1.get("manifest"),
+        "config_hash": cfg.hash(),
+        "stages": stages,
+    }
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _load_weights(model: torch.nn.Module, stage_dir: Path) -> None:
+    from ttm.train import CKPT, load_checkpoint
+
+    if not (stage_dir / CKPT).exists():
+        raise FileNotFoundError(f"{stage_dir}: no {CKPT} (was this stage trained?)")
+    ck = load_checkpoint(stage_dir / CKPT)
+    if ck.get("ema"):
+        model.load_state_dict({k[len("module."):]: v for k, v in ck["ema"].items() if k.startswith("module.")})
+    else:
+        model.load_state_dict(ck["model"])
+
+
+def load_two_stage(run_dir: str | Path, device: str = "cpu", data=None):
+    """-> (cfg, stage-1 TTMLM, stage-2 LatentDiffusion, Prepared), weights loaded (EMA when present), eval mode."""
+    from ttm import prepare as prep
+    from ttm.train import build_model
+
+    run_dir = Path(run_dir)
+    if not is_two_stage_run(run_dir):
+        raise FileNotFoundError(f"{run_dir}: not a two-stage run directory (config.yaml with model.kind: two_stage)")
+    cfg = load_config(run_dir / "config.yaml")
+    for st in STAGES:
+        if not (run_dir / st / "config.yaml").exists():
+            raise FileNotFoundError(f"{run_dir / st}: missing (train the two-stage run first)")
+    c1, c2 = load_config(run_dir / "stage1" / "config.yaml"), load_config(run_dir / "stage2" / "config.yaml")
+    data = data or prep.prepare(cfg, progress=False)
+    lm = build_model(c1, data.codec.n_codebooks, data.codec.cardinality, data.text_dim)
+    _load_weights(lm, run_dir / "stage1")
+    diff = build_latent_diffusion(c2, data.codec, data.text_dim)  # statistics come from the checkpoint
+    _load_weights(diff, run_dir / "stage2")
+    return cfg, lm.to(device).eval(), diff.to(device).eval(), data
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def generate_two_stage(
+    lm,
+    diffusion: LatentDiffusion,
+    codec,
+    encoder,
+    prompts: list[dict],
+    out_dir: Path,
+    seconds: float,
+    cfg_scale: float = 3.0,
+    top_k: int = 50,
+    top_p: float = 0.0,
+    temperature: float = 1.0,
+    steps: int | None = None,
+    sampler: str | None = None,
+    diffusion_cfg_scale: float | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    max_text_len: int = 32,
+    progress: bool = True,
+) -> dict:
+    """One clip per prompt: LM -> first-k codes -> diffusion latent -> codec.decode_latent.
+    Writes WAVs + samples.jsonl (as ttm/sample.py) into `out_dir`; returns timings."""
+    from tqdm import tqdm
+
+    from ttm.sample import _slug
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = next(lm.parameters()).device
+    n_frames = max(1, round(seconds * codec.frame_rate))
+    rows, t_lm, t_diff, t_dec = [], 0.0, 0.0, 0.0
+    bar = tqdm(total=len(prompts), desc="generate (two-stage)", leave=False, file=sys.stderr, disable=not progress)
+    for b0 in range(0, len(prompts), batch_size):
+        chunk = prompts[b0 : b0 + batch_size]
+        emb, mask = encoder.encode([p["caption"] for p in chunk])
+        emb, mask = emb[:, :max_text_len], mask[:, :max_text_len]
+        pad = max_text_len - emb.shape[1]
+        emb = torch.nn.functional.pad(emb, (0, 0, 0, pad)).to(device)
+        mask = torch.nn.functional.pad(mask, (0, pad), value=False).to(device)
+        g = torch.Generator().manual_seed(seed + b0)
+        t0 = time.perf_counter()
+        codes = lm.generate(emb, mask, n_frames, cfg_scale=cfg_scale, top_k=top_k, top_p=top_p,
+                            temperature=temperature, generator=g)  # [b, k, T]
+        t1 = time.perf_counter()
+        z = diffusion.sample(codes, emb, mask, steps=steps, sampler=sampler, cfg_scale=diffusion_cfg_scale,
+                             generator=g)  # [b, Dl, T]
+        t2 = time.perf_counter()
+        wav = codec.decode_latent(z).cpu()  # [b, C, N]
+        t3 = time.perf_counter()
+        t_lm, t_diff, t_dec = t_lm + t1 - t0, t_diff + t2 - t1, t_dec + t3 - t2
+        for j, p in enumerate(chunk):
+            i = b0 + j
+            name = f"{i:04d}-{_slug(p['caption'])}.wav"
+            save_audio(out_dir / name, wav[j], codec.sample_rate)
+            rows.append({"file": name, "caption": p["caption"], "seed": seed + b0, "index": j,
+                         "attributes": p.get("attributes", {})})
+        bar.update(len(chunk))
+    bar.close()
+    atomic_write_text(out_dir / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    audio_s = len(prompts) * n_frames / codec.frame_rate
+    return {
+        "n_clips": len(prompts),
+        "seconds_per_clip": n_frames / codec.frame_rate,
+        "lm_time_s": t_lm,
+        "diffusion_time_s": t_diff,
+        "decode_time_s": t_dec,
+        "diffusion_steps": diffusion.sample_steps if steps is None else int(steps),
+        "rtf_lm": t_lm / max(audio_s, 1e-9),
+        "rtf_total": (t_lm + t_diff + t_dec) / max(audio_s, 1e-9),
+    }
+
+
+def generate_for_run(run_dir: str | Path, prompts: list[dict], out_dir: str | Path, data=None,
+                     seconds: float | None = None, seed: int | None = None, device: str = "cpu",
+                     progress: bool = True, **overrides: Any) -> dict:
+    """Load a trained two-stage run and generate `prompts` into `out_dir`. `overrides`:
+    cfg_scale, top_k, top_p, temperature (stage 1), steps, sampler, diffusion_cfg_scale
+    (stage 2), batch_size; None values fall back to the run config."""
+    from ttm.prepare import build_text_encoder_for
+
+    cfg, lm, diff, data = load_two_stage(run_dir, device, data)
+    g = cfg.generate
+    kw = dict(cfg_scale=g.cfg_scale, top_k=g.top_k, top_p=g.top_p, temperature=g.temperature,
+              steps=None, sampler=None, diffusion_cfg_scale=None, batch_size=8)
+    unknown = set(overrides) - set(kw)
+    if unknown:
+        raise ValueError(f"generate_for_run: unknown options {sorted(unknown)}; expected some of {sorted(kw)}")
+    kw.update({k: v for k, v in overrides.items() if v is not None})
+    seconds = seconds or g.seconds or data.splits["train"].codes.shape[-1] / data.codec.frame_rate
+    return generate_two_stage(
+        lm, diff, data.codec, build_text_encoder_for(cfg), prompts, Path(out_dir), seconds,
+        seed=cfg.seed if seed is None else seed, max_text_len=cfg.text.max_length, progress=progress, **kw,
+    )
+
+
+def generate_cli(a) -> int:
+    """`ttm-bench generate RUN ...` for a two-stage run (called by ttm.sample.cli with its parsed args)."""
+    from ttm import prepare as prep
+    from ttm.sample import prompts_from_split, read_prompts
+
+    cfg = load_config(Path(a.run) / "config.yaml")
+    data = prep.prepare(cfg, progress=False)
+    if a.prompt:
+        prompts = [{"caption": a.prompt, "attributes": {}}]
+    elif a.prompts:
+        prompts = read_prompts(Path(a.prompts))
+    else:
+        prompts = prompts_from_split(data, a.split, a.n)
+    info = generate_for_run(
+        a.run, prompts, a.out, data=data, seconds=a.seconds, seed=a.seed, device=a.device,
+        cfg_scale=a.cfg_scale, top_k=a.top_k, top_p=a.top_p, temperature=a.temperature,
+        steps=getattr(a, "steps", None), sampler=getattr(a, "sampler", None),
+        diffusion_cfg_scale=getattr(a, "diffusion_cfg_scale", None), batch_size=a.batch_size,
+    )
+    print(json.dumps(info))
+    print(Path(a.out) / "samples.jsonl")
+    return 0
