@@ -174,6 +174,8 @@ class Backbone(nn.Module):
     needs_positions: bool = False
     #: Channel mixer ratio (None = no channel mixer sublayer).
     default_mlp_ratio: float | None = None
+    #: Knob `size_to` fine-tunes after choosing depth/width: (name, low, high, integer step or 0).
+    size_knob: tuple[str, float, float, int] = ("mlp_ratio", 0.25, 16.0, 0)
 
     def __init__(
         self,
@@ -398,21 +400,22 @@ def size_to(
 
 
 def _fine_tune(cls, count, kw, target) -> SizeResult | None:
-    """Bisect a continuous knob (mlp_ratio) to close the remaining gap."""
-    knob = "mlp_ratio"
-    base = kw.get(knob, getattr(cls, "default_mlp_ratio", None))
-    if base in (None, "default"):
-        base = getattr(cls, "default_mlp_ratio", None)
-    if base is None:
-        return None
-    lo, hi = 0.25, 16.0
+    """Bisect the backbone's continuous size knob (`size_knob`) to close the remaining gap."""
+    knob, lo, hi, step = cls.size_knob
+    if knob == "mlp_ratio" and kw.get("mlp_ratio", "default") in (None, "default") and cls.default_mlp_ratio is None:
+        return None  # no channel mixer: the ratio has no effect
+
+    def val(x: float):
+        return x if not step else max(int(lo), int(round(x / step)) * step)
+
     for _ in range(40):
         mid = (lo + hi) / 2
-        if count({**kw, knob: mid}) < target:
+        if count({**kw, knob: val(mid)}) < target:
             lo = mid
         else:
             hi = mid
-    best = {**kw, knob: round(hi, 4)}
+    cands = [{**kw, knob: round(val(x), 4) if not step else val(x)} for x in (lo, hi)]
+    best = min(cands, key=lambda c: abs(count(c) - target))
     return SizeResult(best, count(best), target)
 
 

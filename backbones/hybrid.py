@@ -50,6 +50,7 @@ class Hybrid(Backbone):
     """
 
     default_mlp_ratio = None
+    size_knob = ("d_state", 1, 4096, 1)
 
     @property
     def attn_layers(self) -> list[int]:

@@ -530,6 +530,7 @@ class Mamba(Backbone):
     chunk=16 (steps between stored scan states), scan_backend="auto" ("numba", "torch")."""
 
     default_mlp_ratio = None
+    size_knob = ("expand", 0.5, 8.0, 0)  # d_inner = int(expand * d_model)
 
     def __init__(self, *args, d_state: int = 16, d_conv: int = 4, expand: float = 2, dt_rank="auto", **kw):
         super().__init__(*args, d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank, **kw)

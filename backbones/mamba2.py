@@ -324,6 +324,7 @@ class Mamba2(Backbone):
     """
 
     default_mlp_ratio = None
+    size_knob = ("d_state", 1, 4096, 1)
 
     def make_mixer(self, layer_idx: int) -> Mixer:
         return Mamba2Mixer(self.d_model, **mamba2_mixer_kwargs(self.name, self.mixer_kwargs))

@@ -166,6 +166,7 @@ class S4D(Backbone):
     dt_min=1e-3, dt_max=1e-1, glu=True."""
 
     default_mlp_ratio = None
+    size_knob = ("d_state", 2, 2048, 2)  # even: N/2 complex modes
 
     def __init__(self, *args, d_state: int = 64, init: str = "lin", glu: bool = True, **kw):
         super().__init__(*args, d_state=d_state, init=init, glu=glu, **kw)

@@ -123,6 +123,7 @@ class S5Backbone(Backbone):
     dt_max=1e-1, activation="half_glu1" ("half_glu2", "gelu")."""
 
     default_mlp_ratio = None
+    size_knob = ("d_state", 1, 2048, 1)
 
     def __init__(self, *args, d_state: int = 64, blocks: int = 1, activation: str = "half_glu1", **kw):
         super().__init__(*args, d_state=d_state, blocks=blocks, activation=activation, **kw)

@@ -13,14 +13,27 @@ from ttm.audio import atomic_write_text
 from ttm.config import RunConfig
 
 
-def probe_path_for(cfg: RunConfig, manifest: Path) -> Path:
-    return Path(cfg.eval.probe_path) if cfg.eval.probe_path else manifest.parent / "probe.pt"
+PROBE_METRICS = ("fd_probe", "adherence")
+
+
+def probe_for(cfg: RunConfig, manifest: Path, progress: bool = True) -> Path | None:
+    """The dataset's probe evaluator: one per dataset (trained once, on its train split, with the
+    dataset seed), shared by every run and seed evaluated against it."""
+    if cfg.eval.probe_path:
+        return Path(cfg.eval.probe_path)
+    if not any(m in PROBE_METRICS for m in cfg.eval.metrics):
+        return None
+    from eval.probe import train_probe
+
+    path = manifest.parent / "probe.pt"
+    train_probe(manifest, path, seed=cfg.data.seed, progress=progress)
+    return path
 
 
 def run_cell(cfg: RunConfig, run_dir: Path, progress: bool = True) -> dict:
     from ttm.prepare import build_text_encoder_for, prepare
     from ttm.sample import generate_clips, prompts_from_split
-    from ttm.train import load_checkpoint, run, CKPT
+    from ttm.train import load_weights, run
 
     run_dir = Path(run_dir)
     data = prepare(cfg, progress=progress)
@@ -44,13 +57,9 @@ def run_cell(cfg: RunConfig, run_dir: Path, progress: bool = True) -> dict:
         from ttm.train import build_model
 
         model = build_model(cfg, data.codec.n_codebooks, data.codec.cardinality, data.text_dim)
-        ck = load_checkpoint(run_dir / CKPT)
-        if ck.get("ema"):
-            model.load_state_dict({k[7:]: v for k, v in ck["ema"].items() if k.startswith("module.")})
-        else:
-            model.load_state_dict(ck["model"])
+        load_weights(model, run_dir)
         model.eval()
-        seconds = g.seconds or data.splits["train"].codes.shape[-1] / data.codec.frame_rate
+        seconds = g.seconds or cfg.data.max_seconds or data.splits["train"].codes.shape[-1] / data.codec.frame_rate
         summary["generation"] = generate_clips(
             model, data.codec, build_text_encoder_for(cfg), prompts, samples, seconds,
             cfg_scale=g.cfg_scale, top_k=g.top_k, top_p=g.top_p, temperature=g.temperature,
@@ -65,8 +74,8 @@ def run_cell(cfg: RunConfig, run_dir: Path, progress: bool = True) -> dict:
 
         res = evaluate(
             samples, data.manifest, cfg.eval.metrics, eval_path,
-            probe_path=probe_path_for(cfg, data.manifest), split=g.split, codec=data.codec,
-            seed=cfg.seed, progress=progress,
+            probe_path=probe_for(cfg, data.manifest, progress), split=g.split, codec=data.codec,
+            seed=cfg.seed, progress=progress, cache_dir=data.manifest.parent / "cache",
         )
     elif eval_path.exists():
         res = json.loads(eval_path.read_text())

@@ -164,7 +164,7 @@ def cli(argv: list[str]) -> int:
     else:
         prompts = prompts_from_split(data, a.split, a.n)
     g = cfg.generate
-    seconds = a.seconds or g.seconds or data.splits["train"].codes.shape[-1] / data.codec.frame_rate
+    seconds = a.seconds or g.seconds or cfg.data.max_seconds or data.splits["train"].codes.shape[-1] / data.codec.frame_rate
     info = generate_clips(
         model, data.codec, build_text_encoder_for(cfg), prompts, Path(a.out), seconds,
         cfg_scale=g.cfg_scale if a.cfg_scale is None else a.cfg_scale,

@@ -490,6 +490,16 @@ def make_summary(cfg, model, data, counters, budget, status, message, log_path, 
     }
 
 
+def load_weights(model: nn.Module, run_dir: Path) -> nn.Module:
+    """Load a run's trained weights into `model` (the EMA weights when the run kept them)."""
+    ck = load_checkpoint(Path(run_dir) / CKPT)
+    if ck.get("ema"):
+        model.load_state_dict({k[len("module."):]: v for k, v in ck["ema"].items() if k.startswith("module.")})
+    else:
+        model.load_state_dict(ck["model"])
+    return model
+
+
 def load_run(run_dir: Path, device: str = "cpu") -> tuple[RunConfig, TTMLM, Prepared]:
     """Rebuild a trained run's model (EMA weights when present) and its data products."""
     run_dir = Path(run_dir)
@@ -498,12 +508,7 @@ def load_run(run_dir: Path, device: str = "cpu") -> tuple[RunConfig, TTMLM, Prep
     cfg = load_config(run_dir / "config.yaml")
     data = prepare(cfg, progress=False)
     model = build_model(cfg, data.codec.n_codebooks, data.codec.cardinality, data.text_dim, data=data)
-    ck = load_checkpoint(run_dir / CKPT)
-    if ck.get("ema"):
-        sd = {k[len("module."):]: v for k, v in ck["ema"].items() if k.startswith("module.")}
-        model.load_state_dict(sd)
-    else:
-        model.load_state_dict(ck["model"])
+    load_weights(model, run_dir)
     return cfg, model.to(device).eval(), data
 
 
