@@ -285,8 +285,8 @@ def fmt(x: float | None, kind: str = "num") -> str:
         return "n/a"
     if kind == "count":
         for unit, s in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-            if abs(x) >= unit:
-                return f"{x / unit:.3g}{s}"
+            if abs(x) >= 0.9995 * unit:  # 999,793 reads "1.00M", not "1e+03k"
+                return f"{x / unit:.3g}{s}" if abs(x) >= unit else f"{x / unit:.2f}{s}"
         return f"{x:.0f}"
     if kind == "sci":
         return f"{x:.3g}"
@@ -345,7 +345,7 @@ def group_table(df: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     axes = axis_columns(df)
     metrics = metric_names(df)
     headers = [a[5:] for a in axes] or ["run"]
-    headers += ["seeds done", "params", "FLOPs", "steps", "binding budget", "val loss"]
+    headers += ["seeds done", "params", "FLOPs", "steps", "binding budget", "train time (s)", "val loss"]
     for m in metrics:
         headers += [m, f"{m} noise floor"]
     rows = []
@@ -357,6 +357,7 @@ def group_table(df: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
         r.append(_cell(g, "flops", "sci", ci=False))
         r.append(_cell(g, "steps", "count", ci=False))
         r.append(_budget(g))
+        r.append(_cell(g, "train_time_s", ci=False))
         r.append(_cell(g, "val_loss"))
         for m in metrics:
             r.append(_cell(g, f"metric.{m}"))

@@ -252,6 +252,7 @@ class MelRVQCodec(Codec):
 
         residual = z.clone()
         books = []
+        torch_threads = torch.get_num_threads()  # threadpool_limits resets OpenMP, torch's pool included
         for k in range(s["n_codebooks"]):
             # one thread: sklearn's parallel centre updates sum in a thread-count-dependent order
             with warnings.catch_warnings(), threadpool_limits(limits=1):
@@ -264,6 +265,7 @@ class MelRVQCodec(Codec):
                     random_state=seed * 1000 + k,
                     algorithm="lloyd",
                 ).fit(residual.numpy())
+            torch.set_num_threads(torch_threads)
             centers = torch.from_numpy(km.cluster_centers_.astype(np.float32))  # [card, M]
             books.append(centers)
             residual = residual - centers[nearest(residual, centers)]

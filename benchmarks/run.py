@@ -1,0 +1,285 @@
+"""`ttm-bench bench [--quick] [--json] [--only NAME,...]`: speed and memory benchmarks, each
+printed as a ratio against a peer measured in the same run.
+
+Every case runs in its own process (`python -m benchmarks.cases CASE`), so the peak
+memory reported for it is that process's own (resource.getrusage ru_maxrss). The table
+shows both raw figures, their ratio, the target and whether it is met; a target that is
+not met is printed as NOT MET, never hidden. Every run appends one JSON line (time, git
+commit, machine, all results) to `benchmarks/results.jsonl` (or `--results PATH`, or
+`$TTM_BENCH_RESULTS`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.cases import CASES, RESULT_MARK, parse_sets
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_RESULTS = Path(__file__).resolve().parent / "results.jsonl"
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def run_case(
+    name: str,
+    quick: bool = False,
+    overrides: dict[str, Any] | None = None,
+    threads: int | None = None,
+    timeout: float | None = None,
+) -> dict[str, Any]:
+    """Run one case in a child process; returns {case, rows, peak_mb, base_mb, wall_s, error?}.
+
+    A crash, a timeout or an error inside the case becomes `error` (rows may then be empty);
+    it never raises, so the other cases still run. Unknown case names raise ValueError.
+    """
+    if name not in CASES:
+        raise ValueError(f"unknown case {name!r}; expected one of {', '.join(CASES)}")
+    cmd = [sys.executable, "-m", "benchmarks.cases", name]
+    if quick:
+        cmd.append("--quick")
+    if threads:
+        cmd += ["--threads", str(threads)]
+    for k, v in (overrides or {}).items():
+        cmd += ["--set", f"{k}={json.dumps(v)}"]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(
+            cmd, cwd=REPO, env=env, check=False, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        return {
+            "case": name,
+            "rows": [],
+            "wall_s": time.perf_counter() - t0,
+            "peak_mb": None,
+            "error": f"timed out after {timeout:.0f} s",
+        }
+    wall = time.perf_counter() - t0
+    line = next((ln for ln in reversed(p.stdout.splitlines()) if ln.startswith(RESULT_MARK)), None)
+    if line is None:
+        tail = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
+        return {
+            "case": name,
+            "rows": [],
+            "wall_s": wall,
+            "peak_mb": None,
+            "error": f"exit code {p.returncode}, no result: {tail}",
+        }
+    out = json.loads(line[len(RESULT_MARK) :])
+    out["process_wall_s"] = wall
+    return out
+
+
+# ----------------------------------------------------------------------------- machine and record
+
+
+def git_commit(repo: Path = REPO) -> str | None:
+    try:
+        p = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, check=False, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if p.returncode != 0:
+        return None
+    return p.stdout.strip() or None
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info(threads: int | None = None) -> dict[str, Any]:
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": threads or torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+    }
+
+
+def append_record(path: Path, record: dict[str, Any]) -> None:
+    """Append one JSON line with a single write (O_APPEND), so concurrent runs never interleave lines."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = (json.dumps(record, default=str) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------- table
+
+
+def _num(v: float | None, unit: str = "") -> str:
+    if v is None:
+        return "-"
+    s = f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+    return f"{s} {unit}".strip()
+
+
+def _ratio(r: dict) -> str:
+    v = r.get("ratio")
+    if v is None:
+        return "-"
+    kind = r.get("ratio_kind")
+    if kind == "overhead":
+        return f"{v:+.1%}"
+    if kind == "fraction":
+        return f"{v:.1%}"
+    return f"{v:,.0f}x" if abs(v) >= 1000 else f"{v:.3g}x"
+
+
+def _target(r: dict) -> str:
+    t = r.get("target")
+    if t is None:
+        return "-"
+    kind = r.get("ratio_kind")
+    s = f"{t:.0%}" if kind in ("overhead", "fraction") else f"{t:g}x"
+    return f"{r.get('op', '>=')} {s}"
+
+
+def _met(r: dict) -> str:
+    if r.get("status") != "ok":
+        return r.get("status", "?")
+    m = r.get("met")
+    return "-" if m is None else ("yes" if m else "NOT MET")
+
+
+def table_rows(results: list[dict]) -> list[list[str]]:
+    """One list of cells per result row (errors and unavailable cases included)."""
+    out = []
+    for c in results:
+        mb = "-" if c.get("peak_mb") is None else f"{c['peak_mb']:.0f}"
+        if c.get("error"):
+            out.append([c["case"], "-", "-", "-", "-", "ERROR", mb])
+        for r in c.get("rows", []):
+            ours = f"{_num(r['ours'], r['unit'])} ({r['ours_label']})" if r.get("ours") is not None else "-"
+            peer = f"{_num(r['peer'], r['unit'])} ({r['peer_label']})" if r.get("peer") is not None else "-"
+            out.append([r["name"], ours, peer, _ratio(r), _target(r), _met(r), mb])
+    return out
+
+
+def format_table(results: list[dict]) -> str:
+    head = ["case", "ours", "peer", "ratio", "target", "met", "peak MB"]
+    body = table_rows(results)
+    widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+    lines = [line(head), line(["-" * w for w in widths])] + [line(b) for b in body]
+    notes = []
+    for c in results:
+        if c.get("error"):
+            notes.append(f"{c['case']}: ERROR {c['error']}")
+        for r in c.get("rows", []):
+            if r.get("note"):
+                notes.append(f"{r['name']}: {r['note']}")
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def select_cases(only: str | None) -> list[str]:
+    if not only:
+        return list(CASES)
+    names = [n.strip() for n in only.split(",") if n.strip()]
+    bad = [n for n in names if n not in CASES]
+    if bad:
+        raise ValueError(f"--only: unknown case(s) {', '.join(bad)}; expected some of {', '.join(CASES)}")
+    return names
+
+
+def cli(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="ttm-bench bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes: the whole run in a few minutes")
+    ap.add_argument("--json", action="store_true", help="print the record as JSON instead of a table")
+    ap.add_argument("--only", help="comma-separated cases: " + ", ".join(CASES))
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch threads in every case (default: torch's)"
+    )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a case setting (JSON value) in every selected case, e.g. frames=20",
+    )
+    ap.add_argument(
+        "--results",
+        default=None,
+        help=f"JSONL file to append to (default $TTM_BENCH_RESULTS or {DEFAULT_RESULTS})",
+    )
+    ap.add_argument("--timeout", type=float, default=None, help="seconds per case (default: none)")
+    ap.add_argument("--strict", action="store_true", help="exit 1 when a target is NOT MET")
+    a = ap.parse_args(argv)
+    names = select_cases(a.only)
+    overrides = parse_sets(a.set)
+    results_path = Path(a.results or os.environ.get("TTM_BENCH_RESULTS") or DEFAULT_RESULTS)
+
+    started = time.time()
+    results = []
+    for name in names:
+        print(f"[{time.strftime('%H:%M:%S')}] bench {name} ...", file=sys.stderr, flush=True)
+        res = run_case(name, a.quick, overrides, a.threads, a.timeout)
+        results.append(res)
+        state = "error: " + res["error"] if res.get("error") else f"{res.get('wall_s', 0):.1f} s"
+        print(f"[{time.strftime('%H:%M:%S')}] bench {name}: {state}", file=sys.stderr, flush=True)
+    record = {
+        "timestamp": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "machine": machine_info(a.threads),
+        "quick": a.quick,
+        "cases": names,
+        "overrides": overrides,
+        "total_s": time.time() - started,
+        "results": results,
+    }
+    append_record(results_path, record)
+    if a.json:
+        print(json.dumps(record, indent=1, default=str))
+    else:
+        m = record["machine"]
+        print(
+            f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['threads']} threads; "
+            f"commit {(record['git_commit'] or 'unknown')[:10]}; {'quick' if a.quick else 'full'} run "
+            f"in {record['total_s']:.0f} s"
+        )
+        print(format_table(results))
+        print(f"\nappended to {results_path}")
+    failed = any(r.get("error") for r in results)
+    unmet = any(row.get("met") is False for r in results for row in r.get("rows", []))
+    return 1 if failed or (a.strict and unmet) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

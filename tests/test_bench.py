@@ -1,0 +1,234 @@
+"""`ttm-bench bench` and the GPU check script: fast checks only (toy sizes, one case)."""
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from backbones.base import registered
+from benchmarks import cases, run
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"frames": 3, "d_model": 16, "n_layers": 1}
+
+
+def _ssm_name() -> str | None:
+    """A registered SSM backbone (the decode case sets a target for constant-state ones)."""
+    reg = registered()
+    return next((n for n in ("mamba2", "s4d", "mamba", "s5", "simba") if n in reg), None)
+
+
+def test_run_case_decode_tiny_is_well_formed():
+    ssm = _ssm_name()
+    names = ["transformer"] + ([ssm] if ssm else [])
+    res = run.run_case(
+        "decode_recurrent_vs_recompute", quick=True, threads=1, overrides={**TINY, "backbones": names}
+    )
+    assert "error" not in res, res.get("error")
+    assert res["case"] == "decode_recurrent_vs_recompute"
+    assert res["peak_mb"] >= res["base_mb"] > 0
+    rows = {r["name"]: r for r in res["rows"]}
+    assert set(rows) == {f"decode_recurrent_vs_recompute[{n}]" for n in names}
+    for r in rows.values():
+        assert r["ours"] > 0 and r["peer"] > 0 and r["unit"] == "s"
+        assert r["ratio"] == pytest.approx(r["peer"] / r["ours"])
+        assert r["details"]["frames"] == 3 and r["details"]["same_tokens"] is True
+        if r["details"]["constant_state"]:
+            assert r["target"] == 20.0 and r["met"] == (r["ratio"] >= 20.0)
+        else:  # the transformer's KV cache grows: reported without a target
+            assert r["target"] is None and r["met"] is None
+    assert rows["decode_recurrent_vs_recompute[transformer]"]["details"]["constant_state"] is False
+
+
+def test_cli_appends_one_json_line(tmp_path, capsys):
+    results = tmp_path / "results.jsonl"
+    results.write_text('{"earlier": 1}\n')
+    argv = [
+        "--quick",
+        "--json",
+        "--threads",
+        "1",
+        "--only",
+        "decode_recurrent_vs_recompute",
+        "--results",
+        str(results),
+        "--set",
+        'backbones=["transformer"]',
+    ]
+    argv += [x for k, v in TINY.items() for x in ("--set", f"{k}={v}")]
+    assert run.cli(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    lines = results.read_text().splitlines()
+    assert len(lines) == 2 and json.loads(lines[0]) == {"earlier": 1}
+    rec = json.loads(lines[1])
+    assert rec == printed
+    assert rec["quick"] is True and rec["cases"] == ["decode_recurrent_vs_recompute"]
+    assert rec["overrides"]["frames"] == 3
+    m = rec["machine"]
+    assert m["cores"] >= 1 and m["torch"] == torch.__version__ and m["threads"] == 1 and m["cpu"]
+    assert rec["git_commit"] is None or len(rec["git_commit"]) == 40
+    (case,) = rec["results"]
+    assert [r["name"] for r in case["rows"]] == ["decode_recurrent_vs_recompute[transformer]"]
+
+
+def test_harness_overhead_tiny_in_process():
+    """Reads per-step times from the harness's log.jsonl: breaks if the log format changes."""
+    tiny = {"d_model": 16, "n_layers": 1, "frames": 6, "steps": 4, "rounds": 2, "batch": 2}
+    (r,) = cases.run_case("harness_overhead", True, tiny)
+    d = r["details"]
+    assert r["name"] == "harness_overhead" and r["op"] == "<=" and r["target"] == 0.10
+    assert [len(x) for x in d["harness_step_s"]] == [2, 2] and [len(x) for x in d["bare_step_s"]] == [2, 2]
+    assert all(t > 0 for x in d["harness_step_s"] + d["bare_step_s"] for t in x)
+    assert r["ratio"] == pytest.approx(statistics.median(d["round_ratios"]) - 1)
+    assert 0 < d["backbone_forward_flop_share"] < 1 and d["backbone_s"] > 0
+    assert r["met"] == (r["ratio"] <= 0.10)
+
+
+def test_case_errors_are_reported_not_raised():
+    res = run.run_case("harness_overhead", quick=True, overrides={"nonsense": 1}, threads=1)
+    assert res["rows"] == [] and "nonsense" in res["error"]
+    with pytest.raises(ValueError, match="nonsense"):
+        cases.run_case("harness_overhead", True, {"nonsense": 1})
+    with pytest.raises(ValueError, match="unknown case 'nope'"):
+        run.run_case("nope")
+    with pytest.raises(ValueError, match="--only: unknown case"):
+        run.select_cases("cpu_mfu,nope")
+    assert run.select_cases("cpu_mfu, data_throughput") == ["cpu_mfu", "data_throughput"]
+
+
+def test_row_met_follows_op_and_target():
+    assert cases.row("a", 1, 2, "s", 2.0, "speedup", 1.5)["met"] is True
+    assert cases.row("a", 1, 2, "s", 1.2, "speedup", 1.5)["met"] is False
+    assert cases.row("a", 1.2, 1, "s", 0.2, "overhead", 0.1, op="<=")["met"] is False
+    assert cases.row("a", 1.05, 1, "s", 0.05, "overhead", 0.1, op="<=")["met"] is True
+    assert cases.row("a", 1, 2, "s", 2.0, "speedup", None)["met"] is None
+    assert cases.row("a", None, None, "s", float("nan"), "speedup", 1.5)["met"] is False
+    with pytest.raises(ValueError, match="op must be"):
+        cases.row("a", 1, 2, "s", 2.0, "speedup", 1.5, op=">")
+
+
+def test_table_shows_raw_figures_and_not_met():
+    results = [
+        {
+            "case": "x",
+            "peak_mb": 512.4,
+            "rows": [
+                cases.row(
+                    "x", 0.5, 2.0, "s", 4.0, "speedup", 20.0, ours_label="recurrent", peer_label="recompute"
+                ),
+                cases.row("y", 1.2, 1.0, "s/step", 0.2, "overhead", 0.1, op="<="),
+                cases.row("z", 30.0, 90.0, "GFLOP/s", 1 / 3, "fraction", 0.35),
+                cases.row("w", 2.0, 1.0, "audio s/s", 2.0, "x real time", 1.0),
+                cases.row("v", None, None, "s/step", None, "speedup", 4.0, status="not available"),
+            ],
+        },
+        {"case": "broken", "peak_mb": None, "rows": [], "error": "RuntimeError: boom"},
+    ]
+    lines = run.format_table(results).splitlines()
+    by = {ln.split()[0]: ln for ln in lines[2:] if ln.strip()}
+    assert "0.5 s (recurrent)" in by["x"] and "2 s (recompute)" in by["x"]
+    assert "4x" in by["x"] and ">= 20x" in by["x"] and "NOT MET" in by["x"] and by["x"].endswith("512")
+    assert "+20.0%" in by["y"] and "<= 10%" in by["y"] and "NOT MET" in by["y"]
+    assert "33.3%" in by["z"] and ">= 35%" in by["z"] and "NOT MET" in by["z"]
+    assert "2x" in by["w"] and "yes" in by["w"]
+    assert "not available" in by["v"]
+    assert "ERROR" in by["broken"] and "broken: ERROR RuntimeError: boom" in lines
+
+
+def test_parse_sets():
+    assert cases.parse_sets(["a=3", "b=[1, 2]", "c=text", "d=0.5"]) == {
+        "a": 3,
+        "b": [1, 2],
+        "c": "text",
+        "d": 0.5,
+    }
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        cases.parse_sets(["novalue"])
+
+
+def test_append_record_keeps_earlier_lines(tmp_path):
+    p = tmp_path / "sub" / "r.jsonl"
+    run.append_record(p, {"a": 1})
+    run.append_record(p, {"b": [2]})
+    assert [json.loads(x) for x in p.read_text().splitlines()] == [{"a": 1}, {"b": [2]}]
+
+
+# ----------------------------------------------------------------------------- GPU check
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the real check would run")
+def test_gpu_check_exits_cleanly_without_cuda(tmp_path):
+    p = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_check.py")],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, "OUT": str(tmp_path)},
+    )
+    assert p.returncode == 0, p.stderr
+    assert "CUDA is not available" in p.stdout
+    assert not (tmp_path / "gpu_check.json").exists()
+
+
+def test_gpu_check_shell_script_parses():
+    p = subprocess.run(
+        ["bash", "-n", str(REPO / "benchmarks" / "gpu_check.sh")], check=False, capture_output=True, text=True
+    )
+    assert p.returncode == 0, p.stderr
+
+
+def test_gpu_check_dry_run_writes_every_section(tmp_path):
+    """The whole script at toy sizes on the CPU: each section's figures land in the JSON."""
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "gpu_check.py"),
+            "--cpu-dry-run",
+            "--no-compile",
+            "--backbones",
+            "transformer",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=tmp_path,
+        env={**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"},
+    )
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    res = json.loads((tmp_path / "gpu_check.json").read_text())
+    for sec in ("env", "peak", "train", "decode", "kernels"):
+        assert "error" not in res[sec], (sec, res[sec])
+    assert res["peak"]["bf16_flops"] > 0
+    for model in ("prefix_simba", "cross_transformer"):
+        t = res["train"][model]
+        assert "error" not in t, t
+        assert t["step_s"] > 0 and t["flops_per_step"] > 0 and 0 < t["mfu"]
+        assert t["codebook_tokens_per_s"] == pytest.approx(t["batch"] * t["frames"] * 3 / t["step_s"])
+        d = res["decode"][model]
+        assert "error" not in d, d
+        assert d["steps_per_s"] > 0 and d["recurrent_speedup_short"] > 0
+    assert res["kernels"]["note"] and "transformer" not in res["kernels"]  # only SSMs are compared
+    assert "[" in p.stdout and "all done" in p.stdout  # timestamped progress
+
+
+def test_gpu_check_alarm_nests():
+    from benchmarks.gpu_check import SectionTimeout, alarm
+
+    t0 = time.time()
+    with alarm(30):
+        with pytest.raises(SectionTimeout), alarm(0.3):
+            time.sleep(5)
+        left = signal.getitimer(signal.ITIMER_REAL)[0]
+        assert 25 < left <= 30  # the outer alarm is re-armed with its remaining time
+    assert signal.getitimer(signal.ITIMER_REAL)[0] == 0
+    assert time.time() - t0 < 3
