@@ -68,7 +68,8 @@ def pipeline_cell(config: dict, run_dir: Path) -> dict:
     from ttm.config import config_from_dict
     from ttm.pipeline import run_cell
 
-    return run_cell(config_from_dict(config, str(Path(run_dir) / "cell.yaml")), Path(run_dir))
+    progress = os.environ.get("TTM_BENCH_PROGRESS", "1") != "0"  # set by run_grid(progress=False)
+    return run_cell(config_from_dict(config, str(Path(run_dir) / "cell.yaml")), Path(run_dir), progress=progress)
 
 
 def resolve_cell_fn(cell_fn: CellFn | str | None) -> CellFn | str:
@@ -710,6 +711,8 @@ def run_grid(
     """
     from tqdm import tqdm
 
+    if not progress:  # cells (in this process and in worker processes) stay quiet too
+        os.environ["TTM_BENCH_PROGRESS"] = "0"
     spec_path = Path(spec_path)
     spec = load_spec(spec_path)
     used_preset = preset_parts(spec, preset)[0]

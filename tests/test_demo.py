@@ -32,7 +32,7 @@ def demo_dir(tmp_path_factory):
 
 def test_demo_tiny_writes_a_complete_comparison(demo_dir):
     df = pd.read_csv(demo_dir / "results.csv")
-    assert set(df["model.backbone"]) == {"transformer", "simba"}
+    assert set(df["backbone"]) == {"transformer", "simba"}
     for col in ["params", "steps", "flops", "val_loss", "train_time_s", "metric.fd_probe", "metric.adherence"]:
         assert pd.to_numeric(df[col], errors="coerce").notna().all(), col
     p = df["params"].astype(float)

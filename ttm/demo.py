@@ -37,10 +37,6 @@ def cli(argv: list[str]) -> int:
     ap.add_argument("--workers", type=int, default=1, help="cells trained in parallel processes")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
-    if a.no_progress:
-        import os
-
-        os.environ["TQDM_DISABLE"] = "1"  # every stage's progress bar, worker processes included
     report = run_demo(a.preset, Path(a.out), a.workers, progress=not a.no_progress)
     print(report)
     return 0
