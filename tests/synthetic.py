@@ -58,8 +58,20 @@ def tiny_config(**overrides):
 
 
 if __name__ == "__main__":
+    import os
+    import time
+
     from ttm.train import run
 
     torch.set_num_threads(1)
+    delay = float(os.environ.get("TTM_TEST_STEP_DELAY", "0"))  # slows steps so a test can kill mid-run
+    if delay:
+        _step = torch.optim.AdamW.step
+
+        def slow_step(self, *a, **k):
+            time.sleep(delay)
+            return _step(self, *a, **k)
+
+        torch.optim.AdamW.step = slow_step
     cfg = tiny_config(**{"train.steps": int(sys.argv[2]), "train.ckpt_every": 2})
     run(cfg, Path(sys.argv[1]), data=synthetic_prepared(), progress=False)

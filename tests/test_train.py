@@ -53,7 +53,7 @@ def test_flops_budget(tmp_path):
 
 def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TTM_TEST_STEP_DELAY": "0.1"}
     subprocess.run([sys.executable, "tests/synthetic.py", str(full), "14"], cwd=ROOT, env=env, check=True)
     p = subprocess.Popen([sys.executable, "tests/synthetic.py", str(killed), "14"], cwd=ROOT, env=env)
     ck = killed / "checkpoint.pt"
