@@ -52,3 +52,21 @@ def test_counting_leaves_rng_and_grads_untouched():
     count_train_step_flops(lm, *b)
     assert torch.equal(before, torch.get_rng_state())
     assert all(p.grad is None for p in lm.parameters())
+
+
+def test_mamba_train_step_flops_match_hand_count():
+    """Counted matmuls + depthwise conv (torch's grouped-conv backward formula is corrected in
+    ttm.flops) plus the analytic selective scan: 7 * d_inner * d_state + 11 * d_inner per token."""
+    from torch import nn
+
+    lm = tiny_lm("prefix", "mamba", d_state=16, expand=2)
+    S = T + K - 1
+    P = S + L + 1
+    bb = lm.backbone
+    d_inner, d_state, d_conv = 2 * d, 16, 4
+    lin = sum(2 * B * P * m.weight.numel() for m in bb.modules() if isinstance(m, nn.Linear))
+    conv = n * 2 * B * d_inner * P * d_conv  # depthwise: one MAC per channel per tap
+    heads, text = K * 2 * B * S * d * V, 2 * B * L * Dt * d
+    got = count_train_step_flops(lm, *batch())
+    assert got["counted"] == 3 * (lin + heads) + 2 * text + 3 * conv
+    assert got["scan"] == 3 * B * P * n * (7 * d_inner * d_state + 11 * d_inner)

@@ -139,3 +139,18 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     assert all(math.isclose(x, y, rel_tol=1e-4, abs_tol=1e-5) for (_, x), (_, y) in zip(a, b))
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["tokens"] == 6 * 8 * 24  # global batch accounting, same as one process
+
+
+def test_ema_weights_are_kept_and_used_for_generation(tmp_path):
+    from ttm.train import build_model, load_weights
+
+    s = run(tiny_config(**{"train.steps": 6, "train.ema": 0.5}), tmp_path, data=synthetic_prepared(),
+            progress=False)
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    raw = ck["model"]
+    ema = {k[len("module."):]: v for k, v in ck["ema"].items() if k.startswith("module.")}
+    assert set(ema) == set(raw) and any(not torch.equal(ema[k], raw[k]) for k in raw)
+    data = synthetic_prepared()
+    model = load_weights(build_model(tiny_config(), 3, 16, data.text_dim), tmp_path)
+    assert all(torch.equal(v, ema[k]) for k, v in model.state_dict().items())
+    assert s["status"] == "ok"

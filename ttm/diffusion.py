@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from backbones.base import count_params, sinusoidal_positions
 from backbones.bidirectional import Bidirectional, size_bidirectional
+from ttm.lm import text_memory
 from ttm.patterns import Pattern
 
 SCHEDULE_S = 0.008  # cosine schedule offset (Nichol & Dhariwal 2021)
@@ -202,13 +203,7 @@ class LatentDiffusion(nn.Module):
     # ------------------------------------------------------------------ network
 
     def memory(self, text_emb: Tensor, text_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """`[B, L, Dt], [B, L] -> memory [B, 1+L, D], mask [B, 1+L]` (as in ttm/lm.py)."""
-        m = self.text_proj(text_emb)
-        m = torch.where(text_mask[..., None], m, self.null_text.to(m.dtype))
-        B = m.shape[0]
-        m = torch.cat([self.null_text.to(m.dtype).expand(B, 1, -1), m], dim=1)
-        mask = torch.cat([text_mask.new_ones(B, 1), text_mask], dim=1)
-        return m, mask
+        return text_memory(self.text_proj, self.null_text, text_emb, text_mask)
 
     def forward(self, x_t: Tensor, t: Tensor, stage1_codes: Tensor, text_emb: Tensor, text_mask: Tensor,
                 lengths: Tensor | None = None) -> Tensor:

@@ -7,8 +7,16 @@ forward (the usual 3x rule), the matmul backward is counted exactly.
 
 from __future__ import annotations
 
+import math
+
 import torch
-from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import (
+    FlopCounterMode,
+    register_flop_formula,
+    sdpa_backward_flop_count,
+    sdpa_flop_count,
+    shape_wrapper,
+)
 
 from ttm.lm import TTMLM
 
@@ -24,6 +32,17 @@ if _aten._scaled_dot_product_flash_attention_for_cpu.default not in torch.utils.
     @register_flop_formula(_aten._scaled_dot_product_flash_attention_for_cpu_backward)
     def _sdpa_cpu_bwd(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kw) -> int:
         return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+# torch's convolution_backward formula ignores groups: for the depthwise convs of Mamba/Mamba2 it
+# counts C times the real work. Each requested gradient costs one forward: 2 * |out| * (C_in/g) * K.
+def _conv_bwd(grad_out_shape, x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    output_mask = args[-1]
+    fwd = 2 * math.prod(grad_out_shape) * math.prod(w_shape[1:])
+    return fwd * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+torch.utils.flop_counter.flop_registry[_aten.convolution_backward] = shape_wrapper(_conv_bwd)
 
 
 def backbone_positions(model: TTMLM, n_frames: int, text_len: int) -> int:

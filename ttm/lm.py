@@ -26,6 +26,17 @@ from backbones.base import Backbone, count_params, sinusoidal_positions
 from ttm.patterns import Pattern
 
 
+def text_memory(proj: nn.Module, null: Tensor, text_emb: Tensor, text_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """`[B, L, Dt], [B, L] -> memory [B, 1+L, D], mask [B, 1+L]`: projected text, masked positions
+    replaced by the learned null vector, and the null token first (always visible)."""
+    m = proj(text_emb)
+    m = torch.where(text_mask[..., None], m, null.to(m.dtype))
+    B = m.shape[0]
+    m = torch.cat([null.to(m.dtype).expand(B, 1, -1), m], dim=1)
+    mask = torch.cat([text_mask.new_ones(B, 1), text_mask], dim=1)
+    return m, mask
+
+
 class TTMLM(nn.Module):
     def __init__(
         self,
@@ -57,13 +68,7 @@ class TTMLM(nn.Module):
         return count_params(self.backbone)
 
     def memory(self, text_emb: Tensor, text_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """`[B, L, Dt], [B, L] -> memory [B, 1+L, D], mask [B, 1+L]` (null token always visible)."""
-        m = self.text_proj(text_emb)
-        m = torch.where(text_mask[..., None], m, self.null_text.to(m.dtype))
-        B = m.shape[0]
-        m = torch.cat([self.null_text.to(m.dtype).expand(B, 1, -1), m], dim=1)
-        mask = torch.cat([text_mask.new_ones(B, 1), text_mask], dim=1)
-        return m, mask
+        return text_memory(self.text_proj, self.null_text, text_emb, text_mask)
 
     def embed_tokens(self, tokens: Tensor) -> Tensor:
         """`[B, K', S] -> [B, S, D]` (sum of per-codebook embeddings)."""

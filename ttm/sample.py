@@ -46,6 +46,18 @@ def read_prompts(path: Path) -> list[dict]:
     return out
 
 
+def write_clips(out_dir: Path, prompts: list[dict], wav: torch.Tensor, sample_rate: int, first_index: int,
+                seed: int) -> list[dict]:
+    """Save one WAV per prompt (`wav [b, C, N]`); returns their samples.jsonl rows."""
+    rows = []
+    for j, p in enumerate(prompts):
+        name = f"{first_index + j:04d}-{_slug(p['caption'])}.wav"
+        save_audio(Path(out_dir) / name, wav[j], sample_rate)
+        rows.append({"file": name, "caption": p["caption"], "seed": seed, "index": j,
+                     "attributes": p.get("attributes", {})})
+    return rows
+
+
 def generate_clips(
     model,
     codec,
@@ -89,12 +101,7 @@ def generate_clips(
             wav = codec.decode(codes.cpu())  # [b, C, N]
         t2 = time.perf_counter()
         t_gen, t_dec = t_gen + t1 - t0, t_dec + t2 - t1
-        for j, p in enumerate(chunk):
-            i = b0 + j
-            name = f"{i:04d}-{_slug(p['caption'])}.wav"
-            save_audio(out_dir / name, wav[j], codec.sample_rate)
-            rows.append({"file": name, "caption": p["caption"], "seed": seed + b0, "index": j,
-                         "attributes": p.get("attributes", {})})
+        rows += write_clips(out_dir, chunk, wav, codec.sample_rate, b0, seed + b0)
         bar.update(len(chunk))
     bar.close()
     atomic_write_text(out_dir / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in rows))

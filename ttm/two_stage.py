@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import yaml
 
-from ttm.audio import atomic_write_text, save_audio
+from ttm.audio import atomic_write_text
 from ttm.config import RunConfig, config_from_dict, load_config
 from ttm.diffusion import LatentDiffusion, build_latent_diffusion, check_latent_codec
 
@@ -229,7 +229,7 @@ def generate_two_stage(
     Writes WAVs + samples.jsonl (as ttm/sample.py) into `out_dir`; returns timings."""
     from tqdm import tqdm
 
-    from ttm.sample import _slug
+    from ttm.sample import write_clips
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -255,12 +255,7 @@ def generate_two_stage(
         wav = codec.decode_latent(z).cpu()  # [b, C, N]
         t3 = time.perf_counter()
         t_lm, t_diff, t_dec = t_lm + t1 - t0, t_diff + t2 - t1, t_dec + t3 - t2
-        for j, p in enumerate(chunk):
-            i = b0 + j
-            name = f"{i:04d}-{_slug(p['caption'])}.wav"
-            save_audio(out_dir / name, wav[j], codec.sample_rate)
-            rows.append({"file": name, "caption": p["caption"], "seed": seed + b0, "index": j,
-                         "attributes": p.get("attributes", {})})
+        rows += write_clips(out_dir, chunk, wav, codec.sample_rate, b0, seed + b0)
         bar.update(len(chunk))
     bar.close()
     atomic_write_text(out_dir / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
