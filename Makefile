@@ -23,7 +23,7 @@ demo: install
 	$(BIN)/ttm-bench demo
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest
 
 bench: install
 	$(BIN)/ttm-bench bench --quick
