@@ -78,13 +78,13 @@ def _text_cache(token_dir: Path, split: str, captions: list[str], encoder, max_l
     if f.exists():
         d = torch.load(f, weights_only=True)
         return d["emb"], d["mask"]
+    from ttm.sample import encode_captions
+
     embs, masks = [], []
     for i in range(0, len(captions), 64):
-        e, m = encoder.encode(captions[i : i + 64])
-        e, m = e[:, :max_len], m[:, :max_len]
-        pad = max_len - e.shape[1]
-        embs.append(torch.nn.functional.pad(e, (0, 0, 0, pad)))
-        masks.append(torch.nn.functional.pad(m, (0, pad), value=False))
+        e, m = encode_captions(encoder, captions[i : i + 64], max_len)
+        embs.append(e)
+        masks.append(m)
     emb = torch.cat(embs) if embs else torch.zeros(0, max_len, encoder.dim)
     mask = torch.cat(masks) if masks else torch.zeros(0, max_len, dtype=torch.bool)
     tmp = f.with_suffix(".tmp")

@@ -46,6 +46,17 @@ def read_prompts(path: Path) -> list[dict]:
     return out
 
 
+def encode_captions(encoder, captions: list[str], max_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen text embeddings cut or padded to a fixed length: `[B, max_len, Dt]`, mask `[B, max_len]`
+    (the LM's memory length is fixed; padding is masked and replaced by its null vector)."""
+    emb, mask = encoder.encode(captions)
+    emb, mask = emb[:, :max_len], mask[:, :max_len]
+    pad = max_len - emb.shape[1]
+    emb = torch.nn.functional.pad(emb, (0, 0, 0, pad))
+    mask = torch.nn.functional.pad(mask, (0, pad), value=False)
+    return emb.to(device), mask.to(device)
+
+
 def write_clips(out_dir: Path, prompts: list[dict], wav: torch.Tensor, sample_rate: int, first_index: int,
                 seed: int) -> list[dict]:
     """Save one WAV per prompt (`wav [b, C, N]`); returns their samples.jsonl rows."""
@@ -85,11 +96,7 @@ def generate_clips(
     bar = tqdm(total=len(prompts), desc="generate", leave=False, file=sys.stderr, disable=not progress)
     for b0 in range(0, len(prompts), batch_size):
         chunk = prompts[b0 : b0 + batch_size]
-        emb, mask = encoder.encode([p["caption"] for p in chunk])
-        emb, mask = emb[:, :max_text_len], mask[:, :max_text_len]
-        pad = max_text_len - emb.shape[1]
-        emb = torch.nn.functional.pad(emb, (0, 0, 0, pad)).to(device)
-        mask = torch.nn.functional.pad(mask, (0, pad), value=False).to(device)
+        emb, mask = encode_captions(encoder, [p["caption"] for p in chunk], max_text_len, device)
         g = torch.Generator().manual_seed(seed + b0)
         t0 = time.perf_counter()
         codes = model.generate(emb, mask, n_frames, cfg_scale=cfg_scale, top_k=top_k, top_p=top_p,

@@ -229,7 +229,7 @@ def generate_two_stage(
     Writes WAVs + samples.jsonl (as ttm/sample.py) into `out_dir`; returns timings."""
     from tqdm import tqdm
 
-    from ttm.sample import write_clips
+    from ttm.sample import encode_captions, write_clips
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -239,11 +239,7 @@ def generate_two_stage(
     bar = tqdm(total=len(prompts), desc="generate (two-stage)", leave=False, file=sys.stderr, disable=not progress)
     for b0 in range(0, len(prompts), batch_size):
         chunk = prompts[b0 : b0 + batch_size]
-        emb, mask = encoder.encode([p["caption"] for p in chunk])
-        emb, mask = emb[:, :max_text_len], mask[:, :max_text_len]
-        pad = max_text_len - emb.shape[1]
-        emb = torch.nn.functional.pad(emb, (0, 0, 0, pad)).to(device)
-        mask = torch.nn.functional.pad(mask, (0, pad), value=False).to(device)
+        emb, mask = encode_captions(encoder, [p["caption"] for p in chunk], max_text_len, device)
         g = torch.Generator().manual_seed(seed + b0)
         t0 = time.perf_counter()
         codes = lm.generate(emb, mask, n_frames, cfg_scale=cfg_scale, top_k=top_k, top_p=top_p,
