@@ -13,6 +13,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -69,6 +70,50 @@ def write_clips(out_dir: Path, prompts: list[dict], wav: torch.Tensor, sample_ra
     return rows
 
 
+def render_prompts(
+    prompts: list[dict],
+    encoder,
+    out_dir: Path,
+    codec,
+    n_frames: int,
+    render: Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, dict[str, float]]],
+    seed: int = 0,
+    batch_size: int = 8,
+    max_text_len: int = 32,
+    device=None,
+    progress: bool = True,
+    desc: str = "generate",
+) -> dict:
+    """The generation loop shared by every model kind: batches of captions -> `render(emb, mask,
+    generator) -> (wav [b, C, N], {stage: seconds})` -> WAVs + samples.jsonl. Returns the summed
+    stage times and real-time factors (< 1: faster than real time)."""
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    times: dict[str, float] = {}
+    bar = tqdm(total=len(prompts), desc=desc, leave=False, file=sys.stderr, disable=not progress)
+    for b0 in range(0, len(prompts), batch_size):
+        chunk = prompts[b0 : b0 + batch_size]
+        emb, mask = encode_captions(encoder, [p["caption"] for p in chunk], max_text_len, device)
+        wav, t = render(emb, mask, torch.Generator().manual_seed(seed + b0))
+        for k, v in t.items():
+            times[k] = times.get(k, 0.0) + v
+        rows += write_clips(out_dir, chunk, wav.cpu(), codec.sample_rate, b0, seed + b0)
+        bar.update(len(chunk))
+    bar.close()
+    atomic_write_text(out_dir / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    audio_s = max(len(prompts) * n_frames / codec.frame_rate, 1e-9)
+    return {
+        "n_clips": len(prompts),
+        "seconds_per_clip": n_frames / codec.frame_rate,
+        **{f"{k}_time_s": v for k, v in times.items()},
+        "rtf_lm": times.get("lm", 0.0) / audio_s,
+        "rtf_total": sum(times.values()) / audio_s,
+    }
+
+
 def generate_clips(
     model,
     codec,
@@ -85,19 +130,10 @@ def generate_clips(
     max_text_len: int = 32,
     progress: bool = True,
 ) -> dict:
-    """Generate one clip per prompt into `out_dir`; returns timing (real-time factor)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = next(model.parameters()).device
+    """Generate one clip per prompt with a single-stage LM into `out_dir`; returns timings."""
     n_frames = max(1, int(round(seconds * codec.frame_rate)))
-    rows, t_gen, t_dec = [], 0.0, 0.0
-    from tqdm import tqdm
 
-    bar = tqdm(total=len(prompts), desc="generate", leave=False, file=sys.stderr, disable=not progress)
-    for b0 in range(0, len(prompts), batch_size):
-        chunk = prompts[b0 : b0 + batch_size]
-        emb, mask = encode_captions(encoder, [p["caption"] for p in chunk], max_text_len, device)
-        g = torch.Generator().manual_seed(seed + b0)
+    def render(emb, mask, g):
         t0 = time.perf_counter()
         codes = model.generate(emb, mask, n_frames, cfg_scale=cfg_scale, top_k=top_k, top_p=top_p,
                                temperature=temperature, generator=g)  # [b, K', T]
@@ -106,21 +142,10 @@ def generate_clips(
             wav = _decode_partial(codec, codes)
         else:
             wav = codec.decode(codes.cpu())  # [b, C, N]
-        t2 = time.perf_counter()
-        t_gen, t_dec = t_gen + t1 - t0, t_dec + t2 - t1
-        rows += write_clips(out_dir, chunk, wav, codec.sample_rate, b0, seed + b0)
-        bar.update(len(chunk))
-    bar.close()
-    atomic_write_text(out_dir / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    audio_s = len(prompts) * n_frames / codec.frame_rate
-    return {
-        "n_clips": len(prompts),
-        "seconds_per_clip": n_frames / codec.frame_rate,
-        "lm_time_s": t_gen,
-        "decode_time_s": t_dec,
-        "rtf_lm": t_gen / max(audio_s, 1e-9),  # < 1: faster than real time
-        "rtf_total": (t_gen + t_dec) / max(audio_s, 1e-9),
-    }
+        return wav, {"lm": t1 - t0, "decode": time.perf_counter() - t1}
+
+    return render_prompts(prompts, encoder, out_dir, codec, n_frames, render, seed, batch_size, max_text_len,
+                          next(model.parameters()).device, progress)
 
 
 def _decode_partial(codec, codes: torch.Tensor) -> torch.Tensor:

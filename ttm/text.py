@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ttm.codecs.base import hash_json, hash_tensors
+from ttm.codecs.base import model_fingerprint
 from ttm.codecs.hf import load_pretrained
 
 TEXT_ENCODERS = ("minilm", "flan-t5")
@@ -41,7 +41,7 @@ class TextEncoder(nn.Module):
         self.max_length = int(max_length)
         self.cache_size = int(cache_size)
         self._cache: OrderedDict[str, Tensor] = OrderedDict()  # caption -> [l, D] on CPU
-        self._state_hash: str | None = None
+        self._state_hash: dict[str, str] | None = None
 
     def train(self, mode: bool = True) -> TextEncoder:  # frozen: always eval (no dropout)
         return super().train(False)
@@ -57,19 +57,14 @@ class TextEncoder(nn.Module):
 
     def identity(self) -> dict[str, Any]:
         """Everything that changes the embeddings: name, max_length, config and weights hashes."""
-        if self._state_hash is None:
-            sd = self.model.state_dict()
-            self._state_hash = hash_tensors(*(sd[k] for k in sorted(sd)))
-        cfg = self.model.config.to_dict()
-        for k in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures"):
-            cfg.pop(k, None)
+        if self._state_hash is None:  # computed once: the model is frozen
+            self._state_hash = model_fingerprint(self.model)
         return {
             "name": self.name,
             "max_length": self.max_length,
             "dim": self.dim,
-            "config": hash_json(cfg),
             "vocab": len(self.tokenizer),
-            "state": self._state_hash,
+            **self._state_hash,
         }
 
     @staticmethod

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -227,20 +226,11 @@ def generate_two_stage(
 ) -> dict:
     """One clip per prompt: LM -> first-k codes -> diffusion latent -> codec.decode_latent.
     Writes WAVs + samples.jsonl (as ttm/sample.py) into `out_dir`; returns timings."""
-    from tqdm import tqdm
+    from ttm.sample import render_prompts
 
-    from ttm.sample import encode_captions, write_clips
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = next(lm.parameters()).device
     n_frames = max(1, round(seconds * codec.frame_rate))
-    rows, t_lm, t_diff, t_dec = [], 0.0, 0.0, 0.0
-    bar = tqdm(total=len(prompts), desc="generate (two-stage)", leave=False, file=sys.stderr, disable=not progress)
-    for b0 in range(0, len(prompts), batch_size):
-        chunk = prompts[b0 : b0 + batch_size]
-        emb, mask = encode_captions(encoder, [p["caption"] for p in chunk], max_text_len, device)
-        g = torch.Generator().manual_seed(seed + b0)
+
+    def render(emb, mask, g):
         t0 = time.perf_counter()
         codes = lm.generate(emb, mask, n_frames, cfg_scale=cfg_scale, top_k=top_k, top_p=top_p,
                             temperature=temperature, generator=g)  # [b, k, T]
@@ -248,24 +238,13 @@ def generate_two_stage(
         z = diffusion.sample(codes, emb, mask, steps=steps, sampler=sampler, cfg_scale=diffusion_cfg_scale,
                              generator=g)  # [b, Dl, T]
         t2 = time.perf_counter()
-        wav = codec.decode_latent(z).cpu()  # [b, C, N]
-        t3 = time.perf_counter()
-        t_lm, t_diff, t_dec = t_lm + t1 - t0, t_diff + t2 - t1, t_dec + t3 - t2
-        rows += write_clips(out_dir, chunk, wav, codec.sample_rate, b0, seed + b0)
-        bar.update(len(chunk))
-    bar.close()
-    atomic_write_text(out_dir / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    audio_s = len(prompts) * n_frames / codec.frame_rate
-    return {
-        "n_clips": len(prompts),
-        "seconds_per_clip": n_frames / codec.frame_rate,
-        "lm_time_s": t_lm,
-        "diffusion_time_s": t_diff,
-        "decode_time_s": t_dec,
-        "diffusion_steps": diffusion.sample_steps if steps is None else int(steps),
-        "rtf_lm": t_lm / max(audio_s, 1e-9),
-        "rtf_total": (t_lm + t_diff + t_dec) / max(audio_s, 1e-9),
-    }
+        wav = codec.decode_latent(z)  # [b, C, N]
+        return wav, {"lm": t1 - t0, "diffusion": t2 - t1, "decode": time.perf_counter() - t2}
+
+    info = render_prompts(prompts, encoder, out_dir, codec, n_frames, render, seed, batch_size, max_text_len,
+                          next(lm.parameters()).device, progress, desc="generate (two-stage)")
+    info["diffusion_steps"] = diffusion.sample_steps if steps is None else int(steps)
+    return info
 
 
 def generate_for_run(run_dir: str | Path, prompts: list[dict], out_dir: str | Path, data=None,

@@ -32,6 +32,15 @@ def hash_tensors(*tensors: Tensor) -> str:
     return h.hexdigest()[:16]
 
 
+def model_fingerprint(model: nn.Module) -> dict[str, str]:
+    """Hashes of a transformers model's config (minus bookkeeping fields) and of its weights."""
+    sd = model.state_dict()
+    cfg = model.config.to_dict()
+    for k in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures"):
+        cfg.pop(k, None)
+    return {"config": hash_json(cfg), "state": hash_tensors(*(sd[k] for k in sorted(sd)))}
+
+
 def hash_json(obj: Any) -> str:
     """sha256 (hex, 16 chars) of a JSON-serialisable object with sorted keys."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]

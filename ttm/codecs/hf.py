@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ttm.codecs.base import Codec, hash_json, hash_tensors
+from ttm.codecs.base import Codec, model_fingerprint
 
 
 def hub_offline() -> bool:
@@ -83,7 +83,7 @@ class HFCodec(Codec):
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.source = source
-        self._state_hash: str | None = None
+        self._state_hash: dict[str, str] | None = None
 
     def train(self, mode: bool = True) -> HFCodec:  # always eval: quantizer dropout must stay off
         return super().train(False)
@@ -100,6 +100,14 @@ class HFCodec(Codec):
     def frame_rate(self) -> float:
         return self.sample_rate / self.hop_length
 
+    @property
+    def n_codebooks(self) -> int:
+        return self._k
+
+    @property
+    def cardinality(self) -> int:
+        return int(self.model.config.codebook_size)
+
     def n_frames(self, n_samples: int) -> int:
         return math.ceil(int(n_samples) / self.hop_length)
 
@@ -108,20 +116,15 @@ class HFCodec(Codec):
         return F.pad(wav, (0, extra)) if extra else wav
 
     def identity(self) -> dict[str, Any]:
-        if self._state_hash is None:
-            sd = self.model.state_dict()
-            self._state_hash = hash_tensors(*(sd[k] for k in sorted(sd)))
-        cfg = self.model.config.to_dict()
-        for k in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures"):
-            cfg.pop(k, None)
+        if self._state_hash is None:  # computed once: the model is frozen
+            self._state_hash = model_fingerprint(self.model)
         return {
             "codec": self.kind,
             "sample_rate": self.sample_rate,
             "channels": self.channels,
             "n_codebooks": self.n_codebooks,
             "cardinality": self.cardinality,
-            "config": hash_json(cfg),
-            "state": self._state_hash,
+            **self._state_hash,
         }
 
     def decode(self, codes: Tensor) -> Tensor:
@@ -168,14 +171,6 @@ class EncodecCodec(HFCodec):
     @property
     def channels(self) -> int:
         return int(self.model.config.audio_channels)
-
-    @property
-    def n_codebooks(self) -> int:
-        return self._k
-
-    @property
-    def cardinality(self) -> int:
-        return int(self.model.config.codebook_size)
 
     @property
     def latent_dim(self) -> int:
@@ -227,14 +222,6 @@ class DacCodec(HFCodec):
     @property
     def channels(self) -> int:
         return 1
-
-    @property
-    def n_codebooks(self) -> int:
-        return self._k
-
-    @property
-    def cardinality(self) -> int:
-        return int(self.model.config.codebook_size)
 
     @property
     def latent_dim(self) -> int:
