@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ttm.audio import load_audio
+from ttm.audio import atomic_torch_save, load_audio
 
 ATTRIBUTES = ("family", "instrument", "tempo", "mode", "style", "texture")
 FORMAT = "ttm-bench-probe/1"
@@ -312,14 +310,7 @@ class Probe:
             "state_dict": self.net.state_dict(),
             "info": self.info,
         }
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".pt.tmp")
-        os.close(fd)
-        try:
-            torch.save(obj, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_torch_save(obj, path)
         self.path = path
 
     @classmethod

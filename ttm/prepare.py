@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ttm.audio import atomic_torch_save
 from ttm.config import RunConfig
 
 
@@ -87,9 +88,7 @@ def _text_cache(token_dir: Path, split: str, captions: list[str], encoder, max_l
         masks.append(m)
     emb = torch.cat(embs) if embs else torch.zeros(0, max_len, encoder.dim)
     mask = torch.cat(masks) if masks else torch.zeros(0, max_len, dtype=torch.bool)
-    tmp = f.with_suffix(".tmp")
-    torch.save({"emb": emb, "mask": mask}, tmp)
-    tmp.replace(f)
+    atomic_torch_save({"emb": emb, "mask": mask}, f)
     return emb, mask
 
 

@@ -23,7 +23,7 @@ import yaml
 from torch import nn
 
 from backbones.base import build_backbone, get_backbone_cls, size_to
-from ttm.audio import atomic_write_text
+from ttm.audio import atomic_torch_save, atomic_write_text
 from ttm.config import RESUME_IGNORED, RunConfig, diff_keys, load_config
 from ttm.flops import analytic_flops_per_token, count_train_step_flops
 from ttm.lm import TTMLM, lm_extra_params
@@ -176,9 +176,7 @@ def maybe_init_distributed(device: torch.device) -> None:
 
 
 def save_checkpoint(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_torch_save(obj, path)
 
 
 def load_checkpoint(path: Path) -> dict:

@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ttm.audio import atomic_write_text, load_audio
+from ttm.audio import atomic_torch_save, atomic_write_text, load_audio
 from ttm.codecs import CODECS, build_codec
 from ttm.codecs.base import Codec, hash_json
 from ttm.codecs.melrvq import MelRVQCodec
@@ -33,17 +32,6 @@ SHARD_FORMAT = "ttm-tokens-1"
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".pt.tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _read_clip(manifest: Path, e: Entry, sample_rate: int, channels: int) -> Tensor:
@@ -136,7 +124,7 @@ def tokenize_manifest(
                 n = min(c.shape[-1], T)
                 stacked[i, :, :n] = c[:, :n]
                 lengths[i] = n
-            _atomic_torch_save(
+            atomic_torch_save(
                 {
                     "format": SHARD_FORMAT,
                     "ids": [e.id for e in part],
