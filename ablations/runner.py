@@ -44,7 +44,6 @@ import yaml
 from ablations.spec import (
     Cell,
     GridSpec,
-    atomic_write_text,
     config_hash,
     expand,
     expand_groups,
@@ -54,6 +53,7 @@ from ablations.spec import (
     resolve_base,
     validate_run_configs,
 )
+from ttm.util import atomic_write_text
 
 CellFn = Callable[[dict, Path], Any]
 DEFAULT_CELL_FN = "ablations.runner:pipeline_cell"

@@ -30,18 +30,16 @@ In search mode each combination of axis values is one group, searched separately
 from __future__ import annotations
 
 import copy
-import hashlib
 import itertools
-import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ttm.util import deep_merge, json_hash, normalize
 
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _PRESET_RESERVED = ("axes", "seeds")
@@ -174,20 +172,6 @@ def _check_axis(name: str, values: Any) -> None:
         raise ValueError(f"axis {name!r}: a plain-value axis must be named by a dotted config key")
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a text file atomically (temp file + rename); light on imports, unlike ttm.audio's."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 # ----------------------------------------------------------------------------- loading
 
 
@@ -229,55 +213,9 @@ def load_spec(path: str | Path) -> GridSpec:
 # ----------------------------------------------------------------------------- nested dicts
 
 
-def set_dotted(d: dict, key: str, value: Any) -> None:
-    *head, last = key.split(".")
-    for h in head:
-        nxt = d.setdefault(h, {})
-        if not isinstance(nxt, dict):
-            raise ValueError(f"key {key!r}: {h!r} holds a value, not a section")
-        d = nxt
-    if isinstance(value, dict) and isinstance(d.get(last), dict):
-        deep_merge(d[last], value)
-    else:
-        d[last] = copy.deepcopy(value)
-
-
-def deep_merge(dst: dict, src: dict) -> dict:
-    """Merge `src` (dotted or nested keys) into `dst` in place; mappings merge, other values replace."""
-    for k, v in src.items():
-        set_dotted(dst, str(k), normalize(v) if isinstance(v, dict) else v)
-    return dst
-
-
-def normalize(d: dict) -> dict:
-    """Turn dotted keys into nested dicts: {"a.b": 1} -> {"a": {"b": 1}}."""
-    return deep_merge({}, d) if d else {}
-
-
-def get_dotted(d: dict, key: str, default: Any = None) -> Any:
-    for part in key.split("."):
-        if not isinstance(d, dict) or part not in d:
-            return default
-        d = d[part]
-    return d
-
-
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1} (lists and scalars are leaves)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def config_hash(config: dict) -> str:
     """Stable short hash of a nested config (key order does not matter)."""
-    blob = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha1(blob.encode()).hexdigest()[:10]
+    return json_hash(config, compact=True)
 
 
 # ----------------------------------------------------------------------------- expansion

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from ablations.spec import atomic_write_text
+from ttm.util import atomic_write_text, flatten
 
 # summary.json fields copied into a results row as they are
 SUMMARY_FIELDS = (
@@ -98,15 +98,9 @@ def find_runs(root: Path) -> list[Path]:
     return runs
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = json.dumps(v, sort_keys=True) if isinstance(v, (list, dict)) else v
-    return out
+def _flatten(d: dict) -> dict[str, Any]:
+    """Dotted keys; list and mapping leaves as JSON text (one table cell each)."""
+    return {k: json.dumps(v, sort_keys=True) if isinstance(v, (list, dict)) else v for k, v in flatten(d).items()}
 
 
 def _num(v: Any) -> float | None:

@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from ablations.spec import atomic_write_text
 from reports.build import HIGHER_IS_BETTER_PREFIXES, LOWER_IS_BETTER_PREFIXES, collect, metric_names
+from ttm.util import atomic_write_text
 
 FORMAT = "ttm-bench-baseline/1"
 DEFAULT_K = 3.0

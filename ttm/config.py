@@ -5,13 +5,13 @@ Unknown keys and wrong types are errors naming the key and the file.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ttm.util import diff_keys, json_hash, pop_dotted  # noqa: F401  (diff_keys re-exported)
 
 
 class _Strict(BaseModel):
@@ -144,8 +144,8 @@ class RunConfig(_Strict):
     def hash(self, exclude: tuple[str, ...] = ()) -> str:
         d = self.to_dict()
         for k in exclude:
-            _pop(d, k)
-        return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+            pop_dotted(d, k)
+        return json_hash(d)
 
 
 # keys that may differ on resume without changing the result (logging, the budget itself)
@@ -160,13 +160,6 @@ RESUME_IGNORED = (
     "generate",
     "eval",
 )
-
-
-def _pop(d: dict, dotted: str) -> None:
-    *head, last = dotted.split(".")
-    for h in head:
-        d = d.get(h, {})
-    d.pop(last, None)
 
 
 def _set(d: dict, dotted: str, value: Any) -> None:
@@ -222,16 +215,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     if overrides:
         apply_overrides(d, overrides)
     return config_from_dict(d, src)
-
-
-def diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested dicts."""
-    out = []
-    for k in sorted(set(a) | set(b)):
-        key = f"{prefix}{k}"
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += diff_keys(va, vb, key + ".")
-        elif va != vb:
-            out.append(f"{key}: {va!r} -> {vb!r}")
-    return out

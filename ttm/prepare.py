@@ -6,8 +6,6 @@ change it, so a grid of runs over one dataset builds, fits and tokenizes once.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +14,7 @@ from torch import Tensor
 
 from ttm.audio import atomic_torch_save
 from ttm.config import RunConfig
+from ttm.util import json_hash
 
 
 @dataclass
@@ -41,9 +40,6 @@ class Prepared:
     token_dir: Path
 
 
-def _hash(d: dict) -> str:
-    return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
-
 
 def resolve_manifest(cfg: RunConfig, progress: bool = True) -> Path:
     if cfg.data.manifest:
@@ -64,7 +60,7 @@ def load_codec_for(cfg: RunConfig, manifest: Path):
         from ttm.codecs.cli import fit_or_load_melrvq
 
         path = Path(cfg.codec.path) if cfg.codec.path else (
-            manifest.parent / f"melrvq-{_hash(cfg.codec.settings)}.codec"
+            manifest.parent / f"melrvq-{json_hash(cfg.codec.settings)}.codec"
         )
         return fit_or_load_melrvq(manifest, path, seed=cfg.data.seed, **cfg.codec.settings)
     kw = dict(cfg.codec.settings)
@@ -74,7 +70,7 @@ def load_codec_for(cfg: RunConfig, manifest: Path):
 
 
 def _text_cache(token_dir: Path, split: str, captions: list[str], encoder, max_len: int) -> tuple[Tensor, Tensor]:
-    key = _hash({"enc": encoder.identity(), "L": max_len, "captions": captions})
+    key = json_hash({"enc": encoder.identity(), "L": max_len, "captions": captions})
     f = token_dir / f"text-{split}-{key}.pt"
     if f.exists():
         d = torch.load(f, weights_only=True)

@@ -24,11 +24,12 @@ from torch import nn
 
 from backbones.base import build_backbone, get_backbone_cls, size_to
 from ttm.audio import atomic_torch_save, atomic_write_text
-from ttm.config import RESUME_IGNORED, RunConfig, diff_keys, load_config
+from ttm.config import RESUME_IGNORED, RunConfig, load_config
 from ttm.flops import analytic_flops_per_token, count_train_step_flops
 from ttm.lm import TTMLM, lm_extra_params
 from ttm.patterns import Pattern
 from ttm.prepare import Prepared, Split, prepare
+from ttm.util import diff_keys
 
 CKPT = "checkpoint.pt"
 
