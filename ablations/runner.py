@@ -17,7 +17,7 @@ ranges, `n_trials` per group; the best config per group goes to `search_best.jso
 
 At the end: `results.csv` / `results.jsonl` (one flat row per cell) and the report.
 Cell functions take `(config: dict, run_dir: Path) -> dict`; the default validates the config with
-`ttm.config` and calls `ttm.pipeline.run_cell`.
+`ttm.config` and calls `ablations.pipeline.run_cell`.
 """
 
 from __future__ import annotations
@@ -56,20 +56,11 @@ from ablations.spec import (
 from ttm.util import atomic_write_text
 
 CellFn = Callable[[dict, Path], Any]
-DEFAULT_CELL_FN = "ablations.runner:pipeline_cell"
+DEFAULT_CELL_FN = "ablations.pipeline:pipeline_cell"
 DEFAULT_HEARTBEAT_S = 30
 
 
 # ----------------------------------------------------------------------------- cell functions
-
-
-def pipeline_cell(config: dict, run_dir: Path) -> dict:
-    """The default cell: validate the config as a RunConfig, then train + generate + evaluate."""
-    from ttm.config import config_from_dict
-    from ttm.pipeline import run_cell
-
-    progress = os.environ.get("TTM_BENCH_PROGRESS", "1") != "0"  # set by run_grid(progress=False)
-    return run_cell(config_from_dict(config, str(Path(run_dir) / "cell.yaml")), Path(run_dir), progress=progress)
 
 
 def resolve_cell_fn(cell_fn: CellFn | str | None) -> CellFn | str:

@@ -12,8 +12,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from ablations.demo import run_demo
 from reports import regress
-from ttm.demo import run_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = ROOT / "reports" / "baselines" / "demo_tiny.json"

@@ -155,7 +155,7 @@ def test_generate_cli_on_a_two_stage_run(trained_run, data, tmp_path):
 
 
 def test_pipeline_cell_trains_generates_and_records(trained_run, data):
-    from ttm.pipeline import run_cell
+    from ablations.pipeline import run_cell
 
     with pytest.MonkeyPatch.context() as mp:
         _patch(mp, data)
@@ -171,9 +171,9 @@ def test_two_stage_cell_end_to_end_on_the_tiny_preset(tmp_path):
     import json
     from pathlib import Path
 
+    from ablations.pipeline import run_cell
     from ablations.spec import expand, load_spec
     from ttm.config import config_from_dict
-    from ttm.pipeline import run_cell
 
     spec = load_spec(Path(__file__).resolve().parents[1] / "ablations" / "two_stage.yaml")
     cell = next(c for c in expand(spec, "tiny", overrides={"data.root": str(tmp_path / "data")})

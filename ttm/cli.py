@@ -15,7 +15,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "report": ("reports.build:cli", "build the comparison report of a grid or demo"),
     "backbones": ("backbones.cli:list_cli", "list registered backbones"),
     "check-backbone": ("backbones.cli:check_cli", "run the backbone contract suite on a backbone"),
-    "demo": ("ttm.demo:cli", "the whole pipeline on the embedded dataset"),
+    "demo": ("ablations.demo:cli", "the whole pipeline on the embedded dataset"),
     "bench": ("benchmarks.run:cli", "speed and memory benchmarks, as ratios vs peers"),
     "regress": ("reports.regress:cli", "compare a candidate against a baseline"),
 }

@@ -7,11 +7,13 @@ stopped (training itself resumes from its checkpoint).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
-from ttm.audio import atomic_write_text
-from ttm.config import RunConfig
-
+from eval.probe import train_probe
+from eval.runner import evaluate
+from ttm.config import RunConfig, config_from_dict
+from ttm.util import atomic_write_text
 
 PROBE_METRICS = ("fd_probe", "adherence")
 
@@ -23,8 +25,6 @@ def probe_for(cfg: RunConfig, manifest: Path, progress: bool = True) -> Path | N
         return Path(cfg.eval.probe_path)
     if not any(m in PROBE_METRICS for m in cfg.eval.metrics):
         return None
-    from eval.probe import train_probe
-
     path = manifest.parent / "probe.pt"
     train_probe(manifest, path, seed=cfg.data.seed, progress=progress)
     return path
@@ -70,8 +70,6 @@ def run_cell(cfg: RunConfig, run_dir: Path, progress: bool = True) -> dict:
     # evaluation against the reference split
     eval_path = run_dir / "eval.json"
     if cfg.eval.metrics and not eval_path.exists():
-        from eval.runner import evaluate
-
         res = evaluate(
             samples, data.manifest, cfg.eval.metrics, eval_path,
             probe_path=probe_for(cfg, data.manifest, progress), split=g.split, codec=data.codec,
@@ -86,3 +84,9 @@ def run_cell(cfg: RunConfig, run_dir: Path, progress: bool = True) -> dict:
         summary["probe"] = res["probe"]
     atomic_write_text(summary_path, json.dumps(summary, indent=2))
     return summary
+
+
+def pipeline_cell(config: dict, run_dir: Path) -> dict:
+    """The grid's default cell: validate the config as a RunConfig, then train + generate + evaluate."""
+    progress = os.environ.get("TTM_BENCH_PROGRESS", "1") != "0"  # set by run_grid(progress=False)
+    return run_cell(config_from_dict(config, str(Path(run_dir) / "cell.yaml")), Path(run_dir), progress=progress)
