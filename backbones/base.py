@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from backbones.flops import backbone_flops_per_token
+
 State = dict[str, Any]
 
 
@@ -114,6 +116,11 @@ class Mixer(nn.Module):
 
     def scan_flops_per_token(self, seq_len: int) -> int:
         """FLOPs per token per layer that a matmul counter cannot see (scans, FFT convs)."""
+        return 0
+
+    def context_flops_per_token(self, context_len: float) -> float:
+        """FLOPs per token per layer of mixing over `context_len` earlier tokens that are not
+        weight matmuls (attention's QK^T and AV); 0 for mixers that carry a state instead."""
         return 0
 
     def state_numel(self, state: State) -> int:
@@ -264,8 +271,6 @@ class Backbone(nn.Module):
 
         `mode` is "train" (forward+backward) or "decode" (one forward step).
         """
-        from backbones.flops import backbone_flops_per_token
-
         return backbone_flops_per_token(self, seq_len, memory_len, mode)
 
 
