@@ -333,7 +333,7 @@ def test_import_with_nothing_usable_writes_report_then_raises(tmp_path):
 
 def test_cli_import_and_errors(tmp_path, capsys):
     from ttm.cli import main as top
-    from ttm.data.cli import main
+    from ttm.data_cli import main
 
     src = _import_source(tmp_path)
     assert main(["import", str(src), "--out", str(tmp_path / "o"), "--min-seconds", "1.8", "--quiet"]) == 0
@@ -346,7 +346,7 @@ def test_cli_import_and_errors(tmp_path, capsys):
 
 
 def test_cli_tokenize_delegates(monkeypatch):
-    from ttm.data.cli import main
+    from ttm.data_cli import main
 
     seen = []
     fake = types.ModuleType("ttm.codecs.cli")

@@ -7,7 +7,7 @@ import sys
 
 # verb -> ("module:function", help). Each function takes argv (list[str]) and returns an exit code.
 VERBS: dict[str, tuple[str, str]] = {
-    "data": ("ttm.data.cli:main", "build / import / tokenize datasets"),
+    "data": ("ttm.data_cli:main", "build / import / tokenize datasets"),
     "train": ("ttm.train:cli", "train one run from a YAML config"),
     "generate": ("ttm.sample:cli", "generate audio from captions with a trained run"),
     "eval": ("eval.runner:cli", "evaluate generated audio against a reference"),
