@@ -53,6 +53,7 @@ from ablations.spec import (
     resolve_base,
     validate_run_configs,
 )
+from ttm.rundir import RunDir
 from ttm.util import atomic_write_text
 
 CellFn = Callable[[dict, Path], Any]
@@ -90,14 +91,7 @@ def _load_fn(ref: CellFn | str) -> CellFn:
 
 
 def read_summary(run_dir: Path) -> dict | None:
-    p = Path(run_dir) / "summary.json"
-    if not p.is_file():
-        return None
-    try:
-        s = json.loads(p.read_text())
-    except (json.JSONDecodeError, OSError):
-        return None
-    return s if isinstance(s, dict) else None
+    return RunDir(run_dir).read_summary()
 
 
 def summary_complete(run_dir: Path) -> bool:

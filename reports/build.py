@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from ttm.rundir import RunDir
 from ttm.util import atomic_write_text, flatten
 
 # summary.json fields copied into a results row as they are
@@ -88,7 +89,7 @@ def find_runs(root: Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a directory")
-    if (root / "summary.json").is_file():
+    if RunDir(root).summary_file.is_file():
         return [root]
     runs = []
     for sub in ("cells", "runs"):
@@ -125,8 +126,9 @@ def run_row(
         "run": run_dir.name,
         "run_dir": str(run_dir.relative_to(root)) if run_dir != root else ".",
     }
-    summary = _json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else None
-    config = _yaml(run_dir / "config.yaml") or _yaml(run_dir / "cell.yaml") or cell.get("config") or {}
+    rd = RunDir(run_dir)
+    summary = _json(rd.summary_file) if rd.summary_file.is_file() else None
+    config = _yaml(rd.config_file) or _yaml(run_dir / "cell.yaml") or cell.get("config") or {}
     row["seed"] = cell.get("seed", config.get("seed"))
     row["group"] = cell.get("group")
     for a, v in (cell.get("axes") or {}).items():
@@ -388,7 +390,7 @@ def curves(df: pd.DataFrame, root: Path) -> pd.DataFrame:
     """Validation rows of every run's log.jsonl: step, flops, val_loss, label, family, seed."""
     out = []
     for _, r in df.iterrows():
-        for row in _jsonl(Path(root) / r["run_dir"] / "log.jsonl"):
+        for row in _jsonl(RunDir(Path(root) / r["run_dir"]).log_file):
             if _num(row.get("val_loss")) is None:
                 continue
             out.append(
@@ -761,7 +763,7 @@ def cli(argv: list[str]) -> int:
     ap.add_argument("--no-results", action="store_true", help="do not (re)write results.csv/jsonl")
     a = ap.parse_args(argv)
     root = Path(a.dir)
-    if not a.no_results and not (root / "summary.json").is_file():
+    if not a.no_results and not RunDir(root).summary_file.is_file():
         write_results(root)
     out = build_report(root, a.clip_seconds, a.max_captions, a.max_clips)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB) and {root / 'report.md'}")

@@ -142,7 +142,8 @@ def test_ddp_two_processes_match_single_process(tmp_path):
 
 
 def test_ema_weights_are_kept_and_used_for_generation(tmp_path):
-    from ttm.train import build_model, load_weights
+    from ttm.factory import build_model
+    from ttm.rundir import load_weights
 
     s = run(tiny_config(**{"train.steps": 6, "train.ema": 0.5}), tmp_path, data=synthetic_prepared(),
             progress=False)

@@ -82,7 +82,7 @@ def test_stage_configs_split_budget_and_params():
 
 
 def test_build_model_refuses_a_whole_two_stage_config():
-    from ttm.train import build_model
+    from ttm.factory import build_model
 
     with pytest.raises(ValueError, match="run_two_stage"):
         build_model(tiny_two_stage_config(), 3, 16, 8)
@@ -123,7 +123,7 @@ def test_two_stage_run_dir_and_summary(trained_run):
 
 
 def test_rerun_of_a_finished_two_stage_run_trains_nothing(trained_run, data):
-    from ttm.train import run
+    from ttm.runs import train as run
 
     before = [read_log(trained_run / st / "log.jsonl") for st in ("stage1", "stage2")]
     s = run(load_config(trained_run / "config.yaml"), trained_run, data=data, progress=False)

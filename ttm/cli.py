@@ -8,8 +8,8 @@ import sys
 # verb -> ("module:function", help). Each function takes argv (list[str]) and returns an exit code.
 VERBS: dict[str, tuple[str, str]] = {
     "data": ("ttm.data_cli:main", "build / import / tokenize datasets"),
-    "train": ("ttm.train:cli", "train one run from a YAML config"),
-    "generate": ("ttm.sample:cli", "generate audio from captions with a trained run"),
+    "train": ("ttm.runs:train_cli", "train one run from a YAML config"),
+    "generate": ("ttm.runs:generate_cli", "generate audio from captions with a trained run"),
     "eval": ("eval.runner:cli", "evaluate generated audio against a reference"),
     "grid": ("ablations.runner:cli", "run an ablation grid (Optuna storage)"),
     "report": ("reports.build:cli", "build the comparison report of a grid or demo"),

@@ -78,6 +78,15 @@ class ModelConfig(_Strict):
     label_smoothing: float = 0.0
     diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
 
+    @property
+    def run_kind(self) -> Literal["lm", "two_stage", "diffusion"]:
+        """What one run of this config trains: an LM, both stages of a two-stage model, or
+        its stage 2 alone (the stored form `kind: two_stage` + `diffusion.stage2_only` is kept
+        so that existing runs resume). ttm/runs.py dispatches on it."""
+        if self.kind == "two_stage":
+            return "diffusion" if self.diffusion.stage2_only else "two_stage"
+        return "lm"
+
 
 class Budget(_Strict):
     kind: Literal["steps", "tokens", "flops", "seconds"] = "steps"

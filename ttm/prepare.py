@@ -14,6 +14,7 @@ from torch import Tensor
 
 from ttm.audio import atomic_torch_save
 from ttm.config import RunConfig
+from ttm.text import build_text_encoder, encode_captions
 from ttm.util import json_hash
 
 
@@ -75,8 +76,6 @@ def _text_cache(token_dir: Path, split: str, captions: list[str], encoder, max_l
     if f.exists():
         d = torch.load(f, weights_only=True)
         return d["emb"], d["mask"]
-    from ttm.sample import encode_captions
-
     embs, masks = [], []
     for i in range(0, len(captions), 64):
         e, m = encode_captions(encoder, captions[i : i + 64], max_len)
@@ -89,8 +88,6 @@ def _text_cache(token_dir: Path, split: str, captions: list[str], encoder, max_l
 
 
 def build_text_encoder_for(cfg: RunConfig):
-    from ttm.text import build_text_encoder
-
     return build_text_encoder(cfg.text.name, path=cfg.text.path, max_length=cfg.text.max_length)
 
 
