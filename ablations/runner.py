@@ -53,6 +53,7 @@ from ablations.spec import (
     resolve_base,
     validate_run_configs,
 )
+from ttm.config import parse_assignments
 from ttm.rundir import RunDir
 from ttm.util import atomic_write_text
 
@@ -871,20 +872,6 @@ def run_grid(
     return grid_dir
 
 
-def parse_sets(items: list[str]) -> dict[str, Any]:
-    """["train.steps=100", "model.backbone=mamba"] -> {"train.steps": 100, ...} (values parsed as YAML)."""
-    out = {}
-    for it in items:
-        key, sep, val = it.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set expects KEY=VALUE, got {it!r}")
-        try:
-            out[key.strip()] = yaml.safe_load(val)
-        except yaml.YAMLError as e:
-            raise ValueError(f"--set {it!r}: the value is not valid YAML ({e})") from None
-    return out
-
-
 def cli(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(
         prog="ttm-bench grid", description="Run an ablation grid (or search) from a spec."
@@ -917,7 +904,7 @@ def cli(argv: list[str]) -> int:
     )
     ap.add_argument("--dry-run", action="store_true", help="list the cells and exit")
     a = ap.parse_args(argv)
-    overrides = parse_sets(a.set)
+    overrides = parse_assignments(a.set)
     if a.dry_run:
         spec = load_spec(a.spec)
         if spec.search is not None:

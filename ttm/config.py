@@ -5,6 +5,7 @@ Unknown keys and wrong types are errors naming the key and the file.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -180,18 +181,39 @@ def _set(d: dict, dotted: str, value: Any) -> None:
     d[last] = value
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with JSON's numbers: `1e-3` is the float 0.001 (plain YAML 1.1 reads it as a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"), list("-+0123456789.")
+)
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value, read as YAML (numbers, booleans, lists, mappings; else a string)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def parse_assignments(items: list[str], flag: str = "--set") -> dict[str, Any]:
+    """The one KEY=VALUE parser of every verb: ["train.steps=100", "model.backbone=mamba"] ->
+    {"train.steps": 100, "model.backbone": "mamba"} (values as `parse_value` reads them)."""
+    out: dict[str, Any] = {}
+    for it in items:
+        key, sep, val = it.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{flag} expects KEY=VALUE, got {it!r}")
+        try:
+            out[key.strip()] = parse_value(val)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{flag} {it!r}: the value is not valid YAML ({e})") from None
+    return out
+
+
 def apply_overrides(d: dict, overrides: list[str] | dict[str, Any]) -> dict:
-    """`["train.steps=100", "model.backbone=mamba"]` (values parsed as YAML) or a dict of dotted keys."""
-    items = overrides.items() if isinstance(overrides, dict) else []
-    if not isinstance(overrides, dict):
-        parsed = []
-        for o in overrides:
-            if "=" not in o:
-                raise ValueError(f"--set expects key=value, got {o!r}")
-            k, v = o.split("=", 1)
-            parsed.append((k.strip(), yaml.safe_load(v)))
-        items = parsed
-    for k, v in items:
+    """`["train.steps=100", "model.backbone=mamba"]` (see parse_assignments) or a dict of dotted keys."""
+    items = overrides if isinstance(overrides, dict) else parse_assignments(list(overrides))
+    for k, v in items.items():
         _set(d, k, v)
     return d
 
