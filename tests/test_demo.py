@@ -21,6 +21,8 @@ BASELINE = ROOT / "reports" / "baselines" / "demo_tiny.json"
 # the tolerance is wide (50%) because CPU kernels differ across machines
 CHECKED = ["val_loss", "fd_probe"]
 
+pytestmark = pytest.mark.slow  # the whole pipeline, end to end
+
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):

@@ -281,6 +281,7 @@ def test_shipped_grids_expand_and_validate(name):
 # ----------------------------------------------------------------------------- the runner
 
 
+@pytest.mark.slow
 def test_tiny_grid_runs_to_completion(tmp_path):
     spec = write_spec(tmp_path / "s.yaml")
     grid = runner.run_grid(spec, tmp_path / "g", cell_fn=fake_cell, report=False, progress=False)
@@ -316,6 +317,7 @@ def test_tiny_grid_runs_to_completion(tmp_path):
     assert len(calls(grid)) == 4
 
 
+@pytest.mark.slow
 def test_optuna_trials_carry_cells_and_headline_metrics(tmp_path):
     import optuna
 
@@ -331,6 +333,7 @@ def test_optuna_trials_carry_cells_and_headline_metrics(tmp_path):
     assert "metric.fd_probe" in t.user_attrs and t.user_attrs["recorded"] is False
 
 
+@pytest.mark.slow
 def test_crash_then_rerun_repeats_nothing_finished(tmp_path, capsys):
     spec = write_spec(
         tmp_path / "s.yaml",
@@ -370,6 +373,7 @@ def _runner_cmd(spec: Path, grid: Path, *extra: str) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_grid_then_rerun_completes(tmp_path):
     spec = write_spec(
         tmp_path / "s.yaml", base={"model.d_model": 32, "train.steps": 40, "fake": {"sleep": 1.0}}
@@ -400,6 +404,7 @@ def test_sigkill_mid_grid_then_rerun_completes(tmp_path):
     assert all(c.count(x.name) == 1 for x in cells if x.name != killed)
 
 
+@pytest.mark.slow
 def test_stale_heartbeat_of_another_machine_is_retried(tmp_path):
     """A RUNNING cell whose worker (elsewhere) stopped sending heartbeats is failed and run again."""
     from optuna.trial import TrialState
@@ -425,6 +430,7 @@ def test_stale_heartbeat_of_another_machine_is_retried(tmp_path):
     assert sorted(calls(grid)) == sorted(c.name for c in cells)
 
 
+@pytest.mark.slow
 def test_two_worker_processes_share_one_sqlite_grid(tmp_path):
     spec = write_spec(
         tmp_path / "s.yaml",
@@ -446,6 +452,7 @@ def test_two_worker_processes_share_one_sqlite_grid(tmp_path):
     assert all("started" in o for o in outs), outs  # both workers did work
 
 
+@pytest.mark.slow
 def test_search_mode_finds_best_per_group(tmp_path):
     spec = write_spec(
         tmp_path / "s.yaml",
@@ -485,6 +492,7 @@ def _pg_bin() -> Path | None:
     return Path(w).resolve().parent if w and shutil.which("pg_ctl") else None
 
 
+@pytest.mark.slow
 def test_two_workers_on_postgresql(tmp_path):
     import shutil
     import socket

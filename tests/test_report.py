@@ -274,6 +274,7 @@ def _chromium() -> str:
     return "/usr/bin/chromium"
 
 
+@pytest.mark.slow
 def test_report_renders_in_headless_chromium(grid, tmp_path):
     exe = _chromium()
     page = (grid / "report.html").read_text()

@@ -51,6 +51,7 @@ def test_flops_budget(tmp_path):
     assert s["steps"] == 4 and s["flops"] >= 3.5 * per_step
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TTM_TEST_STEP_DELAY": "0.1"}
@@ -125,6 +126,7 @@ def _ddp_worker(rank, world, run_dir, port):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_single_process(tmp_path):
     import socket
 

@@ -102,6 +102,7 @@ def test_codec_without_latents_fails_before_training(tmp_path):
 # ----------------------------------------------------------------------------- training
 
 
+@pytest.mark.slow
 def test_two_stage_run_dir_and_summary(trained_run):
     s = json.loads((trained_run / "summary.json").read_text())
     s1, s2 = (json.loads((trained_run / st / "summary.json").read_text()) for st in ("stage1", "stage2"))
@@ -122,6 +123,7 @@ def test_two_stage_run_dir_and_summary(trained_run):
     assert "latent_std" in sd and not any("books" in k for k in sd)
 
 
+@pytest.mark.slow
 def test_rerun_of_a_finished_two_stage_run_trains_nothing(trained_run, data):
     from ttm.runs import train as run
 
@@ -134,6 +136,7 @@ def test_rerun_of_a_finished_two_stage_run_trains_nothing(trained_run, data):
 # ----------------------------------------------------------------------------- generation
 
 
+@pytest.mark.slow
 def test_generate_cli_on_a_two_stage_run(trained_run, data, tmp_path):
     from ttm.cli import main
 
@@ -154,6 +157,7 @@ def test_generate_cli_on_a_two_stage_run(trained_run, data, tmp_path):
         assert (outs[0] / r["file"]).read_bytes() == (outs[1] / r["file"]).read_bytes()  # same seed, same clip
 
 
+@pytest.mark.slow
 def test_pipeline_cell_trains_generates_and_records(trained_run, data):
     from ablations.pipeline import run_cell
 
@@ -165,6 +169,7 @@ def test_pipeline_cell_trains_generates_and_records(trained_run, data):
     assert json.loads((trained_run / "summary.json").read_text())["generation"]["diffusion_time_s"] > 0
 
 
+@pytest.mark.slow
 def test_two_stage_cell_end_to_end_on_the_tiny_preset(tmp_path):
     """The transformer two-stage cell of ablations/two_stage.yaml (tiny preset) on the real
     embedded dataset: both stages train, clips are generated and evaluated."""
