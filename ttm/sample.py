@@ -114,7 +114,7 @@ def clip_frames(cfg: RunConfig, data, seconds: float | None = None) -> int:
 
 
 def generate_clips(
-    model,
+    lm,
     codec,
     encoder,
     prompts: list[dict],
@@ -125,23 +125,32 @@ def generate_clips(
     batch_size: int = 8,
     max_text_len: int = 32,
     progress: bool = True,
+    render_codes: Callable | None = None,
+    desc: str = "generate",
 ) -> dict:
-    """Generate one clip of `n_frames` per prompt with a single-stage LM into `out_dir`, sampling
-    as `gen` says (cfg_scale, top_k, top_p, temperature); returns timings."""
+    """Generate one clip of `n_frames` per prompt into `out_dir`: the LM samples codes as `gen`
+    says (cfg_scale, top_k, top_p, temperature), then `render_codes(codes, emb, mask, generator)
+    -> (wav [b, C, N], {stage: seconds})` makes audio of them (default: the codec decodes them;
+    a two-stage model passes its diffusion stage). Returns timings."""
 
-    def render(emb, mask, g):
+    def decode(codes, emb, mask, g):
         t0 = time.perf_counter()
-        codes = model.generate(emb, mask, n_frames, cfg_scale=gen.cfg_scale, top_k=gen.top_k, top_p=gen.top_p,
-                               temperature=gen.temperature, generator=g)  # [b, K', T]
-        t1 = time.perf_counter()
         if codes.shape[1] < codec.n_codebooks:  # first_k models: decode from the codebooks they model
             wav = _decode_partial(codec, codes)
         else:
             wav = codec.decode(codes.cpu())  # [b, C, N]
-        return wav, {"lm": t1 - t0, "decode": time.perf_counter() - t1}
+        return wav, {"decode": time.perf_counter() - t0}
+
+    def render(emb, mask, g):
+        t0 = time.perf_counter()
+        codes = lm.generate(emb, mask, n_frames, cfg_scale=gen.cfg_scale, top_k=gen.top_k, top_p=gen.top_p,
+                            temperature=gen.temperature, generator=g)  # [b, K', T]
+        lm_time = time.perf_counter() - t0
+        wav, times = (render_codes or decode)(codes, emb, mask, g)
+        return wav, {"lm": lm_time, **times}
 
     return render_prompts(prompts, encoder, out_dir, codec, n_frames, render, seed, batch_size, max_text_len,
-                          next(model.parameters()).device, progress)
+                          next(lm.parameters()).device, progress, desc)
 
 
 def _decode_partial(codec, codes: torch.Tensor) -> torch.Tensor:

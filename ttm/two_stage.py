@@ -25,7 +25,7 @@ from ttm.config import GenerateConfig, RunConfig, config_from_dict
 from ttm.diffusion import LatentDiffusion, build_latent_diffusion, check_latent_codec
 from ttm.factory import build_model
 from ttm.rundir import RunDir
-from ttm.sample import render_prompts
+from ttm.sample import generate_clips
 from ttm.train import dist_info, run
 
 STAGES = ("stage1", "stage2")
@@ -168,39 +168,22 @@ def load_two_stage(run_dir: str | Path, device: str = "cpu", data=None):
 # ----------------------------------------------------------------------------- generation
 
 
-def generate_two_stage(
-    lm,
-    diffusion: LatentDiffusion,
-    codec,
-    encoder,
-    prompts: list[dict],
-    out_dir: Path,
-    n_frames: int,
-    gen: GenerateConfig,
-    steps: int | None = None,
-    sampler: str | None = None,
-    diffusion_cfg_scale: float | None = None,
-    seed: int = 0,
-    batch_size: int = 8,
-    max_text_len: int = 32,
-    progress: bool = True,
-) -> dict:
-    """One clip of `n_frames` per prompt: LM (sampling as `gen` says) -> first-k codes ->
-    diffusion latent (`steps`, `sampler`, `diffusion_cfg_scale`; None: the model's own) ->
-    codec.decode_latent. Writes WAVs + samples.jsonl (as ttm/sample.py) into `out_dir`; returns timings."""
+def generate_two_stage(lm, diffusion: LatentDiffusion, codec, encoder, prompts: list[dict], out_dir: Path,
+                       n_frames: int, gen: GenerateConfig, steps: int | None = None, sampler: str | None = None,
+                       diffusion_cfg_scale: float | None = None, **kw) -> dict:
+    """One clip per prompt: LM -> first-k codes -> diffusion latent (`steps`, `sampler`,
+    `diffusion_cfg_scale`; None: the model's own) -> codec.decode_latent, through
+    ttm.sample.generate_clips (`kw`: seed, batch_size, max_text_len, progress). Returns timings."""
 
-    def render(emb, mask, g):
+    def latent_then_decode(codes, emb, mask, g):
         t0 = time.perf_counter()
-        codes = lm.generate(emb, mask, n_frames, cfg_scale=gen.cfg_scale, top_k=gen.top_k, top_p=gen.top_p,
-                            temperature=gen.temperature, generator=g)  # [b, k, T]
-        t1 = time.perf_counter()
         z = diffusion.sample(codes, emb, mask, steps=steps, sampler=sampler, cfg_scale=diffusion_cfg_scale,
                              generator=g)  # [b, Dl, T]
-        t2 = time.perf_counter()
+        t1 = time.perf_counter()
         wav = codec.decode_latent(z)  # [b, C, N]
-        return wav, {"lm": t1 - t0, "diffusion": t2 - t1, "decode": time.perf_counter() - t2}
+        return wav, {"diffusion": t1 - t0, "decode": time.perf_counter() - t1}
 
-    info = render_prompts(prompts, encoder, out_dir, codec, n_frames, render, seed, batch_size, max_text_len,
-                          next(lm.parameters()).device, progress, desc="generate (two-stage)")
+    info = generate_clips(lm, codec, encoder, prompts, out_dir, n_frames, gen, render_codes=latent_then_decode,
+                          desc="generate (two-stage)", **kw)
     info["diffusion_steps"] = diffusion.sample_steps if steps is None else int(steps)
     return info
