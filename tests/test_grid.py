@@ -16,7 +16,8 @@ import pytest
 import soundfile as sf
 import yaml
 
-from ablations import runner
+from ablations import cells as grid_cells
+from ablations import claims, runner, storage
 from ablations.spec import config_hash, expand, load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -288,7 +289,7 @@ def test_tiny_grid_runs_to_completion(tmp_path):
     cells = expand(load_spec(spec))
     assert sorted(calls(grid)) == sorted(c.name for c in cells)
     for c in cells:
-        assert runner.summary_complete(grid / "cells" / c.name)
+        assert grid_cells.summary_complete(grid / "cells" / c.name)
         assert json.loads((grid / "cells" / c.name / "cell.json").read_text())["hash"] == c.hash
     import pandas as pd
 
@@ -391,7 +392,7 @@ def test_sigkill_mid_grid_then_rerun_completes(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     proc.stderr.close()
-    done_before = [c.name for c in cells if runner.summary_complete(grid / "cells" / c.name)]
+    done_before = [c.name for c in cells if grid_cells.summary_complete(grid / "cells" / c.name)]
     assert len(done_before) == 1
     killed = calls(grid)[1]
     t0 = time.time()
@@ -414,14 +415,14 @@ def test_stale_heartbeat_of_another_machine_is_retried(tmp_path):
     cells = expand(spec)
     grid = tmp_path / "g"
     grid.mkdir()
-    st = runner.open_storage(f"sqlite:///{grid / 'grid.db'}", heartbeat_s=1, grace_s=2)
-    study = runner.grid_study(st, runner._study_name(spec, None, cells, "grid"), cells)
-    t = runner._claim(study, st, set())  # claimed by a worker on another machine that then vanished
+    st = storage.open_storage(f"sqlite:///{grid / 'grid.db'}", heartbeat_s=1, grace_s=2)
+    study = claims.grid_study(st, claims._study_name(spec, None, cells, "grid"), cells)
+    t = claims._claim(study, st, set())  # claimed by a worker on another machine that then vanished
     st.set_trial_user_attr(
         t._trial_id, "worker", {"machine": "elsewhere:boot:ns", "host": "elsewhere", "pid": 1}
     )
     t0 = time.time()
-    counts = runner.work_grid(st, study, cells, grid, fake_cell, heartbeat_s=1)
+    counts = claims.work_grid(st, study, cells, grid, fake_cell, heartbeat_s=1)
     assert 2 <= time.time() - t0 < 30  # waited for the grace period, then retried
     assert counts == {"ran": 2, "recorded": 0, "failed": 0}
     trials = study.get_trials()
