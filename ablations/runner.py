@@ -49,6 +49,8 @@ from ablations.spec import (
     validate_run_configs,
 )
 from ablations.storage import DEFAULT_HEARTBEAT_S, open_storage, redact
+from reports.build import build_report
+from reports.results import write_results
 from ttm.config import parse_assignments
 from ttm.util import atomic_write_json
 
@@ -280,8 +282,6 @@ def run_grid(
     manifest = json.loads((grid_dir / "grid.json").read_text())
     manifest.update(cells=names, failed=failed, finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
     atomic_write_json(grid_dir / "grid.json", manifest)
-    from reports.build import build_report, write_results
-
     write_results(grid_dir)
     if failed:
         print(f"{len(failed)} cell(s) not complete (rerun the same command to retry them):", file=sys.stderr)

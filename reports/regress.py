@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from reports.build import HIGHER_IS_BETTER_PREFIXES, LOWER_IS_BETTER_PREFIXES, collect, metric_names
+from reports.results import HIGHER_IS_BETTER_PREFIXES, LOWER_IS_BETTER_PREFIXES, collect, metric_names
 from ttm.util import atomic_write_text
 
 FORMAT = "ttm-bench-baseline/1"
