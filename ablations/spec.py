@@ -39,6 +39,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ttm.config import config_from_dict
 from ttm.util import deep_merge, json_hash, normalize
 
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -382,7 +383,5 @@ def expand(spec: GridSpec, preset: str | None = None, overrides: dict[str, Any] 
 
 def validate_run_configs(cells: list[Cell], source: str) -> None:
     """Check every cell's config against the harness's RunConfig before anything runs."""
-    from ttm.config import config_from_dict
-
     for c in cells:
         config_from_dict(c.run_config(), f"{source} (cell {c.name})")

@@ -13,7 +13,10 @@ import torch
 from torch import Tensor
 
 from ttm.audio import atomic_torch_save
+from ttm.codecs import build_codec
+from ttm.codecs.cli import fit_or_load_melrvq, tokenize_manifest
 from ttm.config import RunConfig
+from ttm.data.build import build_dataset
 from ttm.text import build_text_encoder, encode_captions
 from ttm.util import json_hash
 
@@ -41,25 +44,18 @@ class Prepared:
     token_dir: Path
 
 
-
 def resolve_manifest(cfg: RunConfig, progress: bool = True) -> Path:
     if cfg.data.manifest:
         m = Path(cfg.data.manifest)
         if not m.exists():
             raise FileNotFoundError(f"data.manifest: {m} does not exist")
         return m
-    from ttm.data.build import build_dataset
-
     out = Path(cfg.data.root) / f"{cfg.data.preset}-seed{cfg.data.seed}"
     return build_dataset(cfg.data.preset, out, seed=cfg.data.seed, progress=progress)
 
 
 def load_codec_for(cfg: RunConfig, manifest: Path):
-    from ttm.codecs import build_codec
-
     if cfg.codec.name == "melrvq":
-        from ttm.codecs.cli import fit_or_load_melrvq
-
         path = Path(cfg.codec.path) if cfg.codec.path else (
             manifest.parent / f"melrvq-{json_hash(cfg.codec.settings)}.codec"
         )
@@ -92,8 +88,6 @@ def build_text_encoder_for(cfg: RunConfig):
 
 
 def prepare(cfg: RunConfig, progress: bool = True, splits=("train", "valid", "test")) -> Prepared:
-    from ttm.codecs.cli import tokenize_manifest
-
     manifest = resolve_manifest(cfg, progress)
     codec = load_codec_for(cfg, manifest)
     token_dir = Path(tokenize_manifest(manifest, codec, manifest.parent / "tokens", progress=progress))
