@@ -10,7 +10,8 @@ import soundfile as sf
 import torch
 from scipy.signal import resample_poly
 
-from ttm.util import atomic_write, atomic_write_text  # noqa: F401  (atomic_write_text re-exported)
+from ttm.util import atomic_write
+from ttm.util import atomic_write_text as atomic_write_text  # re-exported for eval/runner.py
 
 
 def resample(wav: torch.Tensor | np.ndarray, sr_in: int, sr_out: int) -> torch.Tensor:

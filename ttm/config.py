@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ttm.util import diff_keys, json_hash, pop_dotted  # noqa: F401  (diff_keys re-exported)
+from ttm.util import json_hash, pop_dotted
 
 
 class _Strict(BaseModel):

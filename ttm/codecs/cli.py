@@ -21,12 +21,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ttm.audio import atomic_torch_save, atomic_write_text, load_audio
+from ttm.audio import atomic_torch_save, load_audio
 from ttm.codecs import CODECS, build_codec
 from ttm.codecs.base import Codec, hash_json
 from ttm.codecs.melrvq import MelRVQCodec
 from ttm.config import parse_assignments
 from ttm.data.manifest import SPLITS, Entry, read_manifest, resolve_audio
+from ttm.util import atomic_write_text
 
 SHARD_FORMAT = "ttm-tokens-1"
 

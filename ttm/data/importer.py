@@ -17,9 +17,10 @@ import os
 import re
 from pathlib import Path
 
-from ttm.audio import atomic_write_text, load_audio, save_audio
+from ttm.audio import load_audio, save_audio
 from ttm.data.manifest import SPLITS, Entry, assign_split, write_manifest
 from ttm.data.render import silence_reason
+from ttm.util import atomic_write_text
 
 
 def _slug(s: str) -> str:
