@@ -36,10 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ttm.config import config_from_dict
+from ttm.config import config_from_dict, read_yaml, read_yaml_mapping
 from ttm.util import deep_merge, json_hash, normalize
 
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -204,11 +203,7 @@ def load_spec(path: str | Path) -> GridSpec:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"grid spec {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML ({e})") from None
-    return parse_spec(data, str(path))
+    return parse_spec(read_yaml(path, "grid spec"), str(path))
 
 
 # ----------------------------------------------------------------------------- nested dicts
@@ -292,13 +287,7 @@ def resolve_base(spec: GridSpec) -> dict[str, Any]:
             p = near if near.exists() else p
         if not p.is_file():
             raise FileNotFoundError(f"{spec.source}: base_config {spec.base_config} does not exist")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{p}: not valid YAML ({e})") from None
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{p}: expected a mapping at the top level")
-        base = normalize(loaded)
+        base = normalize(read_yaml_mapping(p, "base_config"))
     return deep_merge(base, spec.base)
 
 

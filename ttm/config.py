@@ -229,19 +229,30 @@ def config_from_dict(d: dict[str, Any], source: str = "<config>") -> RunConfig:
         raise ValueError(f"{source}: invalid config: " + "; ".join(msgs)) from None
 
 
+def read_yaml(path: str | Path, what: str) -> Any:
+    """A YAML file's content; a missing file or invalid YAML is an error naming `what` and the path."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({e})") from None
+
+
+def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """`read_yaml` of a file that must hold a mapping (an empty file is `{}`)."""
+    d = read_yaml(path, what) or {}
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    return d
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> RunConfig:
     d: dict[str, Any] = {}
     src = "<defaults>"
     if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        try:
-            d = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML ({e})") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"{path}: expected a mapping at the top level")
+        d = read_yaml_mapping(path, "config file")
         src = str(path)
     if overrides:
         apply_overrides(d, overrides)
