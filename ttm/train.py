@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from backbones.base import count_params
 from ttm.config import RESUME_IGNORED, RunConfig
 from ttm.factory import build_model
 from ttm.flops import analytic_flops_per_token, count_train_step_flops
@@ -388,7 +389,7 @@ def make_summary(cfg, model, data, counters, budget, status, message, log_path, 
         "backbone_config": model.backbone.config(),
         "conditioning": cfg.model.conditioning,
         "pattern": cfg.model.pattern,
-        "params": sum(p.numel() * (2 if p.is_complex() else 1) for p in model.parameters() if p.requires_grad),
+        "params": count_params(model),
         "non_embedding_params": model.non_embedding_params(),
         "target_params": cfg.model.target_params,
         "steps": counters["step"],
