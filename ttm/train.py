@@ -163,15 +163,8 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def run(cfg: RunConfig, run_dir: Path, data: Prepared | None = None, progress: bool = True) -> dict:
-    """Train (or resume) one model into `run_dir`; returns the summary dict. (A two-stage config
-    trains two models: ttm.runs.train dispatches it to ttm.two_stage.run_two_stage.)"""
-    if cfg.model.run_kind == "two_stage":
-        raise ValueError("model.kind=two_stage trains two models: use ttm.runs.train "
-                         "(ttm.two_stage.run_two_stage), not ttm.train.run")
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    rd = RunDir(run_dir)
+def setup_processes(cfg: RunConfig) -> tuple[torch.device, int, int]:
+    """The device, this process's rank and the world size (DDP when launched by torchrun)."""
     device = pick_device(cfg.train.device)
     maybe_init_distributed(device)
     rank, world = dist_info()
@@ -182,6 +175,36 @@ def run(cfg: RunConfig, run_dir: Path, data: Prepared | None = None, progress: b
         torch.set_num_threads(cfg.train.threads)
     if cfg.train.batch_size % world:
         raise ValueError(f"train.batch_size {cfg.train.batch_size} is not divisible by {world} processes")
+    return device, rank, world
+
+
+def make_optimizer(model: nn.Module, cfg: RunConfig, horizon: int):
+    """AdamW with no-decay groups, warm-up + cosine over `horizon` steps, and the EMA (or None)."""
+    opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
+                            betas=tuple(cfg.train.betas))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lr_lambda(cfg.train.warmup, horizon, cfg.train.min_lr_ratio)
+    )
+    ema = (
+        torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.train.ema)
+        )
+        if cfg.train.ema
+        else None
+    )
+    return opt, sched, ema
+
+
+def run(cfg: RunConfig, run_dir: Path, data: Prepared | None = None, progress: bool = True) -> dict:
+    """Train (or resume) one model into `run_dir`; returns the summary dict. (A two-stage config
+    trains two models: ttm.runs.train dispatches it to ttm.two_stage.run_two_stage.)"""
+    if cfg.model.run_kind == "two_stage":
+        raise ValueError("model.kind=two_stage trains two models: use ttm.runs.train "
+                         "(ttm.two_stage.run_two_stage), not ttm.train.run")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rd = RunDir(run_dir)
+    device, rank, world = setup_processes(cfg)
 
     data = data or prepare(cfg, progress=progress and rank == 0)
     train, valid = data.splits["train"], data.splits.get("valid")
@@ -210,19 +233,7 @@ def run(cfg: RunConfig, run_dir: Path, data: Prepared | None = None, progress: b
         "flops": lambda: math.ceil(budget.limit / flops_per_step),
         "seconds": lambda: cfg.train.steps,
     }[budget.kind]()
-
-    opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
-                            betas=tuple(cfg.train.betas))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lr_lambda(cfg.train.warmup, horizon, cfg.train.min_lr_ratio)
-    )
-    ema = (
-        torch.optim.swa_utils.AveragedModel(
-            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.train.ema)
-        )
-        if cfg.train.ema
-        else None
-    )
+    opt, sched, ema = make_optimizer(model, cfg, horizon)
     gen = torch.Generator().manual_seed(cfg.seed + 1)  # caption dropout and crops
     counters = {"step": 0, "tokens": 0, "flops": 0, "train_time": 0.0}
     pos = {"epoch": 0, "idx": 0}
@@ -315,14 +326,10 @@ def run(cfg: RunConfig, run_dir: Path, data: Prepared | None = None, progress: b
         row = None
         last = used() >= budget.limit
         if step % cfg.train.log_every == 0 or step == 1 or last:
-            row = {"step": step, "loss": per_k.mean().item(), "loss_per_codebook": per_k.tolist(),
-                   "lr": sched.get_last_lr()[0], "tokens": counters["tokens"], "flops": counters["flops"],
-                   "wall_time": counters["train_time"]}
+            row = _log_row(step, per_k, sched, counters)
         if valid is not None and len(valid) and (step % cfg.train.eval_every == 0 or last):
             vl, vk = validate(_eval_model(model, ema), valid, cfg, device)
-            row = row or {"step": step, "loss": per_k.mean().item(), "loss_per_codebook": per_k.tolist(),
-                          "lr": sched.get_last_lr()[0], "tokens": counters["tokens"],
-                          "flops": counters["flops"], "wall_time": counters["train_time"]}
+            row = row or _log_row(step, per_k, sched, counters)
             row.update(val_loss=vl, val_loss_per_codebook=vk)
             if not math.isfinite(vl):
                 status, message = "diverged", f"validation loss is {vl} at step {step}; stopped"
@@ -344,6 +351,12 @@ def run(cfg: RunConfig, run_dir: Path, data: Prepared | None = None, progress: b
         if status != "ok":
             print(f"warning: {message}", file=sys.stderr)
     return summary
+
+
+def _log_row(step: int, per_k: torch.Tensor, sched, counters: dict) -> dict:
+    return {"step": step, "loss": per_k.mean().item(), "loss_per_codebook": per_k.tolist(),
+            "lr": sched.get_last_lr()[0], "tokens": counters["tokens"], "flops": counters["flops"],
+            "wall_time": counters["train_time"]}
 
 
 def _loss(ddp, model: TTMLM, batch, gen):
