@@ -192,7 +192,7 @@ _Loader.add_implicit_resolver(
 
 def parse_value(text: str) -> Any:
     """A command-line value, read as YAML (numbers, booleans, lists, mappings; else a string)."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass
 
 
 def parse_assignments(items: list[str], flag: str = "--set") -> dict[str, Any]:
