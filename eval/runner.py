@@ -21,9 +21,11 @@ rate and the source rates that were resampled (scipy polyphase), and two floors:
          distinct reference clips sharing a caption (when there are any);
   codec: the metric on the reference resynthesised by a codec (encode -> decode) against
          the reference, when a codec is given.
-Probe metrics also carry the probe's held-out accuracy and chance levels. Empty, silent
-and very short generated clips are scored (empty and short ones as zero-padded audio),
-counted and flagged. A per-clip CSV is written next to the JSON.
+Probe metrics also carry the probe's held-out accuracy and chance levels. Bad audio is
+refused before any metric (`check_audio`): a generated or reference clip that is
+unreadable, empty, non-finite, outside [-1, 1], silent after the down-mix to mono or
+shorter than 0.5 s stops the evaluation with an error naming each file and its defect.
+A per-clip CSV is written next to the JSON.
 Embeddings are cached under $TTM_BENCH_CACHE/embeddings (default ~/.cache/ttm-bench),
 keyed by file path, mtime and size and by the embedder's cache key.
 """
@@ -46,14 +48,16 @@ import soundfile as sf
 import torch
 
 from eval import metrics as M
+from eval import stats as S
 from eval.embedders import get_embedder
 from eval.embedders.base import Embedder
 from eval.probe import DEFAULT_FLOOR_FRAC, Probe, manifest_hash, train_probe
 from ttm.audio import atomic_write_text, load_audio, save_audio
 
 AUDIO_EXTS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
-SILENT_PEAK = 1e-4  # -80 dBFS
-MIN_SCORED_S = 0.5  # empty / shorter clips are zero-padded to this for scoring
+SILENT_PEAK = 1e-4  # -80 dBFS, after the down-mix to mono
+MIN_SCORED_S = 0.5  # shorter clips are refused
+MAX_PEAK = 1.0 + 1e-3  # float files beyond this are out of range
 
 # metric -> (embedder, embedder settings, kind, description)
 METRICS: dict[str, dict[str, Any]] = {
@@ -86,7 +90,6 @@ class Clip:
     id: str = ""
     seed: Any = None
     ref: str | None = None  # optional explicit reference id (samples.jsonl `ref_id`)
-    flag: str = ""
 
 
 def cache_root(override: str | os.PathLike | None = None) -> Path:
@@ -155,20 +158,40 @@ def read_reference(ref: Path, split: str) -> tuple[list[Clip], bool]:
     return clips, True
 
 
-def flag_clips(clips: list[Clip]) -> None:
-    for c in clips:
-        try:
-            info = sf.info(str(c.path))
-        except Exception as e:
-            raise ValueError(f"{c.path}: unreadable audio ({e})") from e
-        if info.frames == 0:
-            c.flag = "empty"
-            continue
-        wav = load_audio(c.path, None, channels=None)
-        if float(wav.abs().max()) < SILENT_PEAK:
-            c.flag = "silent"
-        elif info.frames < MIN_SCORED_S * info.samplerate:
-            c.flag = "short"
+def audio_defect(path: Path) -> str:
+    """What is wrong with one audio file for scoring, or "" when nothing is: unreadable, empty,
+    non-finite samples, samples outside [-1, 1], silent after the down-mix to mono, shorter than
+    `MIN_SCORED_S`. Checked on the file's own samples, before any resampling or embedding."""
+    try:
+        x, sr = sf.read(str(path), dtype="float64", always_2d=True)  # [N, C]
+    except Exception as e:
+        return f"unreadable audio ({e})"
+    if x.shape[0] == 0:
+        return "empty (0 samples)"
+    bad = ~np.isfinite(x)
+    if bad.any():
+        return f"non-finite samples ({int(np.isnan(x).sum())} NaN, {int(np.isinf(x).sum())} Inf)"
+    peak = float(np.abs(x).max())
+    if peak > MAX_PEAK:
+        return f"samples out of range: peak {peak:.4g} (expected within [-1, 1])"
+    mono_peak = float(np.abs(x.mean(1)).max())
+    if mono_peak < SILENT_PEAK:
+        what = "silent" if peak < SILENT_PEAK else f"silent after the down-mix to mono (channel peak {peak:.3g})"
+        return f"{what}: mono peak {mono_peak:.3g} < {SILENT_PEAK:g}"
+    if x.shape[0] < MIN_SCORED_S * sr:
+        return f"too short: {x.shape[0] / sr:.3f} s (at least {MIN_SCORED_S} s)"
+    return ""
+
+
+def check_audio(clips: list[Clip], what: str) -> None:
+    """The bad-audio rule: refuse. Every clip is checked before any metric; when any has a defect
+    (see `audio_defect`), evaluation stops with an error naming each file and its defect. Bad
+    clips are never scored, padded or silently dropped (dropping would flatter a model)."""
+    bad = [(c.path, d) for c in clips if (d := audio_defect(c.path))]
+    if bad:
+        lines = "\n".join(f"  {p}: {d}" for p, d in bad[:20])
+        more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+        raise ValueError(f"{what}: {len(bad)} of {len(clips)} clips cannot be scored:\n{lines}{more}")
 
 
 # ----------------------------------------------------------------------------- features + cache
@@ -204,9 +227,6 @@ class FeatureStore:
             except (OSError, ValueError):
                 pass  # a corrupt cache file is recomputed
         wav = load_audio(path, emb.sample_rate, channels=emb.channels)
-        n_min = int(MIN_SCORED_S * emb.sample_rate)
-        if wav.shape[-1] < n_min:
-            wav = torch.nn.functional.pad(wav, (0, n_min - wav.shape[-1]))
         out = {k: np.asarray(v, dtype=np.float32) for k, v in emb.features(wav).items()}
         d.mkdir(parents=True, exist_ok=True)
         if not (d / "key.json").is_file():
@@ -288,19 +308,50 @@ def _fd_safe(a: list[np.ndarray], b: list[np.ndarray]) -> tuple[float | None, st
         return None, str(e)
 
 
-def compute_fd(gen_f, ref_f, codec_f, n_boot: int, seed: int) -> dict[str, Any]:
+def _reduce_for_fd(gen, ref, codec, pca_source) -> tuple[list, list, list | None, dict[str, Any] | None]:
+    """Apply the sample-size rule: an FD needs >= 2 D embeddings per set. Below that the embeddings
+    are projected on the top k = n // 2 principal components of the reference's train split
+    (`pca_source()` -> (Pca or None, why not)); without a train split the FD is refused."""
+    dim = gen[0].shape[1]
+    n_min = min(int(sum(len(g) for g in gen)), int(sum(len(r) for r in ref)))
+    if n_min >= S.clips_needed(dim):
+        return gen, ref, codec, None
+    pca, why = pca_source() if pca_source is not None else (None, "no reference train split to fit a PCA on")
+    if pca is None:
+        try:
+            S.require_samples(sum(len(g) for g in gen), sum(len(r) for r in ref), dim)
+        except ValueError as e:
+            raise ValueError(f"{e}; no dimension reduction: {why}") from None
+    k = min(S.max_dim(n_min), pca.k_max)
+    if k < 1:
+        raise ValueError(f"fd: {n_min} embeddings per set are too few for any FD (needs at least 2)")
+    proj = [[pca.project(x, k) for x in xs] for xs in (gen, ref)]
+    pc = [pca.project(x, k) for x in codec] if codec is not None else None
+    info = {**pca.identity(k), "reason": f"{n_min} embeddings per set < {S.MIN_SAMPLES_PER_DIM} * D = "
+            f"{S.clips_needed(dim)}: projected on the top k = {k} principal components of the reference's train split"}
+    return proj[0], proj[1], pc, info
+
+
+def compute_fd(gen_f, ref_f, codec_f, n_boot: int, seed: int, pca_source=None) -> dict[str, Any]:
     gen = [f["emb"] for f in gen_f]
     ref = [f["emb"] for f in ref_f]
-    value = _fd_block(gen, ref)
-    lo, hi = M.fd_bootstrap_ci(gen, ref, n=n_boot, seed=seed)
+    codec = [f["emb"] for f in codec_f] if codec_f is not None else None
+    gen, ref, codec, reduction = _reduce_for_fd(gen, ref, codec, pca_source)
+    st = S.fd_statistics(gen, ref, n_boot=n_boot, seed=seed)
+    at = st["fd_at_n"]
     res: dict[str, Any] = {
-        "value": value, "ci_low": lo, "ci_high": hi, "n": len(gen),
+        "value": at["value"], "ci_low": at["ci_low"], "ci_high": at["ci_high"], "n": len(gen),
         "n_reference": len(ref), "n_frames": int(sum(len(g) for g in gen)),
         "n_frames_reference": int(sum(len(r) for r in ref)),
-        "ci_method": "percentile bootstrap over clips of both sets (FD is biased upward at small n, "
-        "so the interval can sit above the point estimate)",
+        "dim": int(gen[0].shape[1]),
+        "dimension_reduction": reduction,
+        "interval_meaning": "value / ci_low / ci_high are FD AT THIS n (see fd_at_n): comparable only between "
+        "rows with the same n; fd_population estimates the n -> infinity FD with its own interval",
+        "fd_at_n": at,
+        "fd_population": st["fd_population"],
         "fd_method": "Gaussian fit to all frame embeddings of each set; Tr sqrtm(S1 S2) as the sum of "
-        "square roots of the eigenvalues of F1^T S2 F1 (S1 = F1 F1^T), equal to the scipy sqrtm formula",
+        "square roots of the eigenvalues of F1^T S2 F1 (S1 = F1 F1^T), equal to the scipy sqrtm formula; "
+        "intervals resample whole clips",
     }
     # FD-inf (fadtk) when there are enough generated frames
     allg = np.concatenate(gen)
@@ -328,9 +379,9 @@ def compute_fd(gen_f, ref_f, codec_f, n_boot: int, seed: int) -> dict[str, Any]:
         },
         "codec": None,
     }
-    if codec_f is not None:
+    if codec is not None:
         res["floors"]["codec"] = {
-            "value": _fd_block([f["emb"] for f in codec_f], ref),
+            "value": _fd_block(codec, ref),
             "description": "FD(codec-resynthesised reference, reference)",
         }
     return res
@@ -492,6 +543,24 @@ def metric_table(ckpts: dict[str, str] | None = None) -> list[dict[str, Any]]:
     return rows
 
 
+def _pca_source(emb: Embedder, store: FeatureStore, reference: Path, is_manifest: bool):
+    """A thunk fitting the PCA for the sample-size rule on the embeddings of the reference
+    manifest's train split (cached with the embeddings; identified by its hash in eval.json)."""
+
+    def fit() -> tuple[S.Pca | None, str]:
+        if not is_manifest:
+            return None, "the reference is a folder of audio (no train split to fit a PCA on)"
+        try:
+            train, _ = read_reference(reference, "train")
+        except ValueError as e:
+            return None, str(e)
+        x = np.concatenate([f["emb"] for f in store.many(emb, train, "train split for the PCA")])
+        return S.Pca.fit(x, source=f"train split ({len(train)} clips) of {reference} [{manifest_hash(reference)}], "
+                         f"embedder {emb.cache_hash()}"), ""
+
+    return fit
+
+
 def _get_probe(reference: Path, is_manifest: bool, probe_path: Path | None, seed: int, root: Path,
                progress: bool, floor_frac: float) -> Probe:
     if probe_path is not None:
@@ -544,7 +613,8 @@ def evaluate(
 
     gen = read_generated(Path(generated))
     ref, is_manifest = read_reference(Path(reference), split)
-    flag_clips(gen)
+    check_audio(gen, f"--generated {generated}")
+    check_audio(ref, f"--reference {reference}")
     # a sample without attributes takes those of the reference clip(s) with its caption, when they agree
     n_attr_from_ref = 0
     for g, rs in zip(gen, pair_with_reference(gen, ref)):
@@ -589,7 +659,8 @@ def evaluate(
         codec_f = store.many(emb, codec_ref, f"{m} codec") if codec_ref is not None else None
         kind = spec["kind"]
         if kind == "fd":
-            res = compute_fd(gen_f, ref_f, codec_f, n_bootstrap, seed)
+            res = compute_fd(gen_f, ref_f, codec_f, n_bootstrap, seed,
+                             pca_source=_pca_source(emb, store, Path(reference), is_manifest))
         elif kind == "adherence":
             res = compute_adherence(gen_f, gen, ref_f, ref, codec_f, probe, n_bootstrap, seed)
         elif kind == "kl":
@@ -613,16 +684,14 @@ def evaluate(
             res["probe"]["floor_frac"] = probe_floor
         results[m] = res
 
-    flagged = [{"file": c.file, "flag": c.flag} for c in gen if c.flag]
     output: dict[str, Any] = {
         "generated": {
             "dir": str(Path(generated)), "n": len(gen),
-            "n_empty": sum(c.flag == "empty" for c in gen), "n_silent": sum(c.flag == "silent" for c in gen),
-            "n_short": sum(c.flag == "short" for c in gen), "flagged": flagged,
             "n_attributes_from_reference": n_attr_from_ref,
-            "note": f"flagged clips are scored: empty and clips under {MIN_SCORED_S} s are zero-padded to "
-            f"{MIN_SCORED_S} s; silent = peak below {SILENT_PEAK:g}",
         },
+        "audio_checks": f"passed for every generated and reference clip: readable, non-empty, finite, within "
+        f"[-1, 1], mono peak >= {SILENT_PEAK:g}, at least {MIN_SCORED_S} s (rule: a clip failing any check "
+        "stops the evaluation with an error naming it; nothing is scored, padded or dropped)",
         "reference": {"path": str(Path(reference)), "kind": "manifest" if is_manifest else "folder",
                       "split": split if is_manifest else None, "n": len(ref)},
         "seed": seed, "n_bootstrap": n_bootstrap, "alpha": 0.05,
@@ -652,13 +721,13 @@ def per_clip_csv(gen: list[Clip], per_clip: dict[str, np.ndarray]) -> str:
     cols = sorted(per_clip)
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["file", "caption", "seed", "flag", *cols])
+    w.writerow(["file", "caption", "seed", *cols])
     for i, c in enumerate(gen):
         vals = []
         for k in cols:
             v = float(per_clip[k][i])
             vals.append("" if not np.isfinite(v) else f"{v:.6g}")
-        w.writerow([c.file, c.caption, "" if c.seed is None else c.seed, c.flag, *vals])
+        w.writerow([c.file, c.caption, "" if c.seed is None else c.seed, *vals])
     return buf.getvalue()
 
 
@@ -724,9 +793,6 @@ def cli(argv: list[str]) -> int:
         print(f"{m:<12} {r['value']:.4g}{ci}  n={r['n']}")
     for m, why in res["skipped"].items():
         print(f"{m:<12} skipped: {why}")
-    g = res["generated"]
-    if g["flagged"]:
-        print(f"flagged generated clips: {g['n_empty']} empty, {g['n_silent']} silent, {g['n_short']} short")
     if a.out:
         print(f"wrote {a.out} and {res['csv']}")
     return 0
