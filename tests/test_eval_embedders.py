@@ -276,6 +276,35 @@ def test_probe_beats_chance_on_heldout_clips(probe_set):
     assert measured == pytest.approx(acc["tempo"])
 
 
+def test_probe_is_level_invariant(probe_set):
+    """The same clips at full scale, -20 dB and +6 dB (clipped to [-1, 1]): under 5% of predictions
+    flip, and the FD between a set and its level-shifted copy stays below the FD noise floor
+    (two disjoint halves of the set), in the PCA space the runner would use."""
+    from eval import metrics as M
+    from eval.stats import Pca
+
+    manifest, _path, probe = probe_set
+    entries = [json.loads(x) for x in manifest.read_text().splitlines()]
+    wavs = [load_audio(manifest.parent / e["path"], probe.sample_rate)[0] for e in entries]
+    wavs = [0.9 * w / w.abs().max() for w in wavs]  # full scale
+    levels = {"0 dB": wavs, "-20 dB": [w * 0.1 for w in wavs], "+6 dB clipped": [(w * 2).clamp(-1, 1) for w in wavs]}
+    pred = {k: probe.predict(v) for k, v in levels.items()}
+    emb = {k: probe.embed(v).numpy().astype(np.float64) for k, v in levels.items()}
+    train = [i for i, e in enumerate(entries) if e["split"] == "train"]
+    pca = Pca.fit(emb["0 dB"][train], "train split")
+    x = {k: pca.project(v, 8) for k, v in emb.items()}  # 8 dims: 18 clips per half >= 2 D
+    half = np.random.default_rng(0).permutation(len(entries))
+    a, b = half[:18], half[18:]
+    noise = M.fd_fast(x["0 dB"][a], x["0 dB"][b])
+    for k in ("-20 dB", "+6 dB clipped"):
+        flips = np.mean([p != q for attr in probe.classes for p, q in zip(pred["0 dB"][attr], pred[k][attr])])
+        fd_copy = M.fd_fast(x["0 dB"], x[k])
+        moved = abs(M.fd_fast(x[k][a], x["0 dB"][b]) - noise)
+        print(f"{k}: flips {flips:.3f}, FD(set, copy) {fd_copy:.4g}, FD moved by {moved:.4g}, noise floor {noise:.4g}")
+        assert flips < 0.05
+        assert fd_copy < noise and moved < noise
+
+
 def test_probe_is_reloaded_when_the_manifest_is_unchanged(probe_set):
     from eval.probe import Probe, train_probe
 
