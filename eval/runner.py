@@ -5,9 +5,12 @@
     ttm-bench eval --list
 
 Generated: a folder of audio files with `samples.jsonl` (`file`, `caption`, `seed`,
-`attributes`, optionally `ref_id`: the manifest id of the reference clip it is compared
-with for KL; otherwise clips are paired by caption). A sample without attributes takes
-those of the reference clips with its caption. Reference: a dataset manifest (its `split`
+`attributes`, and `ref_id`: the manifest id of the reference clip it was generated for,
+written by `ttm-bench generate` for split-driven prompts). Paired metrics (KL, per-clip
+pair columns) pair 1:1 by that id, never by caption; a clip without `ref_id` (a free-text
+prompt) is scored only by the unpaired metrics (FD, CLAP-style score, adherence), and
+eval.json's "pairing" block says how many were paired. A sample without attributes takes
+those of its reference clip, else of the reference clips with its caption when they agree. Reference: a dataset manifest (its `split`
 clips, default test) or a plain folder of audio (FD metrics only, and the probe metrics
 with --probe).
 
@@ -427,21 +430,34 @@ def _caption_key(c: str) -> str:
     return " ".join(c.split()).lower()
 
 
-def pair_with_reference(gen: list[Clip], ref: list[Clip]) -> list[list[int]]:
-    """For each generated clip, the reference clips it is compared with: its `ref_id` when given,
-    else every reference clip with the same caption (whitespace and case ignored)."""
+def pair_by_id(gen: list[Clip], ref: list[Clip], has_ids: bool = True) -> list[int | None]:
+    """For each generated clip, the index of the reference clip it was generated for (its
+    samples.jsonl `ref_id`, written by `ttm-bench generate` for split-driven prompts), or None for
+    a free-text prompt. Pairing is 1:1 by id, never by caption text (captions repeat). A `ref_id`
+    that is not in the reference is an error; a reference folder (`has_ids` False) has no ids, so
+    nothing pairs."""
+    if not has_ids:
+        return [None] * len(gen)
     by_id = {c.id: i for i, c in enumerate(ref)}
+    out: list[int | None] = []
+    for g in gen:
+        if g.ref is None:
+            out.append(None)
+        elif g.ref in by_id:
+            out.append(by_id[g.ref])
+        else:
+            raise ValueError(f"generated clip {g.file!r}: ref_id {g.ref!r} is not a clip of the reference set")
+    return out
+
+
+def attributes_by_caption(gen: list[Clip], ref: list[Clip]) -> list[list[int]]:
+    """For each generated clip, the reference clips with its caption (whitespace and case ignored):
+    only used to look up caption attributes for a sample that has none, never to pair clips."""
     by_cap: dict[str, list[int]] = {}
     for i, c in enumerate(ref):
         if c.caption:
             by_cap.setdefault(_caption_key(c.caption), []).append(i)
-    out = []
-    for g in gen:
-        if g.ref is not None and g.ref in by_id:
-            out.append([by_id[g.ref]])
-        else:
-            out.append(by_cap.get(_caption_key(g.caption), []) if g.caption else [])
-    return out
+    return [by_cap.get(_caption_key(g.caption), []) if g.caption else [] for g in gen]
 
 
 def _kl_values(pairs: list[tuple[int, int]], a_f, b_f, convention: str) -> tuple[float, np.ndarray]:
@@ -451,26 +467,25 @@ def _kl_values(pairs: list[tuple[int, int]], a_f, b_f, convention: str) -> tuple
     return M.kl_audiocraft(ra, gb) if convention == "audiocraft" else M.kl_stable_audio(ra, gb)
 
 
-def compute_kl(gen_f, gen, ref_f, ref, codec_f, convention: str, n_boot: int, seed: int) -> dict[str, Any]:
-    matches = pair_with_reference(gen, ref)
-    pairs = [(r, g) for g, rs in enumerate(matches) for r in rs]
+def compute_kl(gen_f, gen, ref_f, ref, codec_f, convention: str, n_boot: int, seed: int,
+               matches: list[int | None]) -> dict[str, Any]:
+    pairs = [(r, g) for g, r in enumerate(matches) if r is not None]
     if not pairs:
         raise ValueError(
-            "kl: no generated clip shares a caption with a reference clip (or names one with 'ref_id'); "
-            "the KL compares clips made from the same caption"
+            "kl: no generated clip names its reference clip (samples.jsonl 'ref_id', written by `ttm-bench "
+            "generate --split`); KL compares paired clips, so free-text prompts are scored only with unpaired metrics"
         )
     value, per_pair = _kl_values(pairs, ref_f, gen_f, convention)
     per_clip = np.full(len(gen), np.nan)
-    for g in range(len(gen)):
-        vals = [v for (r, gg), v in zip(pairs, per_pair) if gg == g]
-        if vals:
-            per_clip[g] = float(np.mean(vals))
+    for (_, g), v in zip(pairs, per_pair):
+        per_clip[g] = float(v)
     lo, hi = _ci(per_clip, n_boot, seed)
     direction = "KL(reference || generated)" if convention == "audiocraft" else "KL(generated || reference)"
     res: dict[str, Any] = {
         "value": value, "ci_low": lo, "ci_high": hi, "n": int(np.isfinite(per_clip).sum()), "n_pairs": len(pairs),
         "n_unpaired": int((~np.isfinite(per_clip)).sum()), "direction": direction, "convention": convention,
-        "ci_method": "percentile bootstrap over generated clips (per-clip mean over its reference pairs)",
+        "pairing": "1:1 by reference clip id (samples.jsonl ref_id); clips without one are not scored",
+        "ci_method": "percentile bootstrap over paired generated clips",
     }
     floors: dict[str, Any] = {"noise": None, "codec": None}
     same = [(i, j) for i in range(len(ref)) for j in range(len(ref))
@@ -615,10 +630,15 @@ def evaluate(
     ref, is_manifest = read_reference(Path(reference), split)
     check_audio(gen, f"--generated {generated}")
     check_audio(ref, f"--reference {reference}")
-    # a sample without attributes takes those of the reference clip(s) with its caption, when they agree
+    paired = pair_by_id(gen, ref, is_manifest)
+    # a sample without attributes takes those of its reference clip (by id), else of the reference
+    # clip(s) with its caption when they agree
     n_attr_from_ref = 0
-    for g, rs in zip(gen, pair_with_reference(gen, ref)):
-        if not g.attributes and rs:
+    for g, r, rs in zip(gen, paired, attributes_by_caption(gen, ref)):
+        if not g.attributes and r is not None and ref[r].attributes:
+            g.attributes = dict(ref[r].attributes)
+            n_attr_from_ref += 1
+        elif not g.attributes and rs:
             cands = {json.dumps(ref[r].attributes, sort_keys=True) for r in rs}
             if len(cands) == 1 and ref[rs[0]].attributes:
                 g.attributes = dict(ref[rs[0]].attributes)
@@ -664,7 +684,7 @@ def evaluate(
         elif kind == "adherence":
             res = compute_adherence(gen_f, gen, ref_f, ref, codec_f, probe, n_bootstrap, seed)
         elif kind == "kl":
-            res = compute_kl(gen_f, gen, ref_f, ref, codec_f, spec["convention"], n_bootstrap, seed)
+            res = compute_kl(gen_f, gen, ref_f, ref, codec_f, spec["convention"], n_bootstrap, seed, paired)
         else:
             res = compute_clap(emb, gen_f, gen, ref_f, ref, codec_f, n_bootstrap, seed)
         per_clip.update(res.pop("_per_clip", {}))
@@ -688,6 +708,11 @@ def evaluate(
         "generated": {
             "dir": str(Path(generated)), "n": len(gen),
             "n_attributes_from_reference": n_attr_from_ref,
+        },
+        "pairing": {
+            "n_paired": sum(r is not None for r in paired), "n_unpaired": sum(r is None for r in paired),
+            "rule": "paired metrics (KL) pair each generated clip 1:1 with the reference clip named by its ref_id; "
+            "clips without ref_id (free-text prompts) are scored only with unpaired metrics (FD, CLAP-style, adherence)",
         },
         "audio_checks": f"passed for every generated and reference clip: readable, non-empty, finite, within "
         f"[-1, 1], mono peak >= {SILENT_PEAK:g}, at least {MIN_SCORED_S} s (rule: a clip failing any check "

@@ -51,7 +51,7 @@ def env(tmp_path_factory):
             continue
         a = e["attributes"]  # re-rendered at another pitch, phase and rate (22.05 kHz -> resampled)
         save_audio(gen / f"{e['id']}.wav", synth_clip(a["family"], a["tempo"], 770, sr=22050, seed=99), 22050)
-        lines.append({"file": f"{e['id']}.wav", "caption": e["caption"], "seed": 1, "attributes": a})
+        lines.append({"file": f"{e['id']}.wav", "caption": e["caption"], "seed": 1, "attributes": a, "ref_id": e["id"]})
     (gen / "samples.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     ckpts = {"clap": tiny_clap(root / "clap"), "ast": tiny_ast(root / "ast"), "encodec": tiny_encodec(root / "encodec")}
     return {"root": root, "manifest": manifest, "gen": gen, "ckpts": {k: str(v) for k, v in ckpts.items()}}
@@ -155,7 +155,7 @@ def test_reference_folder_and_probe_path(env, tmp_path):
                    n_bootstrap=20, progress=False)
     assert res["reference"]["kind"] == "folder" and res["reference"]["n"] == 6
     assert res["metrics"]["fad_encodec"]["n_reference"] == 6
-    with pytest.raises(ValueError, match="kl: no generated clip shares a caption"):
+    with pytest.raises(ValueError, match="kl: no generated clip names its reference clip"):
         evaluate(env["gen"], ref, ["kl_ast"], None, ckpts=env["ckpts"], progress=False)
 
 
@@ -239,3 +239,34 @@ def test_bad_audio_is_refused_naming_the_file_and_defect(env, tmp_path, case, de
     assert re.search(defect, audio_defect(gen / f"{case}.wav"))
     with pytest.raises(ValueError, match=rf"--generated .*: 1 of 2 clips cannot be scored:\n  .*{case}\.wav: {defect}"):
         evaluate(gen, env["manifest"], ["fd_probe"], None, progress=False)
+
+
+def test_pairing_is_one_to_one_by_id_with_duplicate_captions(env, tmp_path):
+    """Every reference clip gets the same caption: pairing by caption would be 6 x 6; by id it is
+    1:1. A free-text sample (no ref_id) is not paired and is said so in eval.json."""
+    lines = [json.loads(x) for x in env["manifest"].read_text().splitlines()]
+    manifest = env["manifest"].parent / "same_caption.jsonl"
+    manifest.write_text("".join(json.dumps({**x, "caption": "A tone."}) + "\n" for x in lines))
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    rows = [json.loads(x) for x in (env["gen"] / "samples.jsonl").read_text().splitlines()]
+    for r in rows:
+        (gen / r["file"]).write_bytes((env["gen"] / r["file"]).read_bytes())
+    free = {**rows[0], "file": "free.wav", "caption": "A tone."}
+    free.pop("ref_id")
+    (gen / "free.wav").write_bytes((env["gen"] / rows[0]["file"]).read_bytes())
+    (gen / "samples.jsonl").write_text("".join(json.dumps({**r, "caption": "A tone."}) + "\n" for r in rows + [free]))
+    res = evaluate(gen, manifest, ["kl_ast"], tmp_path / "eval.json", ckpts=env["ckpts"], n_bootstrap=20, progress=False)
+    kl = res["metrics"]["kl_ast"]
+    assert kl["n_pairs"] == 6 and kl["n"] == 6 and kl["n_unpaired"] == 1
+    assert res["pairing"]["n_paired"] == 6 and res["pairing"]["n_unpaired"] == 1
+    # each pair is the generated clip with its own reference clip: the per-clip KL matches a 1:1 computation
+    per = {r["file"]: r["kl_ast"] for r in csv.DictReader((tmp_path / "eval.csv").open())}
+    assert per["free.wav"] == "" and all(per[r["file"]] != "" for r in rows)
+    bad = dict(rows[0], ref_id="no-such-clip")
+    (gen / "samples.jsonl").write_text(json.dumps(bad) + "\n")
+    with pytest.raises(ValueError, match="ref_id 'no-such-clip' is not a clip of the reference set"):
+        evaluate(gen, manifest, ["kl_ast"], None, ckpts=env["ckpts"], progress=False)
+    (gen / "samples.jsonl").write_text(json.dumps(free) + "\n")
+    with pytest.raises(ValueError, match="free-text prompts are scored only with unpaired metrics"):
+        evaluate(gen, manifest, ["kl_ast"], None, ckpts=env["ckpts"], progress=False)

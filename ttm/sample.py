@@ -1,6 +1,7 @@
 """Generation: `ttm-bench generate RUN (--prompt TEXT | --prompts FILE | --split test) --out DIR`.
 
-Writes one WAV per caption and `samples.jsonl` rows `{file, caption, seed, attributes}`.
+Writes one WAV per caption and `samples.jsonl` rows `{file, caption, seed, attributes}`, plus
+`ref_id` (the reference clip's manifest id) for split-driven prompts.
 Sampling is recurrent (backbone state / KV cache, one step per token) with classifier-free
 guidance as one batched pass of conditional + null captions.
 """
@@ -66,7 +67,8 @@ def write_clips(out_dir: Path, prompts: list[dict], wav: torch.Tensor, sample_ra
         name = f"{first_index + j:04d}-{_slug(p['caption'])}.wav"
         save_audio(Path(out_dir) / name, wav[j], sample_rate)
         rows.append({"file": name, "caption": p["caption"], "seed": seed, "index": j,
-                     "attributes": p.get("attributes", {})})
+                     "attributes": p.get("attributes", {}),
+                     **({"ref_id": p["id"]} if p.get("id") is not None else {})})  # eval pairs KL 1:1 by it
     return rows
 
 
