@@ -29,7 +29,7 @@ def synth_clip(family: str, tempo: str, f0: float, sr: int = 16000, dur: float =
     return (0.3 * x * gate).astype(np.float32)
 
 
-def make_set(root: Path, shuffle_labels: bool = False) -> Path:
+def make_set(root: Path, shuffle_labels: bool = False, shuffle_captions: bool = False) -> Path:
     """36 one-second clips (3 families x 2 tempi x 6 pitches): 24 train, 6 valid, 6 test.
     Held-out clips use pitches never seen in training."""
     (root / "audio").mkdir(parents=True, exist_ok=True)
@@ -44,7 +44,10 @@ def make_set(root: Path, shuffle_labels: bool = False) -> Path:
                 attrs = {"family": family, "tempo": tempo}
                 if shuffle_labels:
                     attrs = {"family": str(rng.choice(["sine", "square", "noise"])), "tempo": str(rng.choice(["slow", "fast"]))}
-                lines.append({"id": cid, "path": f"audio/{cid}.wav", "caption": f"A {tempo} {family} tone.", "split": split,
+                caption = f"A {tempo} {family} tone."
+                if shuffle_captions:  # captions drawn at random, unrelated to the audio
+                    caption = f"A {rng.choice(['slow', 'fast'])} {rng.choice(['sine', 'square', 'noise'])} tone."
+                lines.append({"id": cid, "path": f"audio/{cid}.wav", "caption": caption, "split": split,
                                   "piece": cid, "duration": 1.0, "sample_rate": 16000, "attributes": attrs})
                 k += 1
     (root / "manifest.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
@@ -351,6 +354,29 @@ def test_quality_floor_refuses_a_bad_probe(tmp_path):
     assert p >= 0.05
     with pytest.raises(ValueError, match=r"mean held-out accuracy 0\.\d+ \(required 0\.\d+ .*one-sided p = "):
         bad.check_quality()
+
+
+def test_contrastive_head_beats_chance_and_its_floor_refuses_shuffled_captions(probe_set, tmp_path):
+    from eval.probe import caption_embeddings, train_probe
+
+    manifest, _path, probe = probe_set
+    c = probe.info["contrastive"]
+    print(f"contrastive head: held-out recall@{c['k']} {c['recall']:.3f}, chance {c['chance']:.3f}, p {c['p']:.2g}")
+    assert c["recall"] > c["chance"] and c["p"] < 0.05
+    probe.check_contrastive_quality()
+    # the CLAP-style score: a clip is closer to its own caption than to the others
+    held = [json.loads(x) for x in manifest.read_text().splitlines() if json.loads(x)["split"] != "train"]
+    audio = probe.audio_text([load_audio(manifest.parent / e["path"], probe.sample_rate)[0] for e in held])
+    text = caption_embeddings(probe.text_encoder(), [e["caption"] for e in held])
+    cos = audio @ text.T  # [N, N]
+    same = torch.tensor([[a["caption"] == b["caption"] for b in held] for a in held])
+    assert cos[same].mean() > cos[~same].mean() + 0.1
+    bad = train_probe(make_set(tmp_path / "set", shuffle_captions=True), tmp_path / "bad.pt", seed=0, epochs=10,
+                      progress=False)
+    cb = bad.info["contrastive"]
+    print(f"shuffled captions: recall@{cb['k']} {cb['recall']:.3f}, chance {cb['chance']:.3f}, p {cb['p']:.2g}")
+    with pytest.raises(ValueError, match=r"contrastive head held-out text-to-audio recall@\d+ .* too weak"):
+        bad.check_contrastive_quality()
 
 
 def test_probe_needs_train_and_heldout_clips(tmp_path):
