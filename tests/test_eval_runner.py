@@ -155,7 +155,7 @@ def test_reference_folder_and_probe_path(env, tmp_path):
                    n_bootstrap=20, progress=False)
     assert res["reference"]["kind"] == "folder" and res["reference"]["n"] == 6
     assert res["metrics"]["fad_encodec"]["n_reference"] == 6
-    with pytest.raises(ValueError, match="kl: no generated clip names its reference clip"):
+    with pytest.raises(ValueError, match="kl_ast: no generated clip names its reference clip"):
         evaluate(env["gen"], ref, ["kl_ast"], None, ckpts=env["ckpts"], progress=False)
 
 
@@ -270,3 +270,42 @@ def test_pairing_is_one_to_one_by_id_with_duplicate_captions(env, tmp_path):
     (gen / "samples.jsonl").write_text(json.dumps(free) + "\n")
     with pytest.raises(ValueError, match="free-text prompts are scored only with unpaired metrics"):
         evaluate(gen, manifest, ["kl_ast"], None, ckpts=env["ckpts"], progress=False)
+
+
+def test_offline_default_metric_set_is_fd_kl_clap_style_and_adherence(env):
+    """No pretrained weights: every metric family still comes from the embedded evaluator."""
+    res = evaluate(env["gen"], env["manifest"], None, None, n_bootstrap=50, progress=False)
+    m = res["metrics"]
+    assert {"fd_probe", "adherence", "kl_probe", "clap_probe"} <= set(m)
+    kl, clap = m["kl_probe"], m["clap_probe"]
+    assert kl["paired"] and kl["n_pairs"] == 6 and kl["value"] >= 0 and kl["reverse"]["value"] >= 0
+    assert kl["direction"] == "KL(reference || generated)" and kl["reverse"]["direction"] == "KL(generated || reference)"
+    assert kl["floors"]["noise"]["value"] is None  # the test split has no repeated caption
+    assert -1 <= clap["value"] <= 1 and not clap["paired"] and clap["contrastive_head"]["recall"] > 0
+    assert clap["floors"]["noise"]["value"] > 0  # reference clips with their own captions
+    for name in ("fd_probe", "adherence", "kl_probe", "clap_probe"):
+        assert m[name]["resolvable_difference"] > 0, name
+
+
+def test_a_metric_is_one_registered_class(env):
+    from eval.scores import Inputs, Metric, list_metrics, register
+    from eval.scores.base import REGISTRY
+
+    @register("mean_probe_norm")
+    class MeanNorm(Metric):  # a new metric: one class, nothing else edited
+        embedder = "probe"
+        what = "mean norm of the probe embedding"
+
+        def compute(self, x: Inputs):
+            per = np.array([float(np.linalg.norm(f["emb"])) for f in x.gen_f])
+            return {"value": float(per.mean()), "ci_low": None, "ci_high": None, "n": len(per)}
+
+        def floors(self, x: Inputs):
+            return {"noise": None, "codec": None}
+
+    try:
+        assert "mean_probe_norm" in list_metrics()
+        res = evaluate(env["gen"], env["manifest"], ["mean_probe_norm"], None, progress=False)
+        assert res["metrics"]["mean_probe_norm"]["value"] > 0 and res["metrics"]["mean_probe_norm"]["n"] == 6
+    finally:
+        REGISTRY.pop("mean_probe_norm")
