@@ -34,7 +34,8 @@ that the metric resolves. Floors:
   codec: the metric on the reference resynthesised by a codec (encode -> decode) against
          the reference, when a codec is given.
 Probe metrics also carry the probe's held-out quality and chance levels; a metric whose probe
-head is below its floor is refused. Bad audio is refused before any metric (eval/clips.py):
+head is below its floor is refused: reported with value null and the reason (an error when
+every requested metric is refused). Bad audio is refused before any metric (eval/clips.py):
 a generated or reference clip that is unreadable, empty, non-finite, outside [-1, 1], silent
 after the down-mix to mono or shorter than 0.5 s stops the evaluation with an error naming
 each file and its defect. A per-clip CSV is written next to the JSON.
@@ -295,6 +296,7 @@ def evaluate(
     # embedders, shared between metrics with the same settings; the probe heads' floors
     embedders: dict[str, Embedder] = {}
     skipped: dict[str, str] = {}
+    refused: dict[str, str] = {}
     probe: Probe | None = None
     specs = {m: get_metric(m) for m in names}
     for m, spec in specs.items():
@@ -304,10 +306,8 @@ def evaluate(
                 probe = _get_probe(Path(reference), is_manifest, probe_path, seed, root, progress)
             try:
                 _check_head(probe, spec.probe_head, probe_floor)
-            except ValueError as e:
-                if explicit:
-                    raise ValueError(f"metric {m}: {e}") from None
-                skipped[m] = str(e)
+            except ValueError as e:  # below its quality floor: reported as refused, never scored
+                refused[m] = f"refused: {e}"
                 continue
             embedders[key] = embedders.get(key) or get_embedder("probe", probe=probe)
             continue
@@ -319,7 +319,9 @@ def evaluate(
             skipped[m] = why
             continue
         embedders[key] = emb
-    names = [m for m in names if m not in skipped]
+    if refused and len(refused) == len(names):
+        raise ValueError("; ".join(f"metric {m}: {why}" for m, why in refused.items()))
+    names = [m for m in names if m not in skipped and m not in refused]
 
     codec_ref = resynthesize(codec, ref, root, progress) if codec is not None else None
     results: dict[str, Any] = {}
@@ -359,6 +361,9 @@ def evaluate(
             res["probe"]["floor_frac"] = probe_floor
         results[m] = res
 
+    for m, why in refused.items():
+        results[m] = {"value": None, "reason": why, "n": len(gen), "what": specs[m].what,
+                      "probe": probe.summary() if probe is not None else None}
     output: dict[str, Any] = {
         "generated": {
             "dir": str(Path(generated)), "n": len(gen),
@@ -469,6 +474,9 @@ def cli(argv: list[str]) -> int:
                    seed=a.seed, progress=not a.quiet, ckpts=ckpts, n_bootstrap=a.n_bootstrap,
                    probe_floor=a.probe_floor, cache_dir=a.cache, device=a.device)
     for m, r in res["metrics"].items():
+        if r["value"] is None:
+            print(f"{m:<12} {r['reason']}")
+            continue
         ci = "" if r.get("ci_low") is None else f"  [{r['ci_low']:.4g}, {r['ci_high']:.4g}]"
         print(f"{m:<12} {r['value']:.4g}{ci}  n={r['n']}")
     for m, why in res["skipped"].items():

@@ -167,7 +167,7 @@ def run_row(
             m = m if isinstance(m, dict) else {"value": m}
             v = _num(m.get("value"))
             row[f"metric.{name}"] = v
-            for k in ("ci_low", "ci_high", "n"):
+            for k in ("ci_low", "ci_high", "n", "resolvable_difference"):
                 if _num(m.get(k)) is not None:
                     row[f"metric.{name}.{k}"] = _num(m.get(k))
             for fk, fv in (m.get("floors") or {}).items():
@@ -347,7 +347,7 @@ def group_table(df: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     headers = [a[5:] for a in axes] or ["run"]
     headers += ["seeds done", "params", "FLOPs", "steps", "binding budget", "train time (s)", "val loss"]
     for m in metrics:
-        headers += [m, f"{m} noise floor"]
+        headers += [m, f"{m} noise floor", f"{m} resolvable diff"]
     rows = []
     for _, g in df.groupby("group", sort=False):
         first = g.iloc[0]
@@ -369,8 +369,20 @@ def group_table(df: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
                 if (g["status"] != "complete").all()
                 else "n/a (no floor reported)"
             )
+            r.append(_cell(g, f"metric.{m}.resolvable_difference", ci=False))  # eval: smallest resolvable diff
         rows.append(r)
     return headers, rows
+
+
+def unequal_n(df: pd.DataFrame) -> dict[str, list[int]]:
+    """Metrics whose evaluation n (clips scored) differs between runs: {metric: sorted distinct n}."""
+    out = {}
+    for m in metric_names(df):
+        col = f"metric.{m}.n"
+        ns = sorted({int(v) for v in df[col].dropna()}) if col in df else []
+        if len(ns) > 1:
+            out[m] = ns
+    return out
 
 
 def _budget(g: pd.DataFrame) -> str:
@@ -673,11 +685,18 @@ def build_report(root: Path, clip_seconds: float = 5.0, max_captions: int = 3, m
         "One row per group (all axes except the seed). Values are means over the seeds that completed, "
         "with a 95% Student-t interval over seeds in brackets; with a single seed a metric shows the "
         "evaluation's bootstrap CI, marked '(eval CI, 1 seed)'. The noise floor is the metric computed "
-        "between two halves of the reference set: differences below it are not meaningful. "
+        "between two halves of the reference set: differences below it are not meaningful; 'resolvable diff' "
+        "is the smallest difference between two rows at this n that the evaluation resolves (sqrt 2 x its "
+        "interval half-width). "
         + _direction_note(metric_names(df))
     )
     headers, rows = group_table(df)
     doc.table(headers, rows)
+    unequal = unequal_n(df)
+    if unequal:
+        doc.p("NOT COMPARABLE: " + "; ".join(f"{m} was evaluated with different numbers of clips across runs "
+                                               f"(n = {', '.join(map(str, ns))})" for m, ns in unequal.items())
+              + ". FD at n and every interval depend on n; compare rows only at equal n.")
 
     bad = df[df["status"] != "complete"]
     if not bad.empty:

@@ -309,3 +309,20 @@ def test_a_metric_is_one_registered_class(env):
         assert res["metrics"]["mean_probe_norm"]["value"] > 0 and res["metrics"]["mean_probe_norm"]["n"] == 6
     finally:
         REGISTRY.pop("mean_probe_norm")
+
+
+def test_a_head_below_its_floor_refuses_only_its_metrics(env, tmp_path):
+    from eval.probe import Probe
+
+    evaluate(env["gen"], env["manifest"], ["fd_probe"], None, n_bootstrap=10, progress=False)  # trains the probe
+    probe = Probe.load(next((env["root"] / "cache" / "probes").glob("*.pt")))
+    c = probe.info["contrastive"]
+    probe.info["contrastive"] = {**c, "recall": c["chance"], "z": 0.0, "p": 0.5}  # a head at chance
+    probe.save(tmp_path / "weak.pt")
+    res = evaluate(env["gen"], env["manifest"], ["fd_probe", "clap_probe"], None, probe_path=tmp_path / "weak.pt",
+                   n_bootstrap=10, progress=False)
+    assert res["metrics"]["fd_probe"]["value"] is not None
+    clap = res["metrics"]["clap_probe"]
+    assert clap["value"] is None and "refused: " in clap["reason"] and "too weak" in clap["reason"]
+    with pytest.raises(ValueError, match="metric clap_probe: refused: .*recall@"):
+        evaluate(env["gen"], env["manifest"], ["clap_probe"], None, probe_path=tmp_path / "weak.pt", progress=False)

@@ -113,7 +113,7 @@ class TrainConfig(_Strict):
 
 
 class GenerateConfig(_Strict):
-    n_clips: int = 8
+    n_clips: int | None = 8  # None: the whole split
     seconds: float | None = None  # None: the dataset's clip length
     cfg_scale: float = 3.0
     top_k: int = 50
@@ -123,7 +123,7 @@ class GenerateConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    metrics: list[str] = Field(default_factory=lambda: ["fd_probe", "adherence"])
+    metrics: list[str] = Field(default_factory=lambda: ["fd_probe", "kl_probe", "clap_probe", "adherence"])
     probe_path: str | None = None
 
 

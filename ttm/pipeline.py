@@ -13,7 +13,7 @@ from ttm.audio import atomic_write_text
 from ttm.config import RunConfig
 
 
-PROBE_METRICS = ("fd_probe", "adherence")
+PROBE_METRICS = ("fd_probe", "adherence", "kl_probe", "clap_probe")
 
 
 def probe_for(cfg: RunConfig, manifest: Path, progress: bool = True) -> Path | None:

@@ -160,11 +160,11 @@ def _decode_partial(codec, codes: torch.Tensor) -> torch.Tensor:
     )
 
 
-def prompts_from_split(data, split: str, n: int) -> list[dict]:
+def prompts_from_split(data, split: str, n: int | None) -> list[dict]:
     if split not in data.splits:
         raise ValueError(f"split {split!r} not in the dataset (have {sorted(data.splits)})")
     sp = data.splits[split]
-    n = min(n, len(sp))
+    n = len(sp) if n is None else min(n, len(sp))  # None: the whole split
     return [{"caption": sp.captions[i], "attributes": sp.attributes[i], "id": sp.ids[i] if sp.ids else None}
             for i in range(n)]
 
