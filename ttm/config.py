@@ -123,7 +123,7 @@ class GenerateConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    metrics: list[str] = Field(default_factory=lambda: ["fd_probe", "kl_probe", "clap_probe", "adherence"])
+    metrics: list[str] = Field(default_factory=lambda: ["fd_probe", "adherence"])
     probe_path: str | None = None
 
 
