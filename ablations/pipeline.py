@@ -18,7 +18,7 @@ from ttm.config import RunConfig, config_from_dict
 from ttm.rundir import RunDir
 from ttm.sample import prompts_from_split
 
-PROBE_METRICS = ("fd_probe", "adherence")
+PROBE_METRICS = ("fd_probe", "adherence", "kl_probe", "clap_probe")
 
 
 def probe_for(cfg: RunConfig, manifest: Path, progress: bool = True) -> Path | None:

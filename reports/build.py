@@ -28,7 +28,7 @@ from reports.results import (
     read_json,
     write_results,
 )
-from reports.tables import fmt, group_table, metric_floor
+from reports.tables import fmt, group_table, metric_floor, unequal_n
 from ttm.rundir import RunDir
 from ttm.util import atomic_write_text
 
@@ -71,11 +71,18 @@ def build_report(root: Path, clip_seconds: float = 5.0, max_captions: int = 3, m
         "One row per group (all axes except the seed). Values are means over the seeds that completed, "
         "with a 95% Student-t interval over seeds in brackets; with a single seed a metric shows the "
         "evaluation's bootstrap CI, marked '(eval CI, 1 seed)'. The noise floor is the metric computed "
-        "between two halves of the reference set: differences below it are not meaningful. "
+        "between two halves of the reference set: differences below it are not meaningful; 'resolvable diff' "
+        "is the smallest difference between two rows at this n that the evaluation resolves (sqrt 2 x its "
+        "interval half-width). "
         + _direction_note(metric_names(df))
     )
     headers, rows = group_table(df)
     doc.table(headers, rows)
+    unequal = unequal_n(df)
+    if unequal:
+        doc.p("NOT COMPARABLE: " + "; ".join(f"{m} was evaluated with different numbers of clips across runs "
+                                               f"(n = {', '.join(map(str, ns))})" for m, ns in unequal.items())
+              + ". FD at n and every interval depend on n; compare rows only at equal n.")
 
     bad = df[df["status"] != "complete"]
     if not bad.empty:

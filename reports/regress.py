@@ -78,10 +78,13 @@ def _stats(df, metrics: list[str] | None, directions: dict[str, str]) -> dict[st
             declared = next((d for d in gd[dcol].dropna()), None) if dcol in gd else None
             fcol = f"{col}.floor.noise"
             floor = float(gd[fcol].dropna().mean()) if fcol in gd and not gd[fcol].dropna().empty else None
+            ncol = f"{col}.n"  # clips each evaluation scored (eval.json n)
+            eval_n = sorted({int(x) for x in gd[ncol].dropna()}) if ncol in gd else []
             entry["metrics"][name] = {
                 "mean": float(v.mean()),
                 "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
                 "n": len(v),
+                "eval_n": eval_n,
                 "floor": floor,
                 "direction": directions.get(name) or direction_of(name, declared),
             }
@@ -179,6 +182,10 @@ def compare(
                     delta=None,
                     verdict="MISSING" if key in cand else "MISSING GROUP",
                 )
+            elif bm.get("eval_n") and cm.get("eval_n") and bm["eval_n"] != cm["eval_n"]:
+                # FD at n and every interval depend on the number of clips: refuse to compare
+                row.update(candidate=cm["mean"], candidate_n=cm["n"], delta=None,
+                           verdict=f"N DIFFERS ({bm['eval_n']} vs {cm['eval_n']} clips)")
             else:
                 delta = cm["mean"] - bm["mean"]
                 worse = delta if bm["direction"] == "lower" else -delta

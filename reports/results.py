@@ -147,7 +147,7 @@ def run_row(
             m = m if isinstance(m, dict) else {"value": m}
             v = as_number(m.get("value"))
             row[f"metric.{name}"] = v
-            for k in ("ci_low", "ci_high", "n"):
+            for k in ("ci_low", "ci_high", "n", "resolvable_difference"):
                 if as_number(m.get(k)) is not None:
                     row[f"metric.{name}.{k}"] = as_number(m.get(k))
             for fk, fv in (m.get("floors") or {}).items():

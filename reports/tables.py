@@ -94,7 +94,7 @@ def group_table(df: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     headers = [a[5:] for a in axes] or ["run"]
     headers += ["seeds done", "params", "FLOPs", "steps", "binding budget", "train time (s)", "val loss"]
     for m in metrics:
-        headers += [m, f"{m} noise floor"]
+        headers += [m, f"{m} noise floor", f"{m} resolvable diff"]
     rows = []
     for _, g in df.groupby("group", sort=False):
         first = g.iloc[0]
@@ -116,8 +116,20 @@ def group_table(df: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
                 if (g["status"] != "complete").all()
                 else "n/a (no floor reported)"
             )
+            r.append(_cell(g, f"metric.{m}.resolvable_difference", ci=False))  # eval: smallest resolvable diff
         rows.append(r)
     return headers, rows
+
+
+def unequal_n(df: pd.DataFrame) -> dict[str, list[int]]:
+    """Metrics whose evaluation n (clips scored) differs between runs: {metric: sorted distinct n}."""
+    out = {}
+    for m in metric_names(df):
+        col = f"metric.{m}.n"
+        ns = sorted({int(v) for v in df[col].dropna()}) if col in df else []
+        if len(ns) > 1:
+            out[m] = ns
+    return out
 
 
 def _budget(g: pd.DataFrame) -> str:

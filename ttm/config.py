@@ -123,7 +123,7 @@ class TrainConfig(_Strict):
 
 
 class GenerateConfig(_Strict):
-    n_clips: int = 8
+    n_clips: int | None = 8  # None: the whole split
     seconds: float | None = None  # None: the dataset's clip length
     cfg_scale: float = 3.0
     top_k: int = 50

@@ -1,6 +1,7 @@
 """Generation of clips for a list of captions (`ttm-bench generate` is ttm/runs.py).
 
-Writes one WAV per caption and `samples.jsonl` rows `{file, caption, seed, attributes}`.
+Writes one WAV per caption and `samples.jsonl` rows `{file, caption, seed, attributes}`, plus
+`ref_id` (the reference clip's manifest id) for split-driven prompts.
 Sampling is recurrent (backbone state / KV cache, one step per token) with classifier-free
 guidance as one batched pass of conditional + null captions.
 """
@@ -57,7 +58,8 @@ def write_clips(out_dir: Path, prompts: list[dict], wav: torch.Tensor, sample_ra
         name = f"{first_index + j:04d}-{_slug(p['caption'])}.wav"
         save_audio(Path(out_dir) / name, wav[j], sample_rate)
         rows.append({"file": name, "caption": p["caption"], "seed": seed, "index": j,
-                     "attributes": p.get("attributes", {})})
+                     "attributes": p.get("attributes", {}),
+                     **({"ref_id": p["id"]} if p.get("id") is not None else {})})  # eval pairs KL 1:1 by it
     return rows
 
 
@@ -163,10 +165,10 @@ def _decode_partial(codec, codes: torch.Tensor) -> torch.Tensor:
     )
 
 
-def prompts_from_split(data, split: str, n: int) -> list[dict]:
+def prompts_from_split(data, split: str, n: int | None) -> list[dict]:
     if split not in data.splits:
         raise ValueError(f"split {split!r} not in the dataset (have {sorted(data.splits)})")
     sp = data.splits[split]
-    n = min(n, len(sp))
+    n = len(sp) if n is None else min(n, len(sp))  # None: the whole split
     return [{"caption": sp.captions[i], "attributes": sp.attributes[i], "id": sp.ids[i] if sp.ids else None}
             for i in range(n)]
