@@ -116,6 +116,7 @@ class TrainConfig(_Strict):
     device: str = "auto"
     bf16: bool | Literal["auto"] = "auto"  # bf16 autocast on CUDA
     threads: int | None = Field(None, ge=1)
+    loggers: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)  # curve mirrors of log.jsonl
 
     @model_validator(mode="after")
     def _budget(self):
@@ -169,6 +170,7 @@ RESUME_IGNORED = (
     "train.ckpt_every",
     "train.device",
     "train.threads",
+    "train.loggers",
     "generate",
     "eval",
 )
