@@ -36,6 +36,7 @@ from typing import Any
 
 from ablations.cells import DEFAULT_CELL_FN, CellFn, load_cell_fn, resolve_cell_fn
 from ablations.claims import _study_name, grid_status, grid_study, work_grid
+from ablations.launch import LAUNCHERS, SlurmOptions, run_jobs
 from ablations.search import search_best, search_studies, work_search
 from ablations.spec import (
     Cell,
@@ -109,10 +110,14 @@ def run_grid(
     heartbeat_s: int = DEFAULT_HEARTBEAT_S,
     progress: bool = True,
     overrides: dict[str, Any] | None = None,
+    launcher: str = "local",
+    slurm: SlurmOptions | None = None,
 ) -> Path:
     """Run every cell of a grid (or the search) once; write results.csv/jsonl and the report.
 
     `overrides`: dotted config keys applied to every cell (over preset and axes), e.g. data.root.
+    `launcher`: "local" (this process, or `workers` processes here) or "slurm"/"submitit-local"
+    (`workers` jobs through submitit, see ablations/launch.py).
 
     Returns the grid dir. Cells that failed are listed in `grid.json` (`failed`) and printed; a rerun
     retries them and skips finished cells.
@@ -128,8 +133,10 @@ def run_grid(
     url = storage or f"sqlite:///{(grid_dir / 'grid.db').resolve()}"
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"--launcher: expected one of {', '.join(LAUNCHERS)}, got {launcher!r}")
     fn_ref = resolve_cell_fn(cell_fn)
-    if workers > 1 and callable(fn_ref):
+    if (workers > 1 or launcher != "local") and callable(fn_ref):
         import pickle
 
         try:
@@ -215,7 +222,14 @@ def run_grid(
         bar.refresh()
 
     results: list[tuple[str, Any]] = []
-    if workers == 1:
+    if launcher != "local":
+        if url.startswith("sqlite") and launcher == "slurm":
+            print("warning: SQLite storage on SLURM needs a shared filesystem with working locks; "
+                  "prefer --storage postgresql://...", file=sys.stderr)
+        args = [(str(spec_path), str(grid_dir), preset, url, fn_ref, heartbeat_s, f"j{i} ", overrides)
+                for i in range(workers)]
+        results += run_jobs(_worker_main, args, launcher, grid_dir / "jobs", slurm, on_poll=tick)
+    elif workers == 1:
         fn = load_cell_fn(fn_ref)
         if mode == "grid":
             counts = work_grid(st, study, cells, grid_dir, fn, heartbeat_s, on_progress=tick)
@@ -304,7 +318,15 @@ def cli(argv: list[str]) -> int:
         help="Optuna RDB URL shared by all workers (default sqlite:///GRID_DIR/grid.db; "
         "postgresql://user:pass@host/db for many machines)",
     )
-    ap.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    ap.add_argument("--workers", type=int, default=1, help="worker processes here, or jobs with --launcher slurm")
+    ap.add_argument("--launcher", choices=LAUNCHERS, default="local",
+                    help="local processes, SLURM jobs, or submitit's local executor (default local)")
+    ap.add_argument("--slurm-partition", help="SLURM partition of the worker jobs")
+    ap.add_argument("--slurm-gpus", type=int, default=0, help="GPUs per worker job (default 0)")
+    ap.add_argument("--slurm-cpus", type=int, default=2, help="CPUs per worker job (default 2)")
+    ap.add_argument("--slurm-mem-gb", type=float, default=16, help="memory per worker job (default 16)")
+    ap.add_argument("--slurm-time", type=int, default=24 * 60, help="minutes per worker job (default 1440)")
+    ap.add_argument("--slurm-account", help="SLURM account")
     ap.add_argument("--no-report", action="store_true", help="write results.csv/jsonl but no report")
     ap.add_argument(
         "--cell-fn", default=None, help=f"module:function run per cell (default {DEFAULT_CELL_FN})"
@@ -346,6 +368,9 @@ def cli(argv: list[str]) -> int:
         report=not a.no_report,
         heartbeat_s=a.heartbeat,
         overrides=overrides,
+        launcher=a.launcher,
+        slurm=SlurmOptions(partition=a.slurm_partition, gpus=a.slurm_gpus, cpus=a.slurm_cpus,
+                           mem_gb=a.slurm_mem_gb, time_min=a.slurm_time, account=a.slurm_account),
     )
     failed = json.loads((grid_dir / "grid.json").read_text()).get("failed") or {}
     return 1 if failed else 0

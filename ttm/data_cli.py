@@ -26,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("manifest", type=Path, help="JSONL with at least 'path' and 'caption' per line")
     i.add_argument("--out", required=True, type=Path, help="output folder (audio/, manifest.jsonl, import_report.json)")
     i.add_argument("--min-seconds", type=float, default=1.0, help="skip shorter audio (default 1.0)")
+    i.add_argument("--max-seconds", type=float, default=30.0,
+                   help="skip longer audio (default 30, the study's clip length; cut long files into clips)")
     i.add_argument("--sample-rate", type=int, default=16000, help="resample to this rate (default 16000)")
     i.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -48,7 +50,7 @@ def main(argv: list[str]) -> int:
               f"test {card['splits']['test']['clips']})")
         return 0
     if args.cmd == "import":
-        man = import_manifest(args.manifest, args.out, min_seconds=args.min_seconds,
+        man = import_manifest(args.manifest, args.out, min_seconds=args.min_seconds, max_seconds=args.max_seconds,
                               sample_rate=args.sample_rate, progress=not args.quiet)
         rep = json.loads((man.parent / "import_report.json").read_text())
         print(f"{man}: {rep['kept']} imported, {rep['skipped']} skipped (see {man.parent / 'import_report.json'})")

@@ -27,13 +27,16 @@ def backbone_kwargs(cfg: RunConfig, n_out: int, cardinality: int, text_dim: int)
     if m.target_params:
         get_backbone_cls(m.backbone)  # clear error for unknown names
         kw.pop(m.size_by)
-        res = size_to(
-            m.backbone,
-            m.target_params,
-            vary=m.size_by,
-            extra_params=lambda k: lm_extra_params(n_out, cardinality, text_dim, k["d_model"]),
-            **kw,
-        )
+        try:
+            res = size_to(
+                m.backbone,
+                m.target_params,
+                vary=m.size_by,
+                extra_params=lambda k: lm_extra_params(n_out, cardinality, text_dim, k["d_model"]),
+                **kw,
+            )
+        except ValueError as e:
+            raise ValueError(f"model.target_params: {e}") from None
         kw = res.kwargs
     return kw
 
