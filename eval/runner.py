@@ -75,7 +75,8 @@ from eval.embedders import get_embedder
 from eval.embedders.base import Embedder
 from eval.probe import DEFAULT_FLOOR_FRAC, Probe, manifest_hash, train_probe
 from eval.scores import Inputs, get_metric, list_metrics
-from ttm.audio import atomic_write_text, load_audio, save_audio
+from ttm.audio import load_audio, save_audio
+from ttm.util import atomic_write, atomic_write_text
 
 __all__ = ["audio_defect", "cli", "evaluate", "metric_table"]
 
@@ -120,15 +121,11 @@ class FeatureStore:
         d.mkdir(parents=True, exist_ok=True)
         if not (d / "key.json").is_file():
             atomic_write_text(d / "key.json", emb.cache_key() + "\n")
-        fd, tmp = tempfile.mkstemp(dir=d, suffix=".npz.tmp")
-        os.close(fd)
-        try:
-            with open(tmp, "wb") as fh:
+        def savez(tmp: str) -> None:
+            with open(tmp, "wb") as fh:  # a file object: np.savez would append ".npz" to a name
                 np.savez(fh, **out)
-            os.replace(tmp, f)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+
+        atomic_write(f, savez, ".npz.tmp")
         self.mem[key] = out
         return out
 

@@ -10,10 +10,9 @@ import soundfile as sf
 import torch
 from scipy.signal import resample_poly
 
-from ttm.util import atomic_write, atomic_write_text
+from ttm.util import atomic_write
 
-# atomic_write_text is ttm.util's, named here too for eval/runner.py
-__all__ = ["atomic_torch_save", "atomic_write_text", "load_audio", "resample", "save_audio"]
+__all__ = ["atomic_torch_save", "load_audio", "resample", "save_audio"]
 
 
 def resample(wav: torch.Tensor | np.ndarray, sr_in: int, sr_out: int) -> torch.Tensor:

@@ -17,13 +17,25 @@ from typing import Any
 # ----------------------------------------------------------------------------- atomic writes
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()  # read once: os.umask can only be read by setting it
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None], suffix: str = ".tmp") -> None:
-    """Call `write(tmp_path)`, then rename onto `path`: a crash never leaves half a file."""
+    """Call `write(tmp_path)`, then rename onto `path`: a crash never leaves half a file.
+    The file gets the permissions an ordinary `open()` would give (0666 less the umask), not
+    mkstemp's private 0600, so results are shareable."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=suffix)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)
         write(tmp)
         os.replace(tmp, path)
     finally:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ttm.codecs.base import Codec, hash_tensors
+from ttm.util import atomic_write
 
 FORMAT = "ttm-melrvq-1"
 
@@ -337,22 +337,8 @@ class MelRVQCodec(Codec):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: getattr(self, k).detach().cpu().contiguous() for k in ("mean", "std", "codebooks")}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".safetensors.tmp")
-        os.close(fd)
-        try:
-            save_file(
-                tensors,
-                tmp,
-                metadata={
-                    "format": FORMAT,
-                    "settings": json.dumps(self.settings),
-                    "fit_info": json.dumps(self.fit_info),
-                },
-            )
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        meta = {"format": FORMAT, "settings": json.dumps(self.settings), "fit_info": json.dumps(self.fit_info)}
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta), ".safetensors.tmp")
         return path
 
     @classmethod

@@ -1,0 +1,29 @@
+"""ttm.util: atomic writes keep ordinary permissions; hashing and dotted dicts."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import numpy as np
+import torch
+
+from ttm.audio import atomic_torch_save, save_audio
+from ttm.util import atomic_write_json, atomic_write_text
+
+
+def _mode(p) -> int:
+    return stat.S_IMODE(os.stat(p).st_mode)
+
+
+def test_atomic_writes_respect_the_umask(tmp_path):
+    mask = os.umask(0)
+    os.umask(mask)
+    want = 0o666 & ~mask  # what open() would give; mkstemp alone gives 0600
+    atomic_write_text(tmp_path / "a.txt", "x")
+    atomic_write_json(tmp_path / "a.json", {"a": 1})
+    atomic_torch_save({"w": torch.zeros(2)}, tmp_path / "a.pt")
+    save_audio(tmp_path / "a.wav", np.zeros(160, np.float32), 16000)
+    for name in ("a.txt", "a.json", "a.pt", "a.wav"):
+        assert _mode(tmp_path / name) == want, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "a.pt", "a.txt", "a.wav"]  # no temp left
