@@ -53,6 +53,7 @@ from ablations.storage import DEFAULT_HEARTBEAT_S, open_storage, redact
 from reports.build import build_report
 from reports.results import write_results
 from ttm.config import parse_assignments
+from ttm.progress import bar as progress_bar
 from ttm.util import atomic_write_json
 
 # ----------------------------------------------------------------------------- driver
@@ -122,7 +123,6 @@ def run_grid(
     Returns the grid dir. Cells that failed are listed in `grid.json` (`failed`) and printed; a rerun
     retries them and skips finished cells.
     """
-    from tqdm import tqdm
 
     if not progress:  # cells (in this process and in worker processes) stay quiet too
         os.environ["TTM_BENCH_PROGRESS"] = "0"
@@ -213,7 +213,7 @@ def run_grid(
         f"{workers} worker(s)"
     )
 
-    bar = tqdm(
+    bar = progress_bar(
         total=total, initial=n_done(), desc=spec.name, unit="cell", disable=not progress, file=sys.stderr
     )
 

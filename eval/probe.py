@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ttm.audio import atomic_torch_save, load_audio
+from ttm.progress import bar as progress_bar
 
 ATTRIBUTES = ("family", "instrument", "tempo", "mode", "style", "texture")
 FORMAT = "ttm-bench-probe/2"  # /2: loudness normalisation + wide gain augmentation
@@ -545,9 +546,7 @@ def _train(manifest, out, s: ProbeSettings, classes, train, held, mhash: str, pr
         st = int(rng.integers(0, n - crop_n + 1))
         return w[st : st + crop_n]
 
-    from tqdm.auto import tqdm
-
-    bar = tqdm(range(n_epochs), desc="probe: training", disable=not progress, leave=False)
+    bar = progress_bar(range(n_epochs), desc="probe: training", disable=not progress, leave=False)
     net.train()
     lo_db, hi_db = s.gain_db
     for _ in bar:

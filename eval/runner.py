@@ -76,6 +76,7 @@ from eval.embedders.base import Embedder
 from eval.probe import DEFAULT_FLOOR_FRAC, Probe, manifest_hash, train_probe
 from eval.scores import Inputs, get_metric, list_metrics
 from ttm.audio import load_audio, save_audio
+from ttm.progress import bar
 from ttm.util import atomic_write, atomic_write_text
 
 __all__ = ["audio_defect", "cli", "evaluate", "metric_table"]
@@ -130,9 +131,8 @@ class FeatureStore:
         return out
 
     def many(self, emb: Embedder, clips: list[Clip], what: str) -> list[dict[str, np.ndarray]]:
-        from tqdm.auto import tqdm
 
-        return [self.get(emb, c.path) for c in tqdm(clips, desc=f"{emb.name}: {what}", disable=not self.progress, leave=False)]
+        return [self.get(emb, c.path) for c in bar(clips, desc=f"{emb.name}: {what}", disable=not self.progress, leave=False)]
 
 
 def _rates(clips: list[Clip]) -> set[int]:
@@ -144,7 +144,6 @@ def _rates(clips: list[Clip]) -> set[int]:
 
 def resynthesize(codec: Any, clips: list[Clip], root: Path, progress: bool = True) -> list[Clip]:
     """Each reference clip encoded and decoded by `codec`, written as WAV (cached by codec identity)."""
-    from tqdm.auto import tqdm
 
     ident = codec.identity() if hasattr(codec, "identity") else None
     if ident is not None:
@@ -154,7 +153,7 @@ def resynthesize(codec: Any, clips: list[Clip], root: Path, progress: bool = Tru
     sr = int(codec.sample_rate)
     channels = int(getattr(codec, "channels", 1))
     out = []
-    for c in tqdm(clips, desc="codec: resynthesising the reference", disable=not progress, leave=False):
+    for c in bar(clips, desc="codec: resynthesising the reference", disable=not progress, leave=False):
         st = c.path.stat()
         name = hashlib.sha256(f"{c.path.resolve()}|{st.st_mtime_ns}|{st.st_size}".encode()).hexdigest()[:24]
         f = folder / f"{name}.wav"

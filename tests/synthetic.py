@@ -1,8 +1,8 @@
 """Synthetic data products for harness tests (no dataset build, codec fit or text model).
 
 Codes follow a learnable rule (each clip repeats a caption-dependent motif), so training
-loss really falls. `python tests/synthetic.py RUN_DIR STEPS` trains on it (used by the
-SIGKILL/resume test).
+loss really falls. `python tests/synthetic.py RUN_DIR STEPS [CKPT_EVERY]` trains on it (used by the
+SIGKILL/resume and SIGTERM tests).
 """
 
 from __future__ import annotations
@@ -73,5 +73,6 @@ if __name__ == "__main__":
             return _step(self, *a, **k)
 
         torch.optim.AdamW.step = slow_step
-    cfg = tiny_config(**{"train.steps": int(sys.argv[2]), "train.ckpt_every": 2})
+    ckpt_every = int(sys.argv[3]) if len(sys.argv) > 3 else 2
+    cfg = tiny_config(**{"train.steps": int(sys.argv[2]), "train.ckpt_every": ckpt_every})
     run(cfg, Path(sys.argv[1]), data=synthetic_prepared(), progress=False)

@@ -78,8 +78,10 @@ def test_incompatible_resume_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"model.d_model: 32 -> 48"):
         run(tiny_config(**{"train.steps": 8, "model.d_model": 48}), tmp_path, data=synthetic_prepared(),
             progress=False)
-    # a longer budget is compatible: the run continues
-    s = run(tiny_config(**{"train.steps": 8}), tmp_path, data=synthetic_prepared(), progress=False)
+    # a longer budget would bend the LR schedule mid-run: refused unless asked for explicitly
+    with pytest.raises(ValueError, match=r"budget differs.*train.steps: 4 -> 8.*--extend"):
+        run(tiny_config(**{"train.steps": 8}), tmp_path, data=synthetic_prepared(), progress=False)
+    s = run(tiny_config(**{"train.steps": 8}), tmp_path, data=synthetic_prepared(), progress=False, extend=True)
     assert s["steps"] == 8
 
 

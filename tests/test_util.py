@@ -27,3 +27,19 @@ def test_atomic_writes_respect_the_umask(tmp_path):
     for name in ("a.txt", "a.json", "a.pt", "a.wav"):
         assert _mode(tmp_path / name) == want, name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "a.pt", "a.txt", "a.wav"]  # no temp left
+
+
+def test_a_failed_torch_save_is_an_os_error_and_keeps_the_old_file(tmp_path, monkeypatch):
+    import pytest
+
+    atomic_torch_save({"w": torch.ones(2)}, tmp_path / "c.pt")
+
+    def full_disk(obj, f, *a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4160 vs 4054")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match=r"c.pt: could not be written .*disk full"):
+        atomic_torch_save({"w": torch.zeros(2)}, tmp_path / "c.pt")
+    monkeypatch.undo()
+    assert torch.equal(torch.load(tmp_path / "c.pt", weights_only=True)["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]

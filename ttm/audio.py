@@ -49,5 +49,11 @@ def save_audio(path: str | os.PathLike, wav: torch.Tensor | np.ndarray, sample_r
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    """`torch.save` through a temp file + rename: a crash never leaves a truncated file."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp), ".pt.tmp")
+    """`torch.save` through a temp file + rename: a crash never leaves a truncated file. A failed
+    write (torch reports a full disk as "unexpected pos ...") is an OSError naming the file; the
+    previous file is kept."""
+    try:
+        atomic_write(path, lambda tmp: torch.save(obj, tmp), ".pt.tmp")
+    except RuntimeError as e:
+        raise OSError(f"{path}: could not be written ({' '.join(str(e).split())[:160]}); is the disk full? "
+                      "The previous version, if any, is kept") from None

@@ -8,6 +8,8 @@ import signal
 import sys
 import threading
 
+from ttm.util import Terminated
+
 # verb -> ("module:function", help). Each function takes argv (list[str]) and returns an exit code.
 VERBS: dict[str, tuple[str, str]] = {
     "data": ("ttm.data_cli:main", "build / import / tokenize datasets"),
@@ -32,10 +34,6 @@ def _usage() -> str:
 
 # Expected failures: bad input, files, missing optional packages. One line, exit 2.
 EXPECTED = (ValueError, OSError, ImportError, EOFError, SyntaxError, LookupError)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so that runs stop the same way (final checkpoint, exit 143)."""
 
 
 def _on_sigterm(signum, frame):  # noqa: ARG001

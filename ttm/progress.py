@@ -46,6 +46,6 @@ def bar(iterable: Any = None, *, file: TextIO | None = None, **kw: Any) -> tqdm:
     if is_tty(stream):
         return tqdm(iterable, file=stream, **kw)
     interval = float(os.environ.get("TTM_PROGRESS_INTERVAL", DEFAULT_INTERVAL_S))
-    kw.setdefault("leave", True)  # the closing line is the one a log reader wants
+    kw["leave"] = True  # in a log the closing line is the one a reader wants
     return tqdm(iterable, file=_TimestampedLines(stream), mininterval=interval, maxinterval=max(interval, 10.0),
                 bar_format="{l_bar}{r_bar}", **kw)

@@ -8,12 +8,21 @@
     RUN/eval.json        evaluation of the samples
     RUN/stage1, stage2/  the two runs of a two-stage model, each a run directory
 
+    RUN/.lock            held (flock) by the one process training this run
+
 State: new -> trained -> generated -> evaluated; failed when the summary says so.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import pickle
+import socket
+import sys
+import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -33,12 +42,29 @@ SUMMARY = "summary.json"
 SAMPLES = "samples"
 SAMPLES_INDEX = "samples.jsonl"
 EVAL = "eval.json"
+LOCK = ".lock"
 
 State = Literal["new", "trained", "generated", "evaluated", "failed"]
 
 
+class RunInUse(ValueError):
+    """Another process holds the run directory's lock."""
+
+
 def load_checkpoint(path: str | Path) -> dict:
-    return torch.load(path, weights_only=True, map_location="cpu")
+    """A checkpoint, or a ValueError naming the file when it is truncated, empty or not one."""
+    path = Path(path)
+    try:
+        ck = torch.load(path, weights_only=True, map_location="cpu")
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, KeyError, AttributeError,
+            pickle.UnpicklingError) as e:
+        raise ValueError(
+            f"{path}: damaged checkpoint ({type(e).__name__}: {' '.join(str(e).split())[:120]}); "
+            "restore it, or move it away to train this run from scratch"
+        ) from None
+    if not isinstance(ck, dict) or not {"model", "counters"} <= set(ck):
+        raise ValueError(f"{path}: not a ttm-bench checkpoint (expected a dict with 'model' and 'counters')")
+    return ck
 
 
 def ema_state_dict(ck: dict) -> dict | None:
@@ -118,6 +144,29 @@ class RunDir:
         return "trained"
 
     # ------------------------------------------------------------------ checkpoints and weights
+    @contextmanager
+    def lock(self):
+        """Hold the run's lock for the block: a second process training the same run directory
+        is refused with the first one's pid and host. The OS drops the lock when its holder dies,
+        so a killed run can be resumed at once."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        f = open(self.path / LOCK, "a+")
+        try:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                who = f.read().strip() or "another process"
+                raise RunInUse(f"{self.path}: in use by {who}; two trainings of one run directory would "
+                               "write every step twice (wait for it, or stop it)") from None
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            f.flush()
+            yield self
+        finally:
+            f.close()  # closing the file releases the lock
+
     def has_checkpoint(self) -> bool:
         return self.checkpoint_file.exists()
 
@@ -138,6 +187,28 @@ class RunDir:
         ema = ema_state_dict(ck)
         model.load_state_dict(ema if ema is not None else ck["model"])
         return model
+
+
+def read_log(path: str | Path, warn: bool = True) -> list[dict]:
+    """The rows of a log.jsonl. A line that is not a JSON object (a crash mid-write, a damaged
+    file) is skipped and named on stderr, never fatal: the log is rebuilt from the checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for i, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("not a log row")
+        except ValueError:
+            if warn:
+                print(f"warning: {path}: line {i} is damaged and skipped ({line[:60]!r})", file=sys.stderr)
+            continue
+        rows.append(row)
+    return rows
 
 
 def load_weights(model: nn.Module, run_dir: str | Path) -> nn.Module:

@@ -37,11 +37,13 @@ SAMPLING = ("cfg_scale", "top_k", "top_p", "temperature")  # GenerateConfig fiel
 DIFFUSION_SAMPLING = ("steps", "sampler", "diffusion_cfg_scale")  # two-stage runs only
 
 
-def train(cfg: RunConfig, run_dir: str | Path, data: Prepared | None = None, progress: bool = True) -> dict:
-    """Train (or resume) a run of any kind into `run_dir`; returns its summary."""
+def train(cfg: RunConfig, run_dir: str | Path, data: Prepared | None = None, progress: bool = True,
+          extend: bool = False) -> dict:
+    """Train (or resume) a run of any kind into `run_dir`; returns its summary. `extend`: allow
+    resuming under a changed budget (see ttm.train.run)."""
     if cfg.model.run_kind == "two_stage":
-        return run_two_stage(cfg, run_dir, data=data, progress=progress)
-    return train_one(cfg, Path(run_dir), data=data, progress=progress)
+        return run_two_stage(cfg, run_dir, data=data, progress=progress, extend=extend)
+    return train_one(cfg, Path(run_dir), data=data, progress=progress, extend=extend)
 
 
 def load_lm(run_dir: str | Path, device: str = "cpu", data: Prepared | None = None) -> tuple[RunConfig, TTMLM, Prepared]:
@@ -100,6 +102,8 @@ def train_cli(argv: list[str]) -> int:
     ap.add_argument("--out", help="run directory (default runs/<name or backbone>-<config hash>)")
     ap.add_argument("--nproc", type=int, default=1, help="processes (torchrun DDP); gloo on CPU")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--extend", action="store_true",
+                    help="resume a run under a changed budget (the LR schedule is re-laid over it)")
     a = ap.parse_args(argv)
     cfg = load_config(a.config, a.set)
     out = Path(a.out or f"runs/{cfg.name or cfg.model.backbone}-{cfg.hash(RESUME_IGNORED)}")
@@ -109,7 +113,7 @@ def train_cli(argv: list[str]) -> int:
         if not a.out:
             cmd += ["--out", str(out)]
         return subprocess.call(cmd)
-    s = train(cfg, out, progress=not a.no_progress)
+    s = train(cfg, out, progress=not a.no_progress, extend=a.extend)
     if dist_info()[0] == 0:
         print(json.dumps({k: s[k] for k in ("status", "steps", "params", "val_loss", "flops", "train_time_s")}))
         print(out)

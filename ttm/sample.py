@@ -19,6 +19,7 @@ import torch
 
 from ttm.audio import save_audio
 from ttm.config import GenerateConfig, RunConfig
+from ttm.progress import bar as progress_bar
 from ttm.text import encode_captions
 from ttm.util import atomic_write_text
 
@@ -80,13 +81,12 @@ def render_prompts(
     """The generation loop shared by every model kind: batches of captions -> `render(emb, mask,
     generator) -> (wav [b, C, N], {stage: seconds})` -> WAVs + samples.jsonl. Returns the summed
     stage times and real-time factors (< 1: faster than real time)."""
-    from tqdm import tqdm
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     times: dict[str, float] = {}
-    bar = tqdm(total=len(prompts), desc=desc, leave=False, file=sys.stderr, disable=not progress)
+    bar = progress_bar(total=len(prompts), desc=desc, leave=False, file=sys.stderr, disable=not progress)
     for b0 in range(0, len(prompts), batch_size):
         chunk = prompts[b0 : b0 + batch_size]
         emb, mask = encode_captions(encoder, [p["caption"] for p in chunk], max_text_len, device)

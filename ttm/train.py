@@ -24,9 +24,11 @@ from ttm.config import RESUME_IGNORED, RunConfig
 from ttm.factory import build_model
 from ttm.flops import analytic_flops_per_token, count_train_step_flops
 from ttm.lm import TTMLM
+from ttm.loggers import open_loggers
 from ttm.prepare import Prepared, Split, prepare
-from ttm.rundir import RunDir
-from ttm.util import atomic_write_text, diff_keys, pop_dotted
+from ttm.progress import bar as progress_bar
+from ttm.rundir import RunDir, read_log
+from ttm.util import atomic_write_text, diff_keys, pop_dotted, stop_on_signals
 
 # ----------------------------------------------------------------------------- optimizer
 
@@ -128,6 +130,25 @@ def check_resume_compatible(cfg: RunConfig, ckpt: dict, run_dir: Path) -> None:
         )
 
 
+def check_budget_unchanged(cfg: RunConfig, ckpt: dict, rd: RunDir, extend: bool, say: bool) -> None:
+    """The LR schedule is laid over the budget: resuming under another budget bends it mid-run.
+    Refused unless `extend`, which continues with the schedule re-laid over the new budget."""
+    old = ckpt["config"].get("train", {})
+    new = cfg.to_dict()["train"]
+    changed = [f"train.{k}: {old.get(k)!r} -> {new[k]!r}" for k in ("steps", "budget") if old.get(k) != new[k]]
+    if not changed:
+        return
+    if not extend:
+        raise ValueError(
+            f"{rd.path}: the budget differs from the checkpoint's ({'; '.join(changed)}); the learning-rate "
+            "schedule depends on it, so the run cannot simply continue. Pass --extend (train.run(extend=True)) "
+            "to continue with the schedule re-laid over the new budget, or use a new run directory"
+        )
+    if say:
+        print(f"extending {rd.path}: {'; '.join(changed)} (the schedule is re-laid over the new budget)",
+              file=sys.stderr)
+
+
 def _without(d: dict, keys) -> dict:
     d = json.loads(json.dumps(d))
     for k in keys:
@@ -195,15 +216,26 @@ def make_optimizer(model: nn.Module, cfg: RunConfig, horizon: int):
     return opt, sched, ema
 
 
-def run(cfg: RunConfig, run_dir: Path, data: Prepared | None = None, progress: bool = True) -> dict:
+def run(cfg: RunConfig, run_dir: Path, data: Prepared | None = None, progress: bool = True,
+        extend: bool = False) -> dict:
     """Train (or resume) one model into `run_dir`; returns the summary dict. (A two-stage config
-    trains two models: ttm.runs.train dispatches it to ttm.two_stage.run_two_stage.)"""
+    trains two models: ttm.runs.train dispatches it to ttm.two_stage.run_two_stage.)
+
+    The run directory is locked while training. Resuming with a different budget is refused
+    unless `extend` (the learning-rate schedule depends on the budget). SIGINT/SIGTERM finish the
+    current step, write a checkpoint, then raise KeyboardInterrupt / ttm.util.Terminated."""
     if cfg.model.run_kind == "two_stage":
         raise ValueError("model.kind=two_stage trains two models: use ttm.runs.train "
                          "(ttm.two_stage.run_two_stage), not ttm.train.run")
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     rd = RunDir(run_dir)
+    if int(os.environ.get("RANK", "0")) != 0:  # DDP: rank 0 holds the lock for all ranks
+        return _run(cfg, rd, data, progress, extend)
+    with rd.lock():
+        return _run(cfg, rd, data, progress, extend)
+
+
+def _run(cfg: RunConfig, rd: RunDir, data: Prepared | None, progress: bool, extend: bool) -> dict:
+    run_dir = rd.path
     device, rank, world = setup_processes(cfg)
 
     data = data or prepare(cfg, progress=progress and rank == 0)
@@ -242,6 +274,7 @@ def run(cfg: RunConfig, run_dir: Path, data: Prepared | None = None, progress: b
     if rd.has_checkpoint():
         ck = rd.load_checkpoint()
         check_resume_compatible(cfg, ck, run_dir)
+        check_budget_unchanged(cfg, ck, rd, extend, progress and rank == 0)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
@@ -281,68 +314,81 @@ def run(cfg: RunConfig, run_dir: Path, data: Prepared | None = None, progress: b
         })
 
     status, message = "ok", ""
+    loggers = open_loggers(cfg.train.loggers, run_dir, cfg.to_dict()) if rank == 0 else []
     bar = None
     if progress and rank == 0:
-        from tqdm import tqdm
-
-        bar = tqdm(total=horizon if budget.kind == "steps" else None, initial=counters["step"],
+        bar = progress_bar(total=horizon if budget.kind == "steps" else None, initial=counters["step"],
                    desc=f"train {cfg.model.backbone}", leave=False, file=sys.stderr)
     model.train()
-    while used() < budget.limit:
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        per_k_sum = None
-        for _ in range(accum):
-            idx = next_indices(pos, len(train), B, cfg.seed)
-            idx = idx[rank * local_B : (rank + 1) * local_B]
-            batch = batch_of(train, idx, device, max_frames, gen)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss, per_k = _loss(ddp, model, batch, gen)
-            (loss / accum).backward()
-            per_k_sum = per_k.detach() if per_k_sum is None else per_k_sum + per_k.detach()
-        per_k = (per_k_sum / accum)
-        if world > 1:
-            torch.distributed.all_reduce(per_k)
-            per_k /= world
-        if not torch.isfinite(per_k).all():
-            status = "diverged"
-            message = (f"loss became {per_k.tolist()} at step {counters['step'] + 1}; stopped, the last "
-                       f"good checkpoint (step {rd.checkpoint_step()}) is kept")
-            break
-        if cfg.train.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        opt.step()
-        sched.step()
-        if ema is not None:
-            ema.update_parameters(model)
-        counters["step"] += 1
-        counters["tokens"] += tokens_per_step
-        counters["flops"] += flops_per_step
-        counters["train_time"] += time.perf_counter() - t0
-        step = counters["step"]
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{per_k.mean().item():.3f}")
-        row = None
-        last = used() >= budget.limit
-        if step % cfg.train.log_every == 0 or step == 1 or last:
-            row = _log_row(step, per_k, sched, counters)
-        if valid is not None and len(valid) and (step % cfg.train.eval_every == 0 or last):
-            vl, vk = validate(_eval_model(model, ema), valid, cfg, device)
-            row = row or _log_row(step, per_k, sched, counters)
-            row.update(val_loss=vl, val_loss_per_codebook=vk)
-            if not math.isfinite(vl):
-                status, message = "diverged", f"validation loss is {vl} at step {step}; stopped"
-            best_val = vl if best_val is None or vl < best_val else best_val
-        if row is not None and rank == 0:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-        if status != "ok":
-            break
-        if step % cfg.train.ckpt_every == 0 or last:
-            checkpoint()
+    with stop_on_signals() as stop:
+        while used() < budget.limit:
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            per_k_sum = None
+            for _ in range(accum):
+                idx = next_indices(pos, len(train), B, cfg.seed)
+                idx = idx[rank * local_B : (rank + 1) * local_B]
+                batch = batch_of(train, idx, device, max_frames, gen)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    loss, per_k = _loss(ddp, model, batch, gen)
+                (loss / accum).backward()
+                per_k_sum = per_k.detach() if per_k_sum is None else per_k_sum + per_k.detach()
+            per_k = (per_k_sum / accum)
+            if world > 1:
+                torch.distributed.all_reduce(per_k)
+                per_k /= world
+            if not torch.isfinite(per_k).all():
+                status = "diverged"
+                message = (f"loss became {per_k.tolist()} at step {counters['step'] + 1}; stopped, the last "
+                           f"good checkpoint (step {rd.checkpoint_step()}) is kept")
+                break
+            if cfg.train.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            opt.step()
+            sched.step()
+            if ema is not None:
+                ema.update_parameters(model)
+            counters["step"] += 1
+            counters["tokens"] += tokens_per_step
+            counters["flops"] += flops_per_step
+            counters["train_time"] += time.perf_counter() - t0
+            step = counters["step"]
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{per_k.mean().item():.3f}")
+            row = None
+            last = used() >= budget.limit
+            if step % cfg.train.log_every == 0 or step == 1 or last:
+                row = _log_row(step, per_k, sched, counters)
+            if valid is not None and len(valid) and (step % cfg.train.eval_every == 0 or last):
+                vl, vk = validate(_eval_model(model, ema), valid, cfg, device)
+                row = row or _log_row(step, per_k, sched, counters)
+                row.update(val_loss=vl, val_loss_per_codebook=vk)
+                if not math.isfinite(vl):
+                    status, message = "diverged", f"validation loss is {vl} at step {step}; stopped"
+                best_val = vl if best_val is None or vl < best_val else best_val
+            if row is not None and rank == 0:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                for lg in loggers:
+                    lg.log(step, row)
+            if status != "ok":
+                break
+            if step % cfg.train.ckpt_every == 0 or last:
+                checkpoint()
+            elif stop:  # SIGINT/SIGTERM: keep this step's work, then stop
+                checkpoint()
+            if stop:
+                if rank == 0:
+                    print(f"stopped at step {step}: checkpoint written, resume with the same command",
+                          file=sys.stderr)
+                break
+    for lg in loggers:
+        lg.close()
     if bar is not None:
         bar.close()
+    if stop:
+        stop.raise_()  # the run is not finished: no summary, the checkpoint resumes it
 
     summary = make_summary(cfg, model, data, counters, budget, status, message, log_path, T, text_len,
                            flops_per_step, fl)
@@ -369,17 +415,12 @@ def _eval_model(model, ema):
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """Drop log rows written after the checkpoint we resume from (they will be redone)."""
+    """Drop log rows written after the checkpoint we resume from (they will be redone), and
+    damaged lines (named on stderr)."""
     if not path.exists():
         return
-    rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= step]
-    atomic_write_text(path, "".join(r + "\n" for r in rows))
-
-
-def read_log(path: Path) -> list[dict]:
-    if not Path(path).exists():
-        return []
-    return [json.loads(r) for r in Path(path).read_text().splitlines() if r.strip()]
+    rows = [r for r in read_log(path) if r["step"] <= step]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def make_summary(cfg, model, data, counters, budget, status, message, log_path, T, text_len,

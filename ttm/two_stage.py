@@ -77,7 +77,8 @@ def stage_configs(cfg: RunConfig) -> tuple[RunConfig, RunConfig]:
 # ----------------------------------------------------------------------------- training
 
 
-def run_two_stage(cfg: RunConfig, run_dir: str | Path, data=None, progress: bool = True) -> dict:
+def run_two_stage(cfg: RunConfig, run_dir: str | Path, data=None, progress: bool = True,
+                  extend: bool = False) -> dict:
     """Train (or resume) both stages into `run_dir/stage1` and `run_dir/stage2`; returns the
     combined summary (also written to `run_dir/summary.json`)."""
     rd = RunDir(run_dir)
@@ -88,8 +89,8 @@ def run_two_stage(cfg: RunConfig, run_dir: str | Path, data=None, progress: bool
     if rank == 0:
         rd.path.mkdir(parents=True, exist_ok=True)
         rd.write_config(cfg)
-    s1 = run(c1, rd.stage("stage1").path, data=data, progress=progress)
-    s2 = run(c2, rd.stage("stage2").path, data=data, progress=progress) if s1["status"] == "ok" else None
+    s1 = run(c1, rd.stage("stage1").path, data=data, progress=progress, extend=extend)
+    s2 = run(c2, rd.stage("stage2").path, data=data, progress=progress, extend=extend) if s1["status"] == "ok" else None
     summary = combine_summaries(cfg, s1, s2)
     if dist_info()[0] == 0:
         rd.write_summary(summary)

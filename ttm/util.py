@@ -11,6 +11,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -130,3 +131,52 @@ def diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
         elif va != vb:
             out.append(f"{key}: {va!r} -> {vb!r}")
     return out
+
+
+# ----------------------------------------------------------------------------- stopping on signals
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every verb stops the same way (exit code 143)."""
+
+
+class StopRequest:
+    """Set by SIGINT/SIGTERM inside `stop_on_signals()`; a loop checks it at a clean point."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __bool__(self) -> bool:
+        return self.signum is not None
+
+    def raise_(self) -> None:
+        """Raise the interrupt the signal stands for (call after saving state)."""
+        import signal
+
+        raise Terminated() if self.signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+@contextmanager
+def stop_on_signals():
+    """Within the block, SIGINT and SIGTERM only set the yielded flag, so a training loop can finish
+    its step and save a checkpoint before stopping; a second signal raises at once. Outside the
+    main thread (where handlers cannot be set) the flag is never set."""
+    import signal
+    import threading
+
+    stop = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, frame):  # noqa: ARG001
+        if stop:
+            raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+        stop.signum = signum
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

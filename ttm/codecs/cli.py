@@ -27,6 +27,7 @@ from ttm.codecs.base import Codec, hash_json
 from ttm.codecs.melrvq import MelRVQCodec
 from ttm.config import parse_assignments
 from ttm.data.manifest import SPLITS, Entry, read_manifest, resolve_audio
+from ttm.progress import bar as progress_bar
 from ttm.util import atomic_write_text
 
 SHARD_FORMAT = "ttm-tokens-1"
@@ -105,10 +106,9 @@ def tokenize_manifest(
     out.mkdir(parents=True, exist_ok=True)
     if id_file.exists():
         id_file.unlink()  # the old shards are about to be replaced
-    from tqdm import tqdm
 
     splits: dict[str, dict[str, int]] = {}
-    with tqdm(total=len(entries), desc="tokenize", leave=False, file=sys.stderr, disable=not progress) as bar:
+    with progress_bar(total=len(entries), desc="tokenize", leave=False, file=sys.stderr, disable=not progress) as bar:
         for split in SPLITS:
             shard = out / f"tokens_{split}.pt"
             part = [e for e in entries if e.split == split]

@@ -40,6 +40,7 @@ from ttm.data.render import (
     soundfont_path,
     voice_instruments,
 )
+from ttm.progress import bar
 from ttm.util import atomic_write_text
 
 BUILDER_VERSION = 1
@@ -394,13 +395,11 @@ def build_dataset(
     pieces = C.load_sources(sources, cache=cache, workers=workers, progress=progress)
     clips = _Planner(pieces, p, seed).plan()
 
-    from tqdm import tqdm
-
     audio_dir = out / "audio"
     audio_dir.mkdir(parents=True, exist_ok=True)
     entries: list[Entry] = []
     skipped: list[dict] = []
-    for clip in tqdm(clips, desc=f"render {preset}", unit="clip", disable=not progress):
+    for clip in bar(clips, desc=f"render {preset}", unit="clip", disable=not progress):
         wav, why, attrs = _render(clip, p.duration, seed)
         if wav is None:
             skipped.append({"id": clip.id, "reason": why})

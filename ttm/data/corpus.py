@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ttm.data.manifest import assign_split, piece_unit
+from ttm.progress import bar as progress_bar
 from ttm.util import atomic_write_text
 
 CACHE_VERSION = 1
@@ -335,9 +336,8 @@ def load_sources(
     root.mkdir(parents=True, exist_ok=True)
     missing = [(p, s) for p, s in sources if _read_cache(p, root) is None]
     if missing:
-        from tqdm import tqdm
 
-        bar = tqdm(total=len(missing), desc="parse corpus", unit="file", disable=not progress)
+        bar = progress_bar(total=len(missing), desc="parse corpus", unit="file", disable=not progress)
         if workers > 1 and len(missing) >= 3:
             import multiprocessing as mp
 

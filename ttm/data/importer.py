@@ -22,6 +22,7 @@ from pathlib import Path
 from ttm.audio import load_audio, save_audio
 from ttm.data.manifest import SPLITS, Entry, assign_split, write_manifest
 from ttm.data.render import silence_reason
+from ttm.progress import bar
 from ttm.util import atomic_write_text
 
 
@@ -65,7 +66,6 @@ def import_manifest(
         raise ValueError(f"max_seconds: expected > min_seconds ({min_seconds}), got {max_seconds}")
     if sample_rate <= 0:
         raise ValueError(f"sample_rate: expected > 0, got {sample_rate}")
-    from tqdm import tqdm
 
     lines = src.read_bytes().splitlines()
     entries: list[Entry] = []
@@ -75,7 +75,7 @@ def import_manifest(
               "sample_rate": sample_rate}
     complete = False
     try:
-        for lineno, raw in enumerate(tqdm(lines, desc="import", unit="file", disable=not progress), start=1):
+        for lineno, raw in enumerate(bar(lines, desc="import", unit="file", disable=not progress), start=1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
