@@ -131,3 +131,17 @@ def test_flan_t5_missing_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match=r"no-such-org/flan-t5-missing.*HF_HUB_OFFLINE"):
         build_text_encoder("flan-t5", path="no-such-org/flan-t5-missing")
+
+
+def test_encode_captions_reports_truncation():
+    from ttm.text import encode_captions
+
+    class Enc:
+        def encode(self, caps):
+            n = max(len(c.split()) for c in caps)
+            mask = torch.tensor([[i < len(c.split()) for i in range(n)] for c in caps])
+            return torch.ones(len(caps), n, 3), mask
+
+    flags: list[bool] = []
+    emb, mask = encode_captions(Enc(), ["one two", "a b c d e f"], 4, truncated=flags)
+    assert flags == [False, True] and emb.shape == (2, 4, 3) and mask.sum().item() == 6

@@ -190,3 +190,30 @@ def test_two_stage_cell_end_to_end_on_the_tiny_preset(tmp_path):
     rows = [json.loads(r) for r in (tmp_path / "run" / "samples" / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all((tmp_path / "run" / "samples" / r["file"]).stat().st_size > 1000 for r in rows)
     assert {"fd_probe", "adherence"} <= set(s["metrics"])
+
+
+@pytest.mark.slow
+def test_generate_refuses_bad_requests_before_loading(trained_run, data, tmp_path, capsys):
+    from ttm.cli import main
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    fr = LatentCodec.frame_rate if hasattr(LatentCodec, "frame_rate") else data.codec.frame_rate
+    with pytest.MonkeyPatch.context() as mp:
+        _patch(mp, data)
+        base = ["generate", str(trained_run), "--split", "test", "--n", "1"]
+        for extra, needle in ((["--seconds", "-1", "--out", str(tmp_path / "o")], "--seconds: expected > 0"),
+                              (["--batch-size", "0", "--out", str(tmp_path / "o")], "--batch-size: expected >= 1")):
+            with pytest.raises(SystemExit) as e:
+                main(base + extra)
+            assert e.value.code == 2 and needle in capsys.readouterr().err
+        assert main(base + ["--out", str(a_file)]) == 2
+        assert "is a file, expected a directory" in capsys.readouterr().err
+        # 12x the 16-frame training clips: refused, naming the way out
+        long_s = str(12 * 16 / fr)
+        assert main(base + ["--out", str(tmp_path / "long"), "--seconds", long_s, "--steps", "2"]) == 2
+        assert "--allow-long" in capsys.readouterr().err
+        # 3x: generated, with a warning
+        assert main(base + ["--out", str(tmp_path / "x3"), "--seconds", str(3 * 16 / fr), "--steps", "2"]) == 0
+        assert "3.0x the" in capsys.readouterr().err
+    assert not (tmp_path / "long" / "samples.jsonl").exists()

@@ -158,8 +158,9 @@ class TTMLM(nn.Module):
         generator: torch.Generator | None = None,
         recurrent: bool = True,
         greedy: bool = False,
+        on_step: Callable[[int], None] | None = None,
     ) -> Tensor:
-        """Sample codes `[B, K', n_frames]`.
+        """Sample codes `[B, K', n_frames]` (`on_step(s)` after each of the pattern's steps).
 
         Classifier-free guidance runs the conditional and the null caption as one batch
         of 2B. `recurrent=True` advances the backbone state one step per token;
@@ -206,6 +207,8 @@ class TTMLM(nn.Module):
                 if self.use_positions:
                     x = x + self._pos(1, (M if prefix else 0) + s + 1, x)[0]
                 h = self.backbone.step(x, state, *(() if prefix else (mem, mem_mask)))
+            if on_step is not None:
+                on_step(s)
         return self.pattern.revert(seq[:B])
 
     def _full(self, seq_in: Tensor, mem: Tensor, mem_mask: Tensor) -> Tensor:

@@ -28,7 +28,14 @@ from ttm.factory import build_model
 from ttm.lm import TTMLM
 from ttm.prepare import Prepared
 from ttm.rundir import RunDir
-from ttm.sample import clip_frames, generate_clips, prompts_from_split, read_prompts
+from ttm.sample import (
+    check_clip_length,
+    check_output_dir,
+    clip_frames,
+    generate_clips,
+    prompts_from_split,
+    read_prompts,
+)
 from ttm.train import dist_info
 from ttm.train import run as train_one
 from ttm.two_stage import generate_two_stage, load_two_stage, run_two_stage
@@ -57,14 +64,28 @@ def load_lm(run_dir: str | Path, device: str = "cpu", data: Prepared | None = No
     return cfg, model.to(device).eval(), data
 
 
+def trained_frames(rd: RunDir) -> int | None:
+    """Frames per training clip, from the run's summary (a two-stage run: its stage 1)."""
+    for s in (rd.read_summary(), rd.stage("stage1").read_summary()):
+        if s and s.get("frames_per_clip"):
+            return int(s["frames_per_clip"])
+    return None
+
+
 def generate(run_dir: str | Path, prompts: list[dict], out_dir: str | Path, data: Prepared | None = None,
              seconds: float | None = None, seed: int | None = None, device: str = "cpu", batch_size: int = 8,
-             progress: bool = True, **options: Any) -> dict:
+             progress: bool = True, allow_long: bool = False, **options: Any) -> dict:
     """Generate one clip per prompt with a trained run of any kind into `out_dir`; returns timings.
 
     `options`: cfg_scale, top_k, top_p, temperature (override the run's `generate` config) and,
     for two-stage runs, steps, sampler, diffusion_cfg_scale. None values are ignored; `seed`
-    defaults to the run's seed; the clip length follows `ttm.sample.clip_frames`."""
+    defaults to the run's seed; the clip length follows `ttm.sample.clip_frames`; clips far longer
+    than the training clips need `allow_long` (see ttm.sample.check_clip_length)."""
+    if seconds is not None and seconds <= 0:
+        raise ValueError(f"--seconds: expected > 0, got {seconds}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size: expected >= 1, got {batch_size}")
+    check_output_dir(Path(out_dir))
     rd = RunDir(run_dir)
     cfg = rd.read_config() if rd.config_file.is_file() else None
     if cfg is None:
@@ -84,12 +105,16 @@ def generate(run_dir: str | Path, prompts: list[dict], out_dir: str | Path, data
                   max_text_len=cfg.text.max_length, progress=progress)
     if kind == "two_stage":
         cfg, lm, diff, data = load_two_stage(rd.path, device, data)
+        n_frames = clip_frames(cfg, data, seconds)
+        check_clip_length(n_frames, trained_frames(rd), data.codec.frame_rate, allow_long)
         extra = {k: options.get(k) for k in DIFFUSION_SAMPLING}
         return generate_two_stage(lm, diff, data.codec, prep.build_text_encoder_for(cfg), prompts, Path(out_dir),
-                                  clip_frames(cfg, data, seconds), gen, **extra, **common)
+                                  n_frames, gen, **extra, **common)
     cfg, model, data = load_lm(rd.path, device, data)
+    n_frames = clip_frames(cfg, data, seconds)
+    check_clip_length(n_frames, trained_frames(rd), data.codec.frame_rate, allow_long)
     return generate_clips(model, data.codec, prep.build_text_encoder_for(cfg), prompts, Path(out_dir),
-                          clip_frames(cfg, data, seconds), gen, **common)
+                          n_frames, gen, **common)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -157,7 +182,15 @@ def generate_cli(argv: list[str]) -> int:
     ap.add_argument("--steps", type=int, default=None, help="two-stage runs: diffusion sampling steps")
     ap.add_argument("--sampler", choices=["ddim", "ancestral"], default=None, help="two-stage runs: diffusion sampler")
     ap.add_argument("--diffusion-cfg-scale", type=float, default=None, help="two-stage runs: stage-2 guidance")
+    ap.add_argument("--allow-long", action="store_true",
+                    help="generate clips more than 10x longer than the training clips")
     a = ap.parse_args(argv)
+    for opt, v, lo in (("--n", a.n, 1), ("--batch-size", a.batch_size, 1), ("--steps", a.steps, 1)):
+        if v is not None and v < lo:
+            ap.error(f"{opt}: expected >= {lo}, got {v}")
+    if a.seconds is not None and a.seconds <= 0:
+        ap.error(f"--seconds: expected > 0, got {a.seconds}")
+    check_output_dir(Path(a.out))  # before the minutes of loading, not after
     rd = RunDir(a.run)
     if not rd.config_file.is_file():
         raise FileNotFoundError(f"{rd.path}: no {rd.config_file.name} (is this a trained run directory?)")
@@ -172,6 +205,7 @@ def generate_cli(argv: list[str]) -> int:
         rd.path, prompts, a.out, data=data, seconds=a.seconds, seed=a.seed, device=a.device,
         batch_size=a.batch_size, cfg_scale=a.cfg_scale, top_k=a.top_k, top_p=a.top_p,
         temperature=a.temperature, steps=a.steps, sampler=a.sampler, diffusion_cfg_scale=a.diffusion_cfg_scale,
+        allow_long=a.allow_long,
     )
     print(json.dumps(info))
     print(Path(a.out) / "samples.jsonl")

@@ -9,6 +9,7 @@ guidance as one batched pass of conditional + null captions.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import time
@@ -52,7 +53,7 @@ def read_prompts(path: Path) -> list[dict]:
 
 
 def write_clips(out_dir: Path, prompts: list[dict], wav: torch.Tensor, sample_rate: int, first_index: int,
-                seed: int) -> list[dict]:
+                seed: int, truncated: list[bool] | None = None) -> list[dict]:
     """Save one WAV per prompt (`wav [b, C, N]`); returns their samples.jsonl rows."""
     rows = []
     for j, p in enumerate(prompts):
@@ -60,8 +61,40 @@ def write_clips(out_dir: Path, prompts: list[dict], wav: torch.Tensor, sample_ra
         save_audio(Path(out_dir) / name, wav[j], sample_rate)
         rows.append({"file": name, "caption": p["caption"], "seed": seed, "index": j,
                      "attributes": p.get("attributes", {}),
-                     **({"ref_id": p["id"]} if p.get("id") is not None else {})})  # eval pairs KL 1:1 by it
+                     **({"ref_id": p["id"]} if p.get("id") is not None else {}),  # eval pairs KL 1:1 by it
+                     **({"caption_truncated": True} if truncated and truncated[j] else {})})
     return rows
+
+
+def check_output_dir(out_dir: Path, what: str = "--out") -> Path:
+    """Fail before any work when `out_dir` cannot hold the results (a file, or not writable)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{what} {out_dir}: is a file, expected a directory")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"{what} {out_dir}: cannot create it ({e.strerror})") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise PermissionError(f"{what} {out_dir}: not writable")
+    return out_dir
+
+
+LONG_WARN, LONG_REFUSE = 2.0, 10.0  # clip length vs the training clip: warn above, refuse above
+
+
+def check_clip_length(n_frames: int, trained_frames: int | None, frame_rate: float, allow_long: bool) -> None:
+    """A model sampled far beyond the length it was trained on drifts, and sampling is linear in
+    length: warn past LONG_WARN x the training clip, refuse past LONG_REFUSE x unless `allow_long`."""
+    if not trained_frames:
+        return
+    ratio = n_frames / trained_frames
+    msg = (f"{n_frames / frame_rate:.1f} s clips are {ratio:.1f}x the {trained_frames / frame_rate:.1f} s "
+           "the model was trained on")
+    if ratio > LONG_REFUSE and not allow_long:
+        raise ValueError(f"--seconds: {msg} (more than {LONG_REFUSE:g}x); pass --allow-long to generate them anyway")
+    if ratio > LONG_WARN:
+        print(f"warning: {msg}; quality past the training length is untested", file=sys.stderr)
 
 
 def render_prompts(
@@ -82,29 +115,39 @@ def render_prompts(
     generator) -> (wav [b, C, N], {stage: seconds})` -> WAVs + samples.jsonl. Returns the summed
     stage times and real-time factors (< 1: faster than real time)."""
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = check_output_dir(out_dir)
     rows: list[dict] = []
     times: dict[str, float] = {}
     bar = progress_bar(total=len(prompts), desc=desc, leave=False, file=sys.stderr, disable=not progress)
+    cut: list[bool] = []
     for b0 in range(0, len(prompts), batch_size):
         chunk = prompts[b0 : b0 + batch_size]
-        emb, mask = encode_captions(encoder, [p["caption"] for p in chunk], max_text_len, device)
+        flags: list[bool] = []
+        emb, mask = encode_captions(encoder, [p["caption"] for p in chunk], max_text_len, device, truncated=flags)
         wav, t = render(emb, mask, torch.Generator().manual_seed(seed + b0))
         for k, v in t.items():
             times[k] = times.get(k, 0.0) + v
-        rows += write_clips(out_dir, chunk, wav.cpu(), codec.sample_rate, b0, seed + b0)
+        rows += write_clips(out_dir, chunk, wav.cpu(), codec.sample_rate, b0, seed + b0, flags)
+        cut += flags
         bar.update(len(chunk))
     bar.close()
     atomic_write_text(out_dir / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    if any(cut):
+        first = next(p["caption"] for p, c in zip(prompts, cut) if c)
+        print(f"warning: {sum(cut)} caption(s) had more than text.max_length={max_text_len} tokens and were cut "
+              f"(e.g. {first[:60]!r}...); marked caption_truncated in samples.jsonl", file=sys.stderr)
     audio_s = max(len(prompts) * n_frames / codec.frame_rate, 1e-9)
     return {
         "n_clips": len(prompts),
+        "captions_truncated": sum(cut),
         "seconds_per_clip": n_frames / codec.frame_rate,
         **{f"{k}_time_s": v for k, v in times.items()},
         "rtf_lm": times.get("lm", 0.0) / audio_s,
         "rtf_total": sum(times.values()) / audio_s,
     }
+
+
+LONG_CLIP_FRAMES = 1000  # frames per clip past which generation shows progress within a batch
 
 
 def clip_frames(cfg: RunConfig, data, seconds: float | None = None) -> int:
@@ -145,8 +188,15 @@ def generate_clips(
 
     def render(emb, mask, g):
         t0 = time.perf_counter()
+        inner = None  # a progress line within each batch once clips are long (> LONG_CLIP_FRAMES)
+        if progress and n_frames > LONG_CLIP_FRAMES:
+            inner = progress_bar(total=lm.pattern.seq_len(n_frames), desc=f"{desc}: frames", unit="frame",
+                                 leave=False, file=sys.stderr)
         codes = lm.generate(emb, mask, n_frames, cfg_scale=gen.cfg_scale, top_k=gen.top_k, top_p=gen.top_p,
-                            temperature=gen.temperature, generator=g)  # [b, K', T]
+                            temperature=gen.temperature, generator=g,
+                            on_step=None if inner is None else (lambda s: inner.update(1)))  # [b, K', T]
+        if inner is not None:
+            inner.close()
         lm_time = time.perf_counter() - t0
         wav, times = (render_codes or decode)(codes, emb, mask, g)
         return wav, {"lm": lm_time, **times}

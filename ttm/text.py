@@ -147,10 +147,14 @@ def build_text_encoder(
     return enc.to(device) if device is not None else enc
 
 
-def encode_captions(encoder, captions: list[str], max_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_captions(encoder, captions: list[str], max_len: int, device=None,
+                    truncated: list[bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen text embeddings cut or padded to a fixed length: `[B, max_len, Dt]`, mask `[B, max_len]`
-    (the LM's memory length is fixed; padding is masked and replaced by its null vector)."""
+    (the LM's memory length is fixed; padding is masked and replaced by its null vector).
+    `truncated`, when given, is extended with one flag per caption: did it have more tokens?"""
     emb, mask = encoder.encode(captions)
+    if truncated is not None:
+        truncated.extend(bool(n > max_len) for n in mask.sum(1).tolist())
     emb, mask = emb[:, :max_len], mask[:, :max_len]
     pad = max_len - emb.shape[1]
     emb = torch.nn.functional.pad(emb, (0, 0, 0, pad))
