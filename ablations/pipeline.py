@@ -70,6 +70,13 @@ def run_cell(cfg: RunConfig, run_dir: Path, progress: bool = True) -> dict:
 
 
 def pipeline_cell(config: dict, run_dir: Path) -> dict:
-    """The grid's default cell: validate the config as a RunConfig, then train + generate + evaluate."""
+    """The grid's default cell: validate the config as a RunConfig, then train + generate + evaluate.
+    Datasets live with the grid (GRID/data) unless the config sets data.root: the location is not
+    part of the cell's settings, so it changes no cell name."""
     progress = os.environ.get("TTM_BENCH_PROGRESS", "1") != "0"  # set by run_grid(progress=False)
-    return run_cell(config_from_dict(config, str(Path(run_dir) / "cell.yaml")), Path(run_dir), progress=progress)
+    run_dir = Path(run_dir)
+    cfg = config_from_dict(config, str(run_dir / "cell.yaml"))
+    if "root" not in cfg.data.model_fields_set:
+        grid_dir = run_dir.resolve().parent.parent  # GRID/cells/NAME
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": str(grid_dir / "data")})})
+    return run_cell(cfg, run_dir, progress=progress)

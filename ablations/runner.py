@@ -100,6 +100,39 @@ def default_grid_dir(spec: GridSpec, preset: str | None) -> Path:
     return Path("runs") / "grids" / (spec.name + (f"-{preset}" if preset not in (None, "default") else ""))
 
 
+def check_grid(spec, spec_path: Path, preset: str | None, overrides: dict | None, fn_ref) -> list[Cell]:
+    """Everything a grid run checks before any cell runs (shared with --dry-run): the cells expand,
+    every cell's config validates (with the default cell function), the cell function imports."""
+    if not callable(fn_ref):
+        load_cell_fn(fn_ref)
+    cells = _cells_for(spec, preset, overrides)
+    if fn_ref == DEFAULT_CELL_FN:
+        if spec.search is not None:
+            _, ov0 = expand_groups(spec, preset, overrides)[0]
+            seeds = preset_parts(spec, preset)[2]
+            probe = make_cell(
+                0,
+                resolve_base(spec),
+                {},
+                ov0,
+                seeds[0],
+                {
+                    k: (
+                        r.choices[0]
+                        if r.type == "categorical"
+                        else r.low
+                        if r.type == "float"
+                        else int(r.low)
+                    )
+                    for k, r in spec.search.params.items()
+                },
+            )
+            validate_run_configs([probe], str(spec_path))
+        else:
+            validate_run_configs(cells, str(spec_path))
+    return cells
+
+
 def run_grid(
     spec_path: str | Path,
     out_dir: str | Path | None = None,
@@ -146,31 +179,7 @@ def run_grid(
                 "--workers > 1 runs cells in new processes: pass the cell function as "
                 "'module:function' (or a module-level function)"
             ) from None
-    cells = _cells_for(spec, preset, overrides)
-    if fn_ref == DEFAULT_CELL_FN:
-        if spec.search is not None:
-            _, ov0 = expand_groups(spec, preset, overrides)[0]
-            seeds = preset_parts(spec, preset)[2]
-            probe = make_cell(
-                0,
-                resolve_base(spec),
-                {},
-                ov0,
-                seeds[0],
-                {
-                    k: (
-                        r.choices[0]
-                        if r.type == "categorical"
-                        else r.low
-                        if r.type == "float"
-                        else int(r.low)
-                    )
-                    for k, r in spec.search.params.items()
-                },
-            )
-            validate_run_configs([probe], str(spec_path))
-        else:
-            validate_run_configs(cells, str(spec_path))
+    cells = check_grid(spec, spec_path, preset, overrides, fn_ref)
 
     grid_dir.mkdir(parents=True, exist_ok=True)
     st = open_storage(url, heartbeat_s)  # creates the tables before any worker starts
@@ -347,8 +356,9 @@ def cli(argv: list[str]) -> int:
     ap.add_argument("--dry-run", action="store_true", help="list the cells and exit")
     a = ap.parse_args(argv)
     overrides = parse_assignments(a.set)
-    if a.dry_run:
+    if a.dry_run:  # everything the real run checks, then the cells; nothing is written
         spec = load_spec(a.spec)
+        check_grid(spec, Path(a.spec), a.preset, overrides, resolve_cell_fn(a.cell_fn))
         if spec.search is not None:
             for labels, ov in expand_groups(spec, a.preset, overrides):
                 print(

@@ -620,3 +620,28 @@ def test_slurm_options_reach_the_executor(tmp_path, monkeypatch):
         "gpu", 1, 8, 90, "h100")
     with pytest.raises(ValueError, match="--launcher"):
         executor("pbs", tmp_path)
+
+
+def test_dry_run_validates_every_cell_like_the_real_run(tmp_path, capsys):
+    bad = write_spec(tmp_path / "bad.yaml", axes={"model.n_heads": [4, 3]}, base={"model.d_model": 32})
+    with pytest.raises(ValueError, match=r"bad.yaml \(cell .*divisible by n_heads"):
+        runner.cli([str(bad), "--dry-run"])
+    with pytest.raises((ImportError, ValueError)):
+        runner.cli([str(bad), "--dry-run", "--cell-fn", "no_such_module:fn"])
+    good = write_spec(tmp_path / "good.yaml", base={"model.d_model": 32})
+    assert runner.cli([str(good), "--dry-run"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == len(expand(load_spec(good)))
+    assert not (tmp_path / "runs").exists() and not list(tmp_path.glob("*.db"))
+
+
+def test_grid_datasets_live_under_the_grid_unless_data_root_is_set(tmp_path, monkeypatch):
+    from ablations import pipeline
+
+    seen = {}
+    monkeypatch.setattr(pipeline, "run_cell", lambda cfg, run_dir, progress=True: seen.setdefault("root", cfg.data.root))
+    run_dir = tmp_path / "grid" / "cells" / "c0"
+    run_dir.mkdir(parents=True)
+    pipeline.pipeline_cell({"model": {"backbone": "transformer"}}, run_dir)
+    assert seen.pop("root") == str((tmp_path / "grid" / "data").resolve())
+    pipeline.pipeline_cell({"data": {"root": "/shared/datasets"}}, run_dir)
+    assert seen.pop("root") == "/shared/datasets"

@@ -180,6 +180,7 @@ RESUME_IGNORED = (
     "train.ckpt_every",
     "train.device",
     "train.threads",
+    "data.root",  # where the dataset lives, not what it is (grids keep theirs under GRID/data)
     "train.loggers",
     "generate",
     "eval",
