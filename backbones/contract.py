@@ -77,6 +77,8 @@ def resolve_backbone(name_or_path: str) -> tuple[type[Backbone], str]:
     file is imported once as module `ttm_user_<stem>`).
     """
     mod, sep, attr = name_or_path.rpartition(":")
+    if not sep and name_or_path.endswith(".py"):
+        raise ValueError(f"{name_or_path}: name the class too (expected FILE.py:Class)")
     if sep and mod.endswith(".py"):
         path = Path(mod).resolve()
         if not path.is_file():
@@ -89,6 +91,9 @@ def resolve_backbone(name_or_path: str) -> tuple[type[Backbone], str]:
             sys.modules[mod_name] = module
             try:
                 spec.loader.exec_module(module)
+            except SyntaxError as e:
+                del sys.modules[mod_name]
+                raise ValueError(f"{path}: line {e.lineno}: {e.msg} (the backbone file does not parse)") from None
             except BaseException:
                 del sys.modules[mod_name]
                 raise

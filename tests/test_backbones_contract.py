@@ -136,3 +136,15 @@ def test_pytest_plugin_fixture(ttm_contract):
 def test_pytest_plugin_import_is_light():
     code = "import sys, backbones.pytest_plugin; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_a_backbone_file_that_does_not_parse_is_one_clear_error(tmp_path, capsys):
+    from ttm.cli import main
+
+    bad = tmp_path / "mine.py"
+    bad.write_text("import torch\ndef broken(:\n")
+    assert main(["check-backbone", f"{bad}:Mine"]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: line 2: invalid syntax" in err and "Traceback" not in err
+    assert main(["check-backbone", str(bad)]) == 2
+    assert "expected FILE.py:Class" in capsys.readouterr().err

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ttm.codecs.base import Codec, model_fingerprint
+from ttm.progress import is_tty
 
 
 def hub_offline() -> bool:
@@ -49,6 +51,10 @@ def load_pretrained(cls: Any, name_or_path: str | os.PathLike, what: str) -> Any
     """`cls.from_pretrained` from a local directory, or a hub id from the local HF cache first (the
     hub is asked only when that fails and HF_HUB_OFFLINE is not set). Missing weights raise
     FileNotFoundError naming the id/path and HF_HUB_OFFLINE."""
+    if not is_tty(sys.stderr):  # transformers' weight-loading bar would flood a log file
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     src, local_only = resolve_pretrained(name_or_path)
     if Path(src).is_dir():
         try:
