@@ -72,6 +72,7 @@ class _ChunkDiag(torch.autograd.Function):
     @staticmethod
     def forward(ctx, CB: Tensor, Acs: Tensor, xdt: Tensor) -> Tensor:
         q = Acs.shape[-1]
+        Acs = Acs.contiguous()  # else L inherits a permuted layout and every matmul on it copies
         L = Acs[..., :, None] - Acs[..., None, :]  # [..., hg, q, q]
         upper = torch.ones(q, q, dtype=torch.bool, device=Acs.device).triu(1)
         L.masked_fill_(upper, -math.inf).exp_()
