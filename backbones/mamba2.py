@@ -73,11 +73,13 @@ class _ChunkDiag(torch.autograd.Function):
     def forward(ctx, CB: Tensor, Acs: Tensor, xdt: Tensor) -> Tensor:
         q = Acs.shape[-1]
         Acs = Acs.contiguous()  # else L inherits a permuted layout and every matmul on it copies
-        L = Acs[..., :, None] - Acs[..., None, :]  # [..., hg, q, q]
-        upper = torch.ones(q, q, dtype=torch.bool, device=Acs.device).triu(1)
-        L.masked_fill_(upper, -math.inf).exp_()
-        S = L * CB
-        y = S @ xdt  # [..., hg, q, p]
+        with torch.autocast(Acs.device.type, enabled=False):  # the SSM's dtype (>= fp32), fwd and bwd alike
+            CB, xdt = CB.to(Acs.dtype), xdt.to(Acs.dtype)
+            L = Acs[..., :, None] - Acs[..., None, :]  # [..., hg, q, q]
+            upper = torch.ones(q, q, dtype=torch.bool, device=Acs.device).triu(1)
+            L.masked_fill_(upper, -math.inf).exp_()
+            S = L * CB
+            y = S @ xdt  # [..., hg, q, p]
         ctx.save_for_backward(L, S, xdt, y)
         return y
 
@@ -85,6 +87,7 @@ class _ChunkDiag(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, gy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         L, S, xdt, y = ctx.saved_tensors
+        gy = gy.to(S.dtype)
         gxdt = S.transpose(-1, -2) @ gy  # [..., hg, q, p]
         gCB = (gy @ xdt.transpose(-1, -2)).mul_(L).sum(-3, keepdim=True)  # [..., 1, q, q]
         gAcs = (gy * y).sum(-1) - (xdt * gxdt).sum(-1)  # [..., hg, q]

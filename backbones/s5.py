@@ -98,7 +98,7 @@ class S5Mixer(Mixer):
     def _scan_fft(self, u: Tensor, h0: Tensor | None) -> tuple[Tensor, Tensor]:
         """u [B, L, H] float32, h0 [B, P] complex or None -> y [B, L, H], final state [B, P]."""
         dtl, lbar, bbar, C, D = self._discrete()
-        b, L, _ = u.shape
+        L = u.shape[1]
         P = self.d_state
         bu = (u @ torch.cat([bbar.real, bbar.imag]).t()).transpose(1, 2)  # [B, 2P, L]
         bu = torch.complex(bu[:, :P], bu[:, P:])  # [B, P, L]
