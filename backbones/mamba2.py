@@ -390,21 +390,25 @@ class Mamba2Mixer(Mixer):
     def step(self, x: Tensor, state: State) -> Tensor:  # [b, d_model] -> [b, d_model]
         b = x.shape[0]
         z, xBC, dt = self._split(self.in_proj(x))  # [b, d_inner], [b, conv_dim], [b, h]
-        win = torch.cat([state["conv"].to(xBC.dtype), xBC[:, :, None]], dim=-1)  # [b, conv_dim, d_conv]
-        state["conv"].copy_(win[:, :, 1:])
-        xBC = F.silu((win * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias)
-        xs, Bm, Cm = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], -1)
+        conv = state["conv"]  # [b, conv_dim, d_conv-1]: the last inputs, oldest first
+        w = self.conv1d.weight[:, 0]  # [conv_dim, d_conv]
+        xc = torch.addcmul(self.conv1d.bias, xBC, w[:, -1])  # newest tap
+        if self.d_conv > 1:
+            xc = xc + (conv.to(xBC.dtype) * w[:, :-1]).sum(-1)
+            conv.copy_(torch.cat([conv[:, :, 1:], xBC[:, :, None].to(conv.dtype)], -1))
+        xs, Bm, Cm = torch.split(F.silu(xc), [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], -1)
 
         h = state["ssm"]  # [b, H, P, N]
         sd = h.dtype
-        hg = self.nheads // self.ngroups
+        g, hgp, n = self.ngroups, self.nheads // self.ngroups * self.headdim, self.d_state
         dt = F.softplus(dt.to(sd) + self.dt_bias.to(sd))  # [b, H]
         dA = torch.exp(dt * -torch.exp(self.A_log.to(sd)))  # [b, H]
         xh = xs.to(sd).view(b, self.nheads, self.headdim)  # [b, H, P]
-        Bh = Bm.to(sd).view(b, self.ngroups, 1, self.d_state).expand(-1, -1, hg, -1).reshape(b, self.nheads, self.d_state)
-        Ch = Cm.to(sd).view(b, self.ngroups, 1, self.d_state).expand(-1, -1, hg, -1).reshape(b, self.nheads, self.d_state)
-        h.copy_(h * dA[:, :, None, None] + (dt[:, :, None] * xh)[..., None] * Bh[:, :, None, :])
-        y = (h * Ch[:, :, None, :]).sum(-1) + self.D.to(sd)[:, None] * xh  # [b, H, P]
+        hv = h.view(b * g, hgp, n)  # heads of a group share B and C
+        h.mul_(dA[:, :, None, None])
+        hv.baddbmm_((dt[:, :, None] * xh).reshape(b * g, hgp, 1), Bm.to(sd).reshape(b * g, 1, n))  # += x dt B^T
+        y = torch.bmm(hv, Cm.to(sd).reshape(b * g, n, 1)).view(b, self.nheads, self.headdim)  # h C: [b, H, P]
+        y = y + self.D.to(sd)[:, None] * xh
         y = y.to(x.dtype).reshape(b, self.d_inner)
         return self.out_proj(self.norm(y, z))
 

@@ -158,8 +158,20 @@ class S4DMixer(Mixer):
             state["ssm"].copy_(torch.view_as_real(hS))
         return self._post(y.to(x.dtype))
 
+    def _step_params(self, rtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """`_discrete` for decoding: under no_grad, computed once and reused while the parameters
+        are unchanged (same storage and version counter), so a step does no discretisation."""
+        if torch.is_grad_enabled():
+            return self._discrete(rtype)
+        key = (rtype, *((p.data_ptr(), p._version) for p in (self.log_dt, self.log_A_real, self.A_imag, self.C)))
+        cached = self.__dict__.get("_step_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, self._discrete(rtype))
+            self.__dict__["_step_cache"] = cached
+        return cached[1]
+
     def _recurrent(self, u: Tensor, state: State) -> Tensor:  # u [B, H] -> SSM output [B, H]
-        _, dA, dB, C = self._discrete(u.dtype)
+        _, dA, dB, C = self._step_params(u.dtype)
         h = dA * self._state(state, u.dtype) + dB * u[:, :, None]  # [B, H, N/2]
         state["ssm"].copy_(torch.view_as_real(h))
         return 2 * (h * C).sum(-1).real + u * self.D.to(u.dtype)

@@ -114,12 +114,30 @@ class S5Mixer(Mixer):
         y = torch.cat([C.real, -C.imag], 1) @ xr  # Re(C x): [B, H, L]
         return y.transpose(1, 2) + u * D, xs[..., -1]
 
+    def _step_params(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Lambda_bar [P], [Re B_bar; Im B_bar]^T [H, 2P], [Re C, -Im C]^T [2P, H], D [H] for decoding:
+        under no_grad computed once and reused while the parameters are unchanged (same storage
+        and version counter), so a step is two matmuls and a complex multiply-add."""
+        def build():
+            _, lbar, bbar, C, D = self._discrete()
+            return lbar, torch.cat([bbar.real, bbar.imag]).t(), torch.cat([C.real, -C.imag], 1).t(), D
+
+        if torch.is_grad_enabled():
+            return build()
+        key = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        cached = self.__dict__.get("_step_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, tuple(t.contiguous() for t in build()))
+            self.__dict__["_step_cache"] = cached
+        return cached[1]
+
     def _step(self, u: Tensor, h: Tensor) -> Tensor:
         """One recurrence step: u [B, H] float32; h [B, P] complex, updated in place -> y [B, H]."""
-        _, lbar, bbar, C, D = self._discrete()
-        bu = torch.complex(u @ bbar.real.t(), u @ bbar.imag.t())  # [B, P]
-        h.mul_(lbar).add_(bu)
-        return h.real @ C.real.t() - h.imag @ C.imag.t() + u * D
+        lbar, bw, cw, D = self._step_params()
+        bu = u @ bw  # [B, 2P]
+        P = self.d_state
+        h.mul_(lbar).add_(torch.complex(bu[:, :P], bu[:, P:]))
+        return torch.cat([h.real, h.imag], 1) @ cw + u * D  # Re(C h) + D u
 
     def _ssm(self, x: Tensor, state: State | None) -> Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):

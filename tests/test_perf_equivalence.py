@@ -153,3 +153,29 @@ def test_s5_steps_equal_package_forward():
         st = m.allocate_state(2, 25)
         ys = torch.cat([m(x[:, :10], st)] + [m.step(x[:, t], st)[:, None] for t in range(10, 25)], 1)
     assert (ys - ref).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("name", ["s4d", "s5"])
+def test_decoding_step_cache_follows_parameter_updates(name):
+    """The discretisation cached for decoding is rebuilt when a parameter changes in place
+    (an optimizer step) or is replaced (load_state_dict); the step then equals the uncached one."""
+    from backbones.s4d import S4DMixer
+    from backbones.s5 import S5Mixer
+
+    torch.manual_seed(0)
+    m = (S4DMixer(8, d_state=6) if name == "s4d" else S5Mixer(8, d_state=6)).eval()
+    x = torch.randn(2, 8)
+
+    def step(cached: bool) -> torch.Tensor:
+        st = m.allocate_state(2, 4)
+        with torch.set_grad_enabled(not cached):
+            return m.step(x, st).detach()
+
+    assert torch.allclose(step(True), step(False), atol=1e-6)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(1.1)
+    assert torch.allclose(step(True), step(False), atol=1e-6)
+    other = (S4DMixer(8, d_state=6) if name == "s4d" else S5Mixer(8, d_state=6)).state_dict()
+    m.load_state_dict(other)
+    assert torch.allclose(step(True), step(False), atol=1e-6)
