@@ -140,9 +140,10 @@ def _ssd_fused(
     else:
         hin = initial_state.to(x.dtype).view(b, g, hg, p, n).permute(0, 1, 4, 2, 3)  # [b, g, n, hg, p]
     entering = []
-    for z in range(c):
+    # unbind, not states[:, z]: the backward of c selects would zero-fill c full-size gradients
+    for dz, sz in zip(chunk_decay.unbind(1), states.unbind(1), strict=True):
         entering.append(hin)
-        hin = hin * chunk_decay[:, z] + states[:, z]
+        hin = torch.addcmul(sz, hin, dz)  # hin * decay + state
     final = hin.permute(0, 1, 3, 4, 2).reshape(b, h, p, n)  # [b, h, p, n]
     H = torch.stack(entering, 1).view(b, c, g, n, hg * p)  # [b, c, g, n, hg p]
 
