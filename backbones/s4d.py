@@ -147,7 +147,8 @@ class S4DMixer(Mixer):
         else:  # prefill: the state terms need every power dA^l, l <= S
             Vr, Vi = self._powers(dtA, S + 1)  # [H, N/2, S+1]
             K = self._kernel(C * dB, Vr[:, :, :S], Vi[:, :, :S])  # [H, S]
-        y = fft_causal_conv_last(u.transpose(1, 2), K).transpose(1, 2) + u * self.D.to(rt)  # [B, S, H]
+        # contiguous [B, S, H]: a transposed layout would make GELU's backward a slow strided loop
+        y = fft_causal_conv_last(u.transpose(1, 2), K).transpose(1, 2).contiguous() + u * self.D.to(rt)
         if state is not None:
             h = self._state(state, rt)
             V = torch.complex(Vr, Vi)

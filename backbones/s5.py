@@ -112,7 +112,7 @@ class S5Mixer(Mixer):
             xs = xs + h0[:, :, None] * (k * lbar[:, None])  # free response Lambda_bar^(t+1) h0
         xr = torch.cat([xs.real, xs.imag], 1)  # [B, 2P, L]
         y = torch.cat([C.real, -C.imag], 1) @ xr  # Re(C x): [B, H, L]
-        return y.transpose(1, 2) + u * D, xs[..., -1]
+        return y.transpose(1, 2).contiguous() + u * D, xs[..., -1]  # contiguous: GELU's backward follows
 
     def _step_params(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Lambda_bar [P], [Re B_bar; Im B_bar]^T [H, 2P], [Re C, -Im C]^T [2P, H], D [H] for decoding:
