@@ -4,7 +4,6 @@ backbone, and SSMs vs the KV-cache Transformer), and our KV cache vs MusicgenFor
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
@@ -35,10 +34,12 @@ def decode_recurrent_vs_recompute(
     n_layers: int = 2,
     backbones: list[str] | None = None,
     cfg_scale: float = 3.0,
+    rounds: int | None = None,
 ) -> list[dict]:
     """Greedy generation, batch 1 with CFG: recurrent state (recurrent=True) vs recomputing the
-    whole sequence per token (recurrent=False, the study's public sampler)."""
+    whole sequence per token (recurrent=False, the study's public sampler), interleaved rounds."""
     frames = frames or (200 if quick else 500)
+    rounds = rounds or (2 if quick else 3)
     d_model = d_model or (64 if quick else 128)
     names = _names(backbones)
     K, card, L, Dt = 4, 256, 8, 32
@@ -51,14 +52,19 @@ def decode_recurrent_vs_recompute(
             return lm.generate(te, tm, n, cfg_scale=cfg_scale, greedy=True, recurrent=rec)
 
         gen(True, 4), gen(False, 4)  # warm-up
-        log(f"decode {name}: recurrent, {frames} frames")
-        t0 = time.perf_counter()
-        a = gen(True)
-        rec_s = time.perf_counter() - t0
-        log(f"decode {name}: recompute, {frames} frames")
-        t0 = time.perf_counter()
-        b = gen(False)
-        full_s = time.perf_counter() - t0
+        out = {}
+        log(f"decode {name}: {rounds} rounds of recurrent and recompute, {frames} frames")
+        t = paired(
+            {
+                "rec": lambda out=out, gen=gen: out.__setitem__("a", gen(True)),
+                "full": lambda out=out, gen=gen: out.__setitem__("b", gen(False)),
+            },
+            rounds,
+            warmup=0,
+        )
+        a, b = out["a"], out["b"]
+        ratio, spread = ratio_stats(t["full"], t["rec"])
+        rec_s, full_s = statistics.median(t["rec"]), statistics.median(t["full"])
         constant = lm.backbone.constant_state
         rows.append(
             row(
@@ -66,7 +72,7 @@ def decode_recurrent_vs_recompute(
                 rec_s,
                 full_s,
                 "s",
-                full_s / rec_s,
+                ratio,
                 "speedup",
                 20.0 if constant else None,
                 ours_label="recurrent",
@@ -76,7 +82,11 @@ def decode_recurrent_vs_recompute(
                     f"{n_layers} layers, prefix, CFG {cfg_scale}; same tokens: {bool(torch.equal(a, b))}"
                     + ("" if constant else "; state grows with length: reported, no target")
                 ),
+                spread=spread,
+                rounds=rounds,
                 details={
+                    "recurrent_s": t["rec"],
+                    "recompute_s": t["full"],
                     "frames": frames,
                     "steps": lm.pattern.seq_len(frames),
                     "d_model": d_model,
