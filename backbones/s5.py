@@ -18,8 +18,15 @@ Guards around known defects of the package (s5-pytorch 0.2.x):
   `Module.to(dtype)`: they are stored here as real pairs ([P, 2], [H, P, 2]) and handed
   to the package as complex tensors for each call (torch.func.functional_call).
   count_params counts them as 2 reals per complex entry, like any complex parameter.
-The package's stateful parallel forward and its recurrence agree (checked in the tests),
-so prefill and step both use its forward with a state.
+The package's stateful parallel forward and its recurrence agree (checked in the tests).
+
+Fast path (`use_package = False`, the default): the package builds the layer (HiPPO-N
+initialisation, parameter layout) and stays the reference; the computation is done here.
+S5 is time-invariant (Lambda_bar = exp(Lambda dt) is the same at every step), so the scan
+x_t = Lambda_bar x_{t-1} + B_bar u_t is a causal convolution of B_bar u with Lambda_bar^l per
+state, run through one complex FFT of length 2L; y = Re(C x) + D u. A decoding step is the
+recurrence itself (a few [B, P] ops instead of the package's vmap'd scan). The tests check
+both against the package's forward, values and gradients.
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ _ACTIVATIONS = ("half_glu1", "half_glu2", "gelu")
 
 class S5Mixer(Mixer):
     """S5 SSM + gated activation. State: complex [B, P] as real pairs [B, P, 2] (float32)."""
+
+    use_package = False  # True: run the s5-pytorch package's forward (the reference path)
 
     def __init__(
         self,
@@ -76,22 +85,90 @@ class S5Mixer(Mixer):
             "seq.log_step": seq.log_step.float(),
         }
 
+    def _discrete(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """dt Lambda [P], Lambda_bar = exp(dt Lambda) [P], B_bar = (Lambda_bar - 1) / Lambda B [P, H]
+        (zero-order hold, as the package's discretize_zoh), C [H, P] (complex64) and D [H]."""
+        seq = self.ssm.seq
+        lam = torch.view_as_complex(self.Lambda.float().contiguous())  # [P]
+        dtl = lam * torch.exp(seq.log_step.float())  # [P]
+        lbar = torch.exp(dtl)
+        bbar = (1 / lam * (lbar - 1))[:, None] * torch.view_as_complex(seq.B.float().contiguous())  # [P, H]
+        return dtl, lbar, bbar, torch.view_as_complex(self.C.float().contiguous()), seq.D.float()
+
+    def _scan_fft(self, u: Tensor, h0: Tensor | None) -> tuple[Tensor, Tensor]:
+        """u [B, L, H] float32, h0 [B, P] complex or None -> y [B, L, H], final state [B, P]."""
+        dtl, lbar, bbar, C, D = self._discrete()
+        L = u.shape[1]
+        P = self.d_state
+        bu = (u @ torch.cat([bbar.real, bbar.imag]).t()).transpose(1, 2)  # [B, 2P, L]
+        bu = torch.complex(bu[:, :P], bu[:, P:])  # [B, P, L]
+        l = torch.arange(L, device=u.device, dtype=torch.float32)
+        mag = torch.exp(dtl.real[:, None] * l)  # |Lambda_bar^l|: [P, L]
+        ang = dtl.imag[:, None] * l
+        k = torch.complex(mag * torch.cos(ang), mag * torch.sin(ang))  # Lambda_bar^l: [P, L]
+        n = 2 * L
+        xs = torch.fft.ifft(torch.fft.fft(bu, n=n) * torch.fft.fft(k, n=n), n=n)[..., :L]  # [B, P, L]
+        if h0 is not None:
+            xs = xs + h0[:, :, None] * (k * lbar[:, None])  # free response Lambda_bar^(t+1) h0
+        xr = torch.cat([xs.real, xs.imag], 1)  # [B, 2P, L]
+        y = torch.cat([C.real, -C.imag], 1) @ xr  # Re(C x): [B, H, L]
+        return y.transpose(1, 2).contiguous() + u * D, xs[..., -1]  # contiguous: GELU's backward follows
+
+    def _step_params(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Lambda_bar [P], [Re B_bar; Im B_bar]^T [H, 2P], [Re C, -Im C]^T [2P, H], D [H] for decoding:
+        under no_grad computed once and reused while the parameters are unchanged (same storage
+        and version counter), so a step is two matmuls and a complex multiply-add."""
+        def build():
+            _, lbar, bbar, C, D = self._discrete()
+            return lbar, torch.cat([bbar.real, bbar.imag]).t(), torch.cat([C.real, -C.imag], 1).t(), D
+
+        if torch.is_grad_enabled():
+            return build()
+        key = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        cached = self.__dict__.get("_step_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, tuple(t.contiguous() for t in build()))
+            self.__dict__["_step_cache"] = cached
+        return cached[1]
+
+    def _step(self, u: Tensor, h: Tensor) -> Tensor:
+        """One recurrence step: u [B, H] float32; h [B, P] complex, updated in place -> y [B, H]."""
+        lbar, bw, cw, D = self._step_params()
+        bu = u @ bw  # [B, 2P]
+        P = self.d_state
+        h.mul_(lbar).add_(torch.complex(bu[:, :P], bu[:, P:]))
+        return torch.cat([h.real, h.imag], 1) @ cw + u * D  # Re(C h) + D u
+
     def _ssm(self, x: Tensor, state: State | None) -> Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
             u = x.float()
+            if not self.use_package:
+                if state is None:
+                    return self._scan_fft(u, None)[0]
+                h = self._checked_state(state, x)
+                hc = torch.view_as_complex(h)
+                if x.shape[1] == 1:
+                    return self._step(u[:, 0], hc)[:, None]
+                y, hT = self._scan_fft(u, hc.clone())  # clone: h is overwritten below, autograd keeps h0
+                h.copy_(torch.view_as_real(hT))
+                return y
             if state is None:
                 return functional_call(self.ssm, self._params(), (u,))
-            h = state["ssm"]
-            if h.shape != (x.shape[0], self.d_state, 2) or h.dtype != torch.float32:
-                raise ValueError(
-                    f"s5: state['ssm'] must be float32 [B, P, 2] = {(x.shape[0], self.d_state, 2)}, "
-                    f"got {h.dtype} {tuple(h.shape)}"
-                )
+            h = self._checked_state(state, x)
             y, hT = functional_call(
                 self.ssm, self._params(), (u,), {"state": torch.view_as_complex(h), "return_state": True}
             )
             h.copy_(torch.view_as_real(hT))
             return y
+
+    def _checked_state(self, state: State, x: Tensor) -> Tensor:
+        h = state["ssm"]
+        if h.shape != (x.shape[0], self.d_state, 2) or h.dtype != torch.float32:
+            raise ValueError(
+                f"s5: state['ssm'] must be float32 [B, P, 2] = {(x.shape[0], self.d_state, 2)}, "
+                f"got {h.dtype} {tuple(h.shape)}"
+            )
+        return h
 
     def forward(self, x: Tensor, state: State | None = None) -> Tensor:  # [B, S, H]
         s = self._ssm(x, state).to(x.dtype)

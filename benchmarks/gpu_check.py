@@ -8,8 +8,10 @@ Sections, each guarded (a failure or a time-out is recorded and the next one run
             pattern, 768-d text of 32 tokens, 30 s clips = 2588 frames), batch sized to fit
   decode    recurrent decoding (state / KV cache) of both, batch 1 with CFG: steps/s and tokens/s,
             and the speed-up over re-running the whole sequence per token (the study's sampler)
-  kernels   per SSM backbone: torch.compile of the pure-PyTorch path vs eager, and mamba_ssm
-            kernels (use_kernel) vs the pure path when importable: max differences and speed ratios
+  kernels   per SSM backbone: torch.compile of the pure-PyTorch path vs eager, mamba_ssm
+            kernels (use_kernel) vs the pure path when importable, our fast pure paths (fused
+            SSD, our S5 scan) vs their references, and a decoding step under
+            torch.compile(mode="reduce-overhead") (CUDA graphs) vs eager: differences and speed ratios
 
 Results go to `$OUT/gpu_check.json` (or ./gpu_check.json), rewritten after every section.
 Progress lines carry timestamps; a global time guard (--budget-s, default 450 s) skips or
@@ -187,46 +189,27 @@ def load_backbones() -> tuple[dict[str, type], dict[str, str]]:
 
 
 def build_lm(ctx: Ctx, which: str):
-    """The study's two full-scale models: "prefix_simba" or "cross_transformer"."""
-    from backbones.base import build_backbone
-    from ttm.lm import TTMLM
-    from ttm.patterns import Pattern
+    """The study's two full-scale models, "prefix_simba" or "cross_transformer", built by the
+    training factory (ttm.factory.build_model) from their model.* settings."""
+    from benchmarks.common import build_lm as factory_lm
 
     f = ctx.full
-    torch.manual_seed(0)
     if which == "prefix_simba":
-        bb = build_backbone(
-            "simba",
-            d_model=f["d_model"],
-            n_layers=f["n_layers"],
-            n_heads=f["n_heads"],
-            mlp_ratio=2.0,
-            d_state=f["d_state"],
-            headdim=f["headdim"],
-            chunk_size=f["chunk_size"],
-            expand=2,
-            d_conv=4,
-        )
-        cond = "prefix"
+        model = {
+            "backbone": "simba",
+            "conditioning": "prefix",
+            "backbone_kwargs": {"mlp_ratio": 2.0, "d_state": f["d_state"], "headdim": f["headdim"],
+                                "chunk_size": f["chunk_size"], "expand": 2, "d_conv": 4},
+        }
     elif which == "cross_transformer":
         # mlp_ratio 2 gives the study's ~305M at 24 layers (4 would give ~400M)
-        bb = build_backbone(
-            "transformer",
-            d_model=f["d_model"],
-            n_layers=f["n_layers"],
-            n_heads=f["n_heads"],
-            mlp_ratio=2.0,
-            cross_attention=True,
-        )
-        cond = "cross"
+        model = {"backbone": "transformer", "conditioning": "cross", "backbone_kwargs": {"mlp_ratio": 2.0}}
     else:
         raise ValueError(f"unknown model {which!r}")
-    pattern = (
-        Pattern("delay", f["K"], f["card"])
-        if ctx.pattern == "delay"
-        else Pattern("first_k", f["K"], f["card"], k=1)
-    )
-    return TTMLM(bb, pattern, f["text_dim"], conditioning=cond).to(ctx.device)
+    model.update(d_model=f["d_model"], n_layers=f["n_layers"], n_heads=f["n_heads"], pattern=ctx.pattern)
+    if ctx.pattern != "delay":
+        model["first_k"] = 1
+    return factory_lm(f["K"], f["card"], f["text_dim"], **model).to(ctx.device)
 
 
 def fake_batch(ctx: Ctx, B: int, frames: int):
@@ -538,7 +521,29 @@ def kernel_one(ctx: Ctx, name: str, out: dict) -> None:
             "available": False,
             "note": "no use_kernel switch" if not switches else "mamba_ssm kernel not importable",
         }
+    # our fast pure-PyTorch paths vs their references (fused SSD vs autograd SSD, our S5 scan vs
+    # the s5-pytorch package): the CPU tests check these too; here on the GPU, with their speed
+    fast = [(mod, attr, ref) for mod in m.modules()
+            for attr, ref in (("fused_ssd", False), ("use_package", True)) if hasattr(mod, attr)]
+    if fast:
+        for mod, attr, ref in fast:
+            setattr(mod, attr, ref)
+        ry, rg = _fwd_bwd(m, x, r)
+        r_s = timed(ctx, lambda: _fwd_bwd(m, x, r), repeats=3, warmup=1)
+        for mod, attr, ref in fast:
+            setattr(mod, attr, not ref)
+        out["fast_path"] = {
+            "switch": fast[0][1],
+            "reference_fwd_bwd_s": r_s,
+            "speedup": r_s / eager_s,
+            "out_rel_diff": _rel(ref_y, ry),
+            "grad_rel_diff": _rel(ref_g, rg),
+            "equal_within_tol": _rel(ref_y, ry) < 1e-3 and _rel(ref_g, rg) < 1e-3,
+        }
+        log(f"  {name}: fast path vs reference {r_s / eager_s:.2f}x, rel diff out {_rel(ref_y, ry):.1e}")
     tol = 1e-3
+    if ctx.compile and ctx.device.type == "cuda":
+        out["graph_step"] = graph_step(ctx, m)
     if ctx.compile:
         t0 = time.perf_counter()
         cm = torch.compile(m)
@@ -563,6 +568,36 @@ def kernel_one(ctx: Ctx, name: str, out: dict) -> None:
         torch._dynamo.reset()
     else:
         out["compile"] = {"skipped": "--no-compile"}
+
+
+def graph_step(ctx: Ctx, m) -> dict:
+    """One decoding step (batch 2 = CFG) eager vs torch.compile(mode="reduce-overhead"), which
+    captures CUDA graphs where the step allows it (as mamba_ssm's generation does by hand)."""
+    try:
+        k = ctx.kern
+        x = torch.randn(2, k["d_model"], device=ctx.device)
+        st = m.allocate_state(2, 64, device=ctx.device)
+        with torch.no_grad():
+            ref = m.step(x, st)
+            eager = timed(ctx, lambda: m.step(x, st), repeats=20, warmup=2)
+            st2 = m.allocate_state(2, 64, device=ctx.device)
+            cstep = torch.compile(m.step, mode="reduce-overhead")
+            t0 = time.perf_counter()
+            y = cstep(x, st2)
+            ctx.sync()
+            compile_s = time.perf_counter() - t0
+            graphed = timed(ctx, lambda: cstep(x, st2), repeats=20, warmup=2)
+        return {
+            "eager_step_s": eager,
+            "graph_step_s": graphed,
+            "speedup": eager / graphed,
+            "compile_s": compile_s,
+            "first_step_rel_diff": _rel(y.float(), ref.float()),
+        }
+    except Exception as e:  # noqa: BLE001 - recorded, the check goes on
+        return {"error": err(e)}
+    finally:
+        torch._dynamo.reset()
 
 
 def sec_kernels(ctx: Ctx, res: dict) -> dict:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The suite's check on a CUDA machine: kernels and torch.compile vs the pure-PyTorch paths,
+# The suite's check on a CUDA machine: kernels, torch.compile and our fast pure paths vs the
+# pure-PyTorch references, a decoding step under CUDA graphs (torch.compile reduce-overhead),
 # bf16 training throughput and MFU at the study's full scale, decoding speed.
 # Writes $OUT/gpu_check.json (./gpu_check.json when OUT is unset). Finishes in under 8 minutes:
 # the Python script guards its own budget (--budget-s, default 450 s) and this wrapper kills

@@ -30,7 +30,8 @@ def bench_mamba_vs_mambapy(
 ) -> dict:
     """Forward+backward seconds of ours vs mambapy at matched size (~0.47M params by default).
 
-    Returns {"ours_s", "mambapy_s", "ratio" (mambapy_s / ours_s, > 1 means ours is faster),
+    Returns {"ours_s", "mambapy_s" (medians), "ratio" (median over pairs of mambapy / ours, > 1
+    means ours is faster), "ratio_spread" ([min, max] over pairs),
     "ours_params", "mambapy_params", and the settings}."""
     from mambapy.mamba import Mamba as MambaPy
     from mambapy.mamba import MambaConfig
@@ -48,10 +49,15 @@ def bench_mamba_vs_mambapy(
         ours_t.append(_fwd_bwd_seconds(ours, x))
         theirs_t.append(_fwd_bwd_seconds(theirs, x))
     ours_s, theirs_s = statistics.median(ours_t), statistics.median(theirs_t)
+    ratios = [t / o for o, t in zip(ours_t, theirs_t, strict=True)]  # per interleaved pair
     return {
         "ours_s": ours_s,
         "mambapy_s": theirs_s,
-        "ratio": theirs_s / ours_s,
+        "ratio": statistics.median(ratios),
+        "ratio_spread": [min(ratios), max(ratios)],
+        "repeats": repeats,
+        "ours_all_s": ours_t,
+        "mambapy_all_s": theirs_t,
         "ours_params": count_params(ours),
         "mambapy_params": count_params(theirs),
         "d_model": d_model,

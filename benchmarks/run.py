@@ -4,9 +4,12 @@ printed as a ratio against a peer measured in the same run.
 Every case runs in its own process (`python -m benchmarks.cases CASE`), so the peak
 memory reported for it is that process's own (resource.getrusage ru_maxrss). The table
 shows both raw figures, their ratio, the target and whether it is met; a target that is
-not met is printed as NOT MET, never hidden. Every run appends one JSON line (time, git
-commit, machine, all results) to `benchmarks/results.jsonl` (or `--results PATH`, or
-`$TTM_BENCH_RESULTS`).
+not met is printed as NOT MET, never hidden. A ratio is the median over interleaved rounds
+and is printed with its [min-max] spread; when the target lies inside that spread the verdict
+is marked "(in spread)": the margin is within the machine's noise. Every run appends one
+JSON line (time, git commit, machine, all results) to `--results PATH`, else
+`$TTM_BENCH_RESULTS`, else `runs/bench/results.jsonl` under the current directory (never
+into the installed package).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 from benchmarks.cases import CASES, RESULT_MARK, parse_sets
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_RESULTS = Path(__file__).resolve().parent / "results.jsonl"
+DEFAULT_RESULTS = Path("runs") / "bench" / "results.jsonl"  # relative to the working directory
 
 
 # ----------------------------------------------------------------------------- running
@@ -145,16 +148,24 @@ def _num(v: float | None, unit: str = "") -> str:
     return f"{s} {unit}".strip()
 
 
-def _ratio(r: dict) -> str:
-    v = r.get("ratio")
-    if v is None:
-        return "-"
-    kind = r.get("ratio_kind")
+def _fmt_ratio(v: float, kind: str | None) -> str:
     if kind == "overhead":
         return f"{v:+.1%}"
     if kind == "fraction":
         return f"{v:.1%}"
     return f"{v:,.0f}x" if abs(v) >= 1000 else f"{v:.3g}x"
+
+
+def _ratio(r: dict) -> str:
+    v = r.get("ratio")
+    if v is None:
+        return "-"
+    kind = r.get("ratio_kind")
+    out = _fmt_ratio(v, kind)
+    sp = r.get("spread")
+    if sp:
+        out += f" [{_fmt_ratio(sp[0], kind)}-{_fmt_ratio(sp[1], kind)}]"
+    return out
 
 
 def _target(r: dict) -> str:
@@ -170,7 +181,9 @@ def _met(r: dict) -> str:
     if r.get("status") != "ok":
         return r.get("status", "?")
     m = r.get("met")
-    return "-" if m is None else ("yes" if m else "NOT MET")
+    if m is None:
+        return "-"
+    return ("yes" if m else "NOT MET") + (" (in spread)" if r.get("within_spread") else "")
 
 
 def table_rows(results: list[dict]) -> list[list[str]]:
@@ -188,7 +201,7 @@ def table_rows(results: list[dict]) -> list[list[str]]:
 
 
 def format_table(results: list[dict]) -> str:
-    head = ["case", "ours", "peer", "ratio", "target", "met", "peak MB"]
+    head = ["case", "ours", "peer", "ratio [min-max]", "target", "met", "peak MB"]
     body = table_rows(results)
     widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
 
@@ -203,6 +216,11 @@ def format_table(results: list[dict]) -> str:
         for r in c.get("rows", []):
             if r.get("note"):
                 notes.append(f"{r['name']}: {r['note']}")
+            if r.get("within_spread"):
+                notes.append(
+                    f"{r['name']}: the target lies inside the spread over {r.get('rounds')} rounds: "
+                    "the verdict is within the machine's noise"
+                )
     return "\n".join(lines + ([""] + notes if notes else []))
 
 

@@ -26,8 +26,9 @@ def naive_ssd(x, dt, A, B, C, D, h0):
     return torch.stack(ys, 1), state
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("chunk", [1, 3, 8, 16, 37, 64])
-def test_chunked_ssd_equals_recurrence(chunk):
+def test_chunked_ssd_equals_recurrence(chunk, fused):
     g = torch.Generator().manual_seed(0)
     b, l, h, p, ng, n = 2, 37, 4, 3, 2, 5  # 37 is not a multiple of 3, 8 or 16
     f64 = {"dtype": torch.float64, "generator": g}
@@ -36,10 +37,10 @@ def test_chunked_ssd_equals_recurrence(chunk):
     B, C = torch.randn(b, l, ng, n, **f64), torch.randn(b, l, ng, n, **f64)
     h0 = torch.randn(b, h, p, n, **f64)
     y_ref, s_ref = naive_ssd(x, dt, A, B, C, D, h0)
-    y, s = ssd_chunked(x, dt, A, B, C, chunk, D, h0)
+    y, s = ssd_chunked(x, dt, A, B, C, chunk, D, h0, fused=fused)
     assert (y - y_ref).abs().max() < 1e-10
     assert (s - s_ref).abs().max() < 1e-10
-    y0, _ = ssd_chunked(x, dt, A, B, C, chunk, D, None)  # no initial state = zeros
+    y0, _ = ssd_chunked(x, dt, A, B, C, chunk, D, None, fused=fused)  # no initial state = zeros
     assert (y0 - naive_ssd(x, dt, A, B, C, D, torch.zeros_like(h0))[0]).abs().max() < 1e-10
 
 

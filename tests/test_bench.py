@@ -38,7 +38,11 @@ def test_run_case_decode_tiny_is_well_formed():
     assert set(rows) == {f"decode_recurrent_vs_recompute[{n}]" for n in names}
     for r in rows.values():
         assert r["ours"] > 0 and r["peer"] > 0 and r["unit"] == "s"
-        assert r["ratio"] == pytest.approx(r["peer"] / r["ours"])
+        d = r["details"]
+        assert r["ratio"] == pytest.approx(
+            statistics.median(f / c for f, c in zip(d["recompute_s"], d["recurrent_s"], strict=True))
+        )
+        assert r["rounds"] == 2 and r["spread"][0] <= r["ratio"] <= r["spread"][1]
         assert r["details"]["frames"] == 3 and r["details"]["same_tokens"] is True
         if r["details"]["constant_state"]:
             assert r["target"] == 20.0 and r["met"] == (r["ratio"] >= 20.0)
@@ -232,3 +236,81 @@ def test_gpu_check_alarm_nests():
         assert 25 < left <= 30  # the outer alarm is re-armed with its remaining time
     assert signal.getitimer(signal.ITIMER_REAL)[0] == 0
     assert time.time() - t0 < 3
+
+
+# ----------------------------------------------------------------------------- spread, new cases
+
+
+def test_row_spread_flags_a_target_inside_it():
+    r = cases.row("a", 1, 2, "s", 1.6, "speedup", 1.5, spread=[1.4, 1.9], rounds=5)
+    assert r["met"] is True and r["within_spread"] is True and r["spread"] == [1.4, 1.9] and r["rounds"] == 5
+    r = cases.row("a", 1, 2, "s", 1.8, "speedup", 1.5, spread=[1.6, 1.9], rounds=5)
+    assert r["met"] is True and r["within_spread"] is False
+    assert cases.row("a", 1, 2, "s", 1.8, "speedup", None, spread=[1, 2])["within_spread"] is None
+    assert cases.row("a", 1, 2, "s", 1.8, "speedup", 1.5)["within_spread"] is None
+
+
+def test_table_prints_spread_and_in_spread_verdicts():
+    rows = [
+        cases.row("x", 1, 2, "s", 1.6, "speedup", 1.5, spread=[1.4, 1.9], rounds=5),
+        cases.row("y", 1, 2, "s", 1.3, "slowdown", 1.5, op="<=", spread=[1.2, 1.4], rounds=5),
+    ]
+    out = run.format_table([{"case": "c", "peak_mb": 1.0, "rows": rows}])
+    by = {ln.split()[0]: ln for ln in out.splitlines()[2:] if ln.strip() and not ln.startswith(("x:", "y:"))}
+    assert "1.6x [1.4x-1.9x]" in by["x"] and "yes (in spread)" in by["x"]
+    assert "1.3x [1.2x-1.4x]" in by["y"] and "yes" in by["y"] and "in spread" not in by["y"]
+    assert "x: the target lies inside the spread over 5 rounds" in out
+
+
+def test_default_results_path_is_outside_the_package():
+    assert not run.DEFAULT_RESULTS.is_absolute() and run.DEFAULT_RESULTS.parts[0] == "runs"
+
+
+def test_decode_at_length_tiny_in_process():
+    ssm = _ssm_name()
+    names = ["transformer"] + ([ssm] if ssm else [])
+    rows = cases.run_case(
+        "decode_at_length", True, {"lengths": [12, 4], "backbones": names, "tokens": 2, "rounds": 2, "kv_from": 10}
+    )
+    by = {r["name"]: r for r in rows}
+    assert by["decode_flatness[transformer]"]["target"] is None  # the KV cache grows: no target
+    for r in rows:
+        assert r["rounds"] == 2 and r["spread"][0] <= r["ratio"] <= r["spread"][1]
+        assert r["ours"] > 0 and r["peer"] > 0 and r["unit"] == "s/token"
+    if ssm:
+        f = by[f"decode_flatness[{ssm}]"]
+        assert f["target"] == 1.2 and f["op"] == "<=" and f["ours_label"] == "at 12" and f["peer_label"] == "at 4"
+        kv = by[f"decode_vs_kv_cache[{ssm}@12]"]
+        assert kv["target"] == 1.5 and kv["ratio"] == pytest.approx(
+            statistics.median(
+                a / b
+                for a, b in zip(
+                    by["decode_flatness[transformer]"]["details"]["per_token_s@12"],
+                    f["details"]["per_token_s@12"],
+                    strict=True,
+                )
+            )
+        )
+
+
+def test_ssm_train_step_tiny_builds_demo_models_through_the_factory():
+    rows = cases.run_case(
+        "ssm_train_step", True, {"backbones": ["s4d"], "batch": 2, "frames": 8, "rounds": 2, "mm_size": 64}
+    )
+    by = {r["name"]: r for r in rows}
+    assert set(by) == {"ssm_train_step[s4d]", "train_mfu[transformer]", "train_mfu[s4d]"}
+    r = by["ssm_train_step[s4d]"]
+    assert r["op"] == "<=" and r["target"] == 1.5 and r["rounds"] == 2
+    params = r["details"]["params"]
+    assert abs(params - 1_000_000) / 1_000_000 < 0.03  # the demo's matched size
+    assert r["ratio"] == pytest.approx(
+        statistics.median(a / b for a, b in zip(r["details"]["ours_s"], r["details"]["peer_s"], strict=True))
+    )
+    assert by["train_mfu[s4d]"]["target"] == 0.30 and 0 < by["train_mfu[s4d]"]["ratio"]
+
+
+@pytest.mark.slow
+def test_grid_layout_tiny():
+    (r,) = cases.run_case("grid_layout", True, {"steps": 1, "rounds": 1})
+    assert r["name"] == "grid_layout" and r["target"] is None and r["ours"] > 0 and r["peer"] > 0
+    assert r["details"]["cells"] == ["transformer", "simba"]

@@ -12,7 +12,8 @@ import torch
 
 from tests.synthetic import synthetic_prepared, tiny_config
 from ttm.config import load_config
-from ttm.train import read_log, run
+from ttm.rundir import read_log
+from ttm.train import run
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ import yaml
 
 from tests.test_diffusion import LatentCodec, latent_prepared, tiny_two_stage_config
 from ttm.config import load_config
-from ttm.train import read_log
+from ttm.rundir import read_log
 
 
 class FakeEncoder:

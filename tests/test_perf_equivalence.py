@@ -1,0 +1,181 @@
+"""The fast CPU paths of the SSM backbones equal their plain reference paths, forward and
+backward, to float tolerance (the speed itself is measured in benchmarks/, never here)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from backbones.mamba2 import Mamba2Mixer, pure_chunk_size, ssd_chunked
+
+
+def _ssd_inputs(b, l, h, p, g, n, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    kw = {"dtype": dtype, "generator": gen}
+    x = torch.randn(b, l, h, p, **kw)
+    dt = F.softplus(torch.randn(b, l, h, **kw) - 1)
+    A = -(0.5 + 4 * torch.rand(h, **kw))
+    B, C = torch.randn(b, l, g, n, **kw), torch.randn(b, l, g, n, **kw)
+    D, h0 = torch.randn(h, **kw), torch.randn(b, h, p, n, **kw)
+    return [t.requires_grad_() for t in (x, dt, A, B, C, D, h0)]
+
+
+def _ssd_fwd_bwd(ins, chunk, fused, with_state):
+    x, dt, A, B, C, D, h0 = ins
+    y, final = ssd_chunked(x, dt, A, B, C, chunk, D, h0 if with_state else None, fused=fused)
+    loss = (y * torch.cos(y)).sum() + (final * final.detach().sin()).sum()  # non-trivial upstream grads
+    wrt = ins if with_state else ins[:-1]
+    return [y, final, *torch.autograd.grad(loss, wrt)]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-4)])
+@pytest.mark.parametrize(
+    "shape,chunk",
+    [
+        ((2, 37, 4, 3, 2, 5), 8),  # two groups, padded last chunk
+        ((2, 37, 4, 3, 1, 5), 64),  # one chunk shorter than the chunk size
+        ((3, 50, 6, 4, 3, 7), 16),
+        ((1, 9, 2, 2, 1, 3), 1),  # chunk of one
+    ],
+)
+@pytest.mark.parametrize("with_state", [True, False])
+def test_fused_ssd_equals_reference_fwd_bwd(shape, chunk, dtype, tol, with_state):
+    ins = _ssd_inputs(*shape, dtype)
+    fast = _ssd_fwd_bwd(ins, chunk, True, with_state)
+    ref = _ssd_fwd_bwd(ins, chunk, False, with_state)
+    for name, a, r in zip(["y", "final", "dx", "ddt", "dA", "dB", "dC", "dD", "dh0"], fast, ref, strict=False):
+        scale = max(1.0, r.abs().max().item())
+        assert (a - r).abs().max().item() <= tol * scale, name
+
+
+def test_mamba2_mixer_fused_equals_reference_grads():
+    torch.manual_seed(0)
+    m = Mamba2Mixer(32, d_state=12, headdim=8, ngroups=2, chunk_size=64).double()
+    x = torch.randn(3, 41, 32, dtype=torch.float64, requires_grad=True)
+    outs = []
+    for fused in (True, False):
+        m.fused_ssd = fused
+        m.zero_grad()
+        y = m(x)
+        (gx,) = torch.autograd.grad((y**2).sum(), x, retain_graph=True)
+        (y**2).sum().backward()
+        outs.append([y, gx] + [p.grad.clone() for p in m.parameters()])
+    for a, r in zip(*outs, strict=True):
+        assert (a - r).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("chunk,p,n,want", [(64, 16, 64, 32), (64, 16, 47, 32), (64, 64, 128, 64), (8, 16, 64, 8), (64, 1, 1, 8)])
+def test_pure_chunk_size(chunk, p, n, want):
+    assert pure_chunk_size(chunk, p, n) == want
+
+
+@pytest.mark.parametrize("L", [1, 2, 15, 16, 17, 176, 301])
+def test_s4d_blocked_kernel_equals_power_table(L):
+    from backbones.s4d import S4DMixer
+
+    torch.manual_seed(0)
+    m = S4DMixer(8, d_state=10).double()
+    dtA, _, dB, C = m._discrete(torch.float64)
+    Vr, Vi = m._powers(dtA, L)
+    ref = m._kernel(C * dB, Vr, Vi)
+    fast = m._kernel_blocked(dtA, C * dB, L)
+    assert fast.shape == ref.shape == (8, L)
+    assert (fast - ref).abs().max() < 1e-10
+
+
+def test_s4d_training_path_equals_reference_fwd_bwd():
+    """Training (blocked kernel, FFT along contiguous rows) vs the textbook form (full power
+    table, direct causal convolution as a Toeplitz matmul), forward and gradients, float64."""
+    from backbones.s4d import S4DMixer
+
+    torch.manual_seed(0)
+    m = S4DMixer(16, d_state=8).double()
+    x0 = torch.randn(3, 45, 16, dtype=torch.float64)
+
+    def reference(x):
+        dtA, _, dB, C = m._discrete(torch.float64)
+        K = m._kernel(C * dB, *m._powers(dtA, x.shape[1]))  # [H, L]
+        t = torch.arange(x.shape[1])
+        lag = t[:, None] - t[None, :]  # [L, L]
+        T = K[:, lag.clamp(min=0)] * (lag >= 0)  # [H, L, L]
+        return m._post(torch.einsum("hts,bsh->bth", T, x) + x * m.D)
+
+    outs = []
+    for fn in (m, reference):
+        m.zero_grad()
+        x = x0.clone().requires_grad_()
+        y = fn(x)
+        (y * y.detach().cos()).sum().backward()
+        outs.append([y, x.grad] + [p.grad.clone() for p in m.parameters()])
+    for a, r in zip(*outs, strict=True):
+        assert (a - r).abs().max() < 1e-9
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+def test_s5_fast_path_equals_package_fwd_bwd(with_state):
+    """Our FFT scan vs the s5-pytorch package's associative scan: outputs and input and parameter
+    gradients (float32); from a state (prefill, not differentiated in either path): outputs and
+    the final state."""
+    from backbones.s5 import S5Mixer
+
+    torch.manual_seed(0)
+    m = S5Mixer(12, d_state=8)
+    x0 = torch.randn(3, 40, 12)
+    h0 = torch.randn(3, 8, 2) * 0.5
+    outs = []
+    for use_package in (False, True):
+        m.use_package = use_package
+        m.zero_grad()
+        x = x0.clone().requires_grad_()
+        st = {"ssm": h0.clone()} if with_state else None
+        if with_state:
+            with torch.no_grad():
+                outs.append([m(x, st), st["ssm"]])
+            continue
+        y = m(x)
+        (y * y.detach().cos()).sum().backward()
+        outs.append([y, x.grad] + [p.grad.clone() for p in m.parameters()])
+    for a, r in zip(*outs, strict=True):
+        assert (a - r).abs().max() <= 2e-4 * max(1.0, r.abs().max().item())
+
+
+def test_s5_steps_equal_package_forward():
+    from backbones.s5 import S5Mixer
+
+    torch.manual_seed(0)
+    m = S5Mixer(12, d_state=8).eval()
+    x = torch.randn(2, 25, 12)
+    m.use_package = True
+    with torch.no_grad():
+        ref = m(x)
+        m.use_package = False
+        st = m.allocate_state(2, 25)
+        ys = torch.cat([m(x[:, :10], st)] + [m.step(x[:, t], st)[:, None] for t in range(10, 25)], 1)
+    assert (ys - ref).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("name", ["s4d", "s5"])
+def test_decoding_step_cache_follows_parameter_updates(name):
+    """The discretisation cached for decoding is rebuilt when a parameter changes in place
+    (an optimizer step) or is replaced (load_state_dict); the step then equals the uncached one."""
+    from backbones.s4d import S4DMixer
+    from backbones.s5 import S5Mixer
+
+    torch.manual_seed(0)
+    m = (S4DMixer(8, d_state=6) if name == "s4d" else S5Mixer(8, d_state=6)).eval()
+    x = torch.randn(2, 8)
+
+    def step(cached: bool) -> torch.Tensor:
+        st = m.allocate_state(2, 4)
+        with torch.set_grad_enabled(not cached):
+            return m.step(x, st).detach()
+
+    assert torch.allclose(step(True), step(False), atol=1e-6)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(1.1)
+    assert torch.allclose(step(True), step(False), atol=1e-6)
+    other = (S4DMixer(8, d_state=6) if name == "s4d" else S5Mixer(8, d_state=6)).state_dict()
+    m.load_state_dict(other)
+    assert torch.allclose(step(True), step(False), atol=1e-6)
