@@ -23,23 +23,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backbones.base import Backbone, Mixer, State, register
+from backbones.ops.dispatch import KernelSwitch, check_mode, kernel_available, load_kernel
 
-MAMBA2_KNOBS = ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size", "use_kernel")
+MAMBA2_KNOBS = ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size", "kernel")
 
-_KERNEL: Any = None  # mamba_ssm's mamba_chunk_scan_combined, or False when not importable
+#: mamba_ssm's Triton SSD kernel (chunk scan with initial/final states, dt_bias and softplus fused)
+SSD_KERNEL = ("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined")
 
 
 def _chunk_scan_kernel():
-    """mamba_ssm's Triton SSD kernel, imported on first use (None when unavailable)."""
-    global _KERNEL
-    if _KERNEL is None:
-        try:
-            from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-
-            _KERNEL = mamba_chunk_scan_combined
-        except Exception:  # not installed, or installed without a working triton
-            _KERNEL = False
-    return _KERNEL or None
+    """mamba_ssm's Triton SSD kernel, or None when it does not import (the reason is in
+    `backbones.ops.dispatch.load_kernel`'s error)."""
+    return load_kernel(*SSD_KERNEL) if kernel_available(*SSD_KERNEL) else None
 
 
 # ----------------------------------------------------------------------------- SSD
@@ -165,7 +160,7 @@ class GatedRMSNorm(nn.Module):
         return y.reshape(shape) * self.weight
 
 
-class Mamba2Mixer(Mixer):
+class Mamba2Mixer(KernelSwitch, Mixer):
     """The Mamba2 sequence mixer. Decoding state: the conv window `[B, conv_dim, d_conv-1]`
     and the SSM state `[B, nheads, headdim, d_state]` (kept in at least float32)."""
 
@@ -180,7 +175,7 @@ class Mamba2Mixer(Mixer):
         headdim: int = 16,
         ngroups: int = 1,
         chunk_size: int = 64,
-        use_kernel: bool = True,
+        kernel: str = "auto",
         A_init_range: tuple[float, float] = (1.0, 16.0),
         dt_min: float = 0.001,
         dt_max: float = 0.1,
@@ -192,7 +187,8 @@ class Mamba2Mixer(Mixer):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"mamba2: {knob} must be a positive integer, got {v!r}")
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
-        self.headdim, self.ngroups, self.chunk_size, self.use_kernel = headdim, ngroups, chunk_size, use_kernel
+        self.headdim, self.ngroups, self.chunk_size = headdim, ngroups, chunk_size
+        self.kernel = check_mode("mamba2", kernel)
         self.d_inner = expand * d_model
         if self.d_inner % headdim:
             raise ValueError(f"mamba2: expand * d_model = {self.d_inner} is not divisible by headdim = {headdim}")
@@ -250,7 +246,8 @@ class Mamba2Mixer(Mixer):
         Cm = Cm.reshape(b, l, self.ngroups, self.d_state)
         init = None if state is None else state["ssm"]
 
-        kernel = _chunk_scan_kernel() if (self.use_kernel and x.is_cuda) else None
+        kernel = self.pick_kernel(x, *SSD_KERNEL)  # CPU tensors too when asked (Triton interpreter)
+        self.record_path(kernel, *SSD_KERNEL, "backbones.mamba2.ssd_chunked")
         if kernel is not None:
             A = -torch.exp(self.A_log.float())
             out = kernel(
@@ -320,7 +317,8 @@ class Mamba2(Backbone):
     """Mamba2 blocks only (the study's "Prefix Mamba"); pass mlp_ratio for an MLP sublayer.
 
     Knobs: d_state (64), d_conv (4), expand (2), headdim (16), ngroups (1), chunk_size (64),
-    use_kernel (True: mamba_ssm's Triton SSD kernel on CUDA when installed).
+    kernel ("auto": mamba_ssm's Triton SSD kernel on CUDA when it imports, else the PyTorch
+    ssd_chunked; "kernel": the Triton kernel or an error; "reference": ssd_chunked).
     """
 
     default_mlp_ratio = None

@@ -23,6 +23,7 @@ import yaml
 from torch import nn
 
 from backbones.base import build_backbone, get_backbone_cls, size_to
+from backbones.ops.dispatch import kernel_paths
 from ttm.audio import atomic_torch_save, atomic_write_text
 from ttm.config import RESUME_IGNORED, RunConfig, diff_keys, load_config
 from ttm.flops import analytic_flops_per_token, count_train_step_flops
@@ -462,6 +463,7 @@ def make_summary(cfg, model, data, counters, budget, status, message, log_path, 
         "message": message,
         "backbone": cfg.model.backbone,
         "backbone_config": model.backbone.config(),
+        "kernel_paths": kernel_paths(model.backbone),  # which kernel/reference path each mixer ran
         "conditioning": cfg.model.conditioning,
         "pattern": cfg.model.pattern,
         "params": sum(p.numel() * (2 if p.is_complex() else 1) for p in model.parameters() if p.requires_grad),
