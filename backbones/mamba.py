@@ -129,7 +129,7 @@ class MambaMixer(KernelSwitch, Mixer):
             y, hT = selective_scan(xc, dt, A, Bm, Cm, h0, chunk=self.chunk, backend=backend)
             y = y + xc * self.D
         why = "" if scan is not None or self.kernel != "kernel" else "; the CUDA scan cannot start from a state"
-        self.record_path(scan, *SCAN_KERNEL, f"backbones.ops.selective_scan(backend={backend}){why}")
+        self.record_path("scan", scan, *SCAN_KERNEL, f"backbones.ops.selective_scan(backend={backend}){why}")
         if state is not None:
             state["ssm"].copy_(hT)
             state["pos"] = state.get("pos", 0) + S

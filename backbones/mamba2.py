@@ -29,6 +29,10 @@ MAMBA2_KNOBS = ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size
 
 #: mamba_ssm's Triton SSD kernel (chunk scan with initial/final states, dt_bias and softplus fused)
 SSD_KERNEL = ("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined")
+#: its decoding step (one token through the recurrence, state updated in place)
+STEP_KERNEL = ("mamba_ssm.ops.triton.selective_state_update", "selective_state_update")
+#: its gated RMSNorm, rmsnorm(y * silu(z)) per group (norm_before_gate=False)
+NORM_KERNEL = ("mamba_ssm.ops.triton.layernorm_gated", "rmsnorm_fn")
 
 
 def _chunk_scan_kernel():
@@ -247,7 +251,7 @@ class Mamba2Mixer(KernelSwitch, Mixer):
         init = None if state is None else state["ssm"]
 
         kernel = self.pick_kernel(x, *SSD_KERNEL)  # CPU tensors too when asked (Triton interpreter)
-        self.record_path(kernel, *SSD_KERNEL, "backbones.mamba2.ssd_chunked")
+        self.record_path("scan", kernel, *SSD_KERNEL, "backbones.mamba2.ssd_chunked")
         if kernel is not None:
             A = -torch.exp(self.A_log.float())
             out = kernel(
@@ -267,7 +271,15 @@ class Mamba2Mixer(KernelSwitch, Mixer):
         if state is not None:
             state["ssm"].copy_(final)
         y = y.to(x.dtype).reshape(b, l, self.d_inner)
-        return self.out_proj(self.norm(y, z))
+        return self.out_proj(self._gated_norm(y, z))
+
+    def _gated_norm(self, y: Tensor, z: Tensor) -> Tensor:
+        kernel = self.pick_kernel(y, *NORM_KERNEL)
+        self.record_path("norm", kernel, *NORM_KERNEL, "backbones.mamba2.GatedRMSNorm")
+        if kernel is None:
+            return self.norm(y, z)
+        return kernel(y, self.norm.weight, None, z=z, eps=self.norm.eps, group_size=self.norm.group_size,
+                      norm_before_gate=False)
 
     def step(self, x: Tensor, state: State) -> Tensor:  # [b, d_model] -> [b, d_model]
         b = x.shape[0]
@@ -278,6 +290,17 @@ class Mamba2Mixer(KernelSwitch, Mixer):
         xs, Bm, Cm = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], -1)
 
         h = state["ssm"]  # [b, H, P, N]
+        kernel = self.pick_kernel(x, *STEP_KERNEL)
+        self.record_path("step", kernel, *STEP_KERNEL, "backbones.mamba2.Mamba2Mixer.step")
+        if kernel is not None:  # per-(head, channel) views of the per-head parameters, as mamba_ssm's step
+            P, N = self.headdim, self.d_state
+            y = kernel(
+                h, xs.view(b, self.nheads, P), dt[:, :, None].expand(-1, -1, P),
+                (-torch.exp(self.A_log.float()))[:, None, None].expand(-1, P, N),
+                Bm.view(b, self.ngroups, N), Cm.view(b, self.ngroups, N), D=self.D[:, None].expand(-1, P),
+                dt_bias=self.dt_bias[:, None].expand(-1, P), dt_softplus=True,
+            )  # [b, H, P], h updated in place
+            return self.out_proj(self._gated_norm(y.to(x.dtype).reshape(b, self.d_inner), z))
         sd = h.dtype
         hg = self.nheads // self.ngroups
         dt = F.softplus(dt.to(sd) + self.dt_bias.to(sd))  # [b, H]
@@ -288,7 +311,7 @@ class Mamba2Mixer(KernelSwitch, Mixer):
         h.copy_(h * dA[:, :, None, None] + (dt[:, :, None] * xh)[..., None] * Bh[:, :, None, :])
         y = (h * Ch[:, :, None, :]).sum(-1) + self.D.to(sd)[:, None] * xh  # [b, H, P]
         y = y.to(x.dtype).reshape(b, self.d_inner)
-        return self.out_proj(self.norm(y, z))
+        return self.out_proj(self._gated_norm(y, z))
 
     def allocate_state(self, batch_size: int, max_len: int, device=None, dtype=None) -> State:
         dtype = dtype or self.in_proj.weight.dtype

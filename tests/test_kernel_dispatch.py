@@ -37,7 +37,8 @@ def test_auto_on_cpu_runs_and_records_the_reference(no_mamba_ssm, name):
     paths = kernel_paths(m)
     assert paths, f"{name} has no mixer with a kernel switch"
     for p in paths.values():
-        assert p["kernel"] == "auto" and p["ran"].startswith("reference: ")
+        assert p["kernel"] == "auto" and p["ran"]
+        assert all(path.startswith("reference: ") for path in p["ran"].values()), p
 
 
 def test_reference_never_loads_a_kernel(monkeypatch):
@@ -47,7 +48,10 @@ def test_reference_never_loads_a_kernel(monkeypatch):
     monkeypatch.setattr(dispatch, "load_kernel", boom)
     m = build_backbone("mamba2", d_model=16, n_layers=1, d_state=4, kernel="reference")
     m(torch.randn(1, 5, 16))
-    assert list(kernel_paths(m).values()) == [{"kernel": "reference", "ran": "reference: backbones.mamba2.ssd_chunked"}]
+    m.step(torch.randn(1, 16), m.allocate_state(1, 5))
+    assert list(kernel_paths(m).values()) == [{"kernel": "reference", "ran": {
+        "scan": "reference: backbones.mamba2.ssd_chunked", "norm": "reference: backbones.mamba2.GatedRMSNorm",
+        "step": "reference: backbones.mamba2.Mamba2Mixer.step"}}]
 
 
 def test_bad_knob_value_is_rejected():

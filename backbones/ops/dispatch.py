@@ -59,11 +59,11 @@ def check_mode(owner: str, mode: str) -> str:
 
 class KernelSwitch:
     """Mixin for mixers with a kernel path: the `kernel` knob, `use_kernel` (the contract's
-    boolean switch: True = "kernel", False = "reference") and `kernel_path`, the path the
-    latest forward took ("kernel: module.fn" or "reference: what")."""
+    boolean switch: True = "kernel", False = "reference") and `kernel_path`, the path each
+    op took the latest time it ran: {op: "kernel: module.fn" or "reference: what"}."""
 
     kernel: str = "auto"
-    kernel_path: str | None = None
+    kernel_path: dict[str, str] | None = None
 
     @property
     def use_kernel(self) -> bool:
@@ -87,15 +87,17 @@ class KernelSwitch:
             return load_kernel(module, attr)
         return None
 
-    def record_path(self, kernel: Callable | None, module: str, attr: str, reference: str) -> None:
-        self.kernel_path = f"kernel: {module}.{attr}" if kernel is not None else f"reference: {reference}"
+    def record_path(self, op: str, kernel: Callable | None, module: str, attr: str, reference: str) -> None:
+        if self.kernel_path is None:
+            self.kernel_path = {}
+        self.kernel_path[op] = f"kernel: {module}.{attr}" if kernel is not None else f"reference: {reference}"
 
 
 def kernel_paths(model: nn.Module) -> dict[str, dict[str, str | None]]:
-    """{module name: {"kernel": knob, "ran": path of the latest forward or None}} for every
+    """{module name: {"kernel": knob, "ran": {op: path} (None before any call)}} for every
     mixer with a kernel switch in `model`."""
     return {
-        name: {"kernel": m.kernel, "ran": m.kernel_path}
+        name: {"kernel": m.kernel, "ran": None if m.kernel_path is None else dict(m.kernel_path)}
         for name, m in model.named_modules()
         if isinstance(m, KernelSwitch)
     }

@@ -1,0 +1,164 @@
+"""Run mamba_ssm's and fla's Triton kernels on CPU tensors under the Triton interpreter.
+
+Import this module before anything imports triton, mamba_ssm or fla: it sets
+TRITON_INTERPRET=1 (read when a kernel is decorated). Then call `install()`, which
+returns None when ready or a sentence saying why the kernels cannot run here (tests
+skip with it). The packages (see the Makefile's `kernels` step):
+
+    pip install triton einops packaging setuptools wheel numpy
+    MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE pip install --no-deps --no-build-isolation mamba-ssm==2.3.2.post1
+    pip install --no-deps fla-core==0.6.0 flash-linear-attention==0.6.0
+
+The gaps between the interpreter and a GPU, each shimmed here and nowhere else:
+
+1. `import mamba_ssm` runs its package __init__, which imports the CUDA extension
+   `selective_scan_cuda` (absent on CPU). A stand-in package module with the same
+   __path__ lets `mamba_ssm.ops.triton.*` import without it.
+2. `torch.cuda.device(idx)` (kernels wrap their launches in it) fails on a CPU-only
+   torch: it becomes a no-op context for CPU tensors' index None.
+3. `triton.autotune` with several configs benchmarks them (no benchmarker on CPU): the
+   first config is used.
+4. `torch.cuda.get_device_properties(dev).multi_processor_count` (backward launch
+   sizing) has no CPU answer: a CPU device reports os.cpu_count() processors.
+5. fla's kernels call `.to(...)` on loop variables, which the interpreter leaves as
+   Python ints: `int` loop variables of `tl.range`/`range` are wrapped as tl tensors.
+
+bf16 `tl.dot` is wrong under the interpreter (triton#11584): check float32/float16 only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import sys
+import types
+from collections.abc import Sequence
+
+os.environ["TRITON_INTERPRET"] = "1"
+os.environ.setdefault("MAMBA_DETERMINISTIC", "1")  # mamba_ssm: one autotune config
+
+_STATE: dict[str, str | None] = {}
+
+
+def _already_compiled() -> str | None:
+    """Kernels decorated before TRITON_INTERPRET was set cannot run on CPU."""
+    for mod in ("mamba_ssm.ops.triton.ssd_combined", "fla.ops"):
+        if mod in sys.modules:
+            return f"{mod} was imported before tests/triton_shims.py set TRITON_INTERPRET=1"
+    return None
+
+
+def install() -> str | None:
+    """Apply the shims once. Returns None when the kernels can run, else why not."""
+    if "why" in _STATE:
+        return _STATE["why"]
+    why = _already_compiled()
+    missing = [p for p in ("triton", "mamba_ssm", "fla") if importlib.util.find_spec(p) is None]
+    if missing:
+        why = (f"kernel packages not installed: {', '.join(missing)} (run `make kernels`, see "
+               f"tests/triton_shims.py for the recipe)")
+    if why is None:
+        _install()
+    _STATE["why"] = why
+    return why
+
+
+def _install() -> None:
+    import torch
+    import triton
+    import triton.language as tl
+    from triton.runtime import autotuner, interpreter
+
+    # 1. mamba_ssm without its package __init__ (which needs the CUDA extension)
+    if "mamba_ssm" not in sys.modules:
+        spec = importlib.util.find_spec("mamba_ssm")
+        pkg = types.ModuleType("mamba_ssm")
+        pkg.__path__ = list(spec.submodule_search_locations)
+        pkg.__spec__ = spec
+        pkg.__version__ = "2.3.2.post1 (Triton ops only: the CUDA extension is not built)"
+        sys.modules["mamba_ssm"] = pkg
+
+    # 2. torch.cuda.device(None) on CPU tensors
+    real_device = torch.cuda.device
+
+    def cuda_device(idx):
+        if idx is None or (isinstance(idx, torch.device) and idx.type == "cpu"):
+            return contextlib.nullcontext()
+        return real_device(idx)
+
+    torch.cuda.device = cuda_device
+
+    # 3. autotune: the first config, never a benchmark
+    real_run = autotuner.Autotuner.run
+
+    def run_first_config(self, *args, **kwargs):
+        if len(self.configs) > 1:
+            self.configs = self.configs[:1]
+        return real_run(self, *args, **kwargs)
+
+    autotuner.Autotuner.run = run_first_config
+
+    # 4. device properties of a CPU device
+    real_props = torch.cuda.get_device_properties
+
+    def device_properties(device=None):
+        dev = torch.device(device) if device is not None and not isinstance(device, int) else None
+        if dev is not None and dev.type == "cpu" or not torch.cuda.is_available():
+            return types.SimpleNamespace(multi_processor_count=os.cpu_count() or 1, name="cpu (interpreter)")
+        return real_props(device)
+
+    torch.cuda.get_device_properties = device_properties
+
+    # 5. loop variables as tl tensors (fla calls i_t.to(tl.int64))
+    _patch_loop_variables(interpreter, tl)
+    del triton
+
+
+class _LoopInt(int):
+    """A loop index that also answers `.to(dtype)` (as a compiled kernel's index does)."""
+
+    def to(self, *args, **kwargs):
+        return self
+
+
+def _as_int(v) -> int:
+    if hasattr(v, "handle"):  # a scalar tl tensor
+        return int(v.handle.data.item())
+    return int(getattr(v, "value", v))  # tl.constexpr or int
+
+
+class _LoopRange(Sequence):
+    """`range` whose items are `_LoopInt`s (also fine for host code: len, indexing, reversed)."""
+
+    def __init__(self, arg1, arg2=None, step=None, **kwargs):  # kwargs: tl.range's num_stages etc.
+        start, end = (0, arg1) if arg2 is None else (arg1, arg2)
+        self._r = range(_as_int(start), _as_int(end), 1 if step is None else _as_int(step))
+
+    def __len__(self) -> int:
+        return len(self._r)
+
+    def __getitem__(self, i):
+        v = self._r[i]
+        return _LoopRange(v.start, v.stop, v.step) if isinstance(v, range) else _LoopInt(v)
+
+
+_loop_range = _LoopRange
+
+
+def _patch_loop_variables(interpreter, tl) -> None:
+    """Kernels see `range`, `tl.range` and `tl.static_range` yielding `_LoopInt`s."""
+    real_core = interpreter._patch_lang_core
+    real_lang = interpreter._patch_lang
+
+    def patch_core(lang, scope):
+        real_core(lang, scope)
+        scope.set_attr(lang, "range", _loop_range)
+        scope.set_attr(lang, "static_range", _loop_range)
+
+    def patch_lang(fn):
+        fn.__globals__["range"] = _loop_range  # a module global shadows the builtin in the kernel body
+        return real_lang(fn)
+
+    interpreter._patch_lang_core = patch_core
+    interpreter._patch_lang = patch_lang
