@@ -21,9 +21,16 @@ The gaps between the interpreter and a GPU, each shimmed here and nowhere else:
 4. `torch.cuda.get_device_properties(dev).multi_processor_count` (backward launch
    sizing) has no CPU answer: a CPU device reports os.cpu_count() processors.
 5. fla's kernels call `.to(...)` on loop variables, which the interpreter leaves as
-   Python ints: `int` loop variables of `tl.range`/`range` are wrapped as tl tensors.
+   Python ints: loop indices of `range`/`tl.range` answer `.to()`.
+6. Mamba-3's kernels use PTX inline asm (`cos.approx.f32`, `sin.approx.f32`,
+   `tanh.approx.f32`), which the interpreter does not run: these three single-instruction
+   snippets are evaluated with numpy (exact functions: the GPU's approximations differ
+   from them by ~1e-6 relative).
+7. `tl.dot` on bfloat16 operands multiplies their raw uint16 bit patterns under the
+   interpreter (triton#11584): bf16 operands are widened to float32 first (exact).
 
-bf16 `tl.dot` is wrong under the interpreter (triton#11584): check float32/float16 only.
+With shim 7, kernels that round to bf16 internally (Mamba-3 keeps states in bf16 and
+computes its step output with a bf16 dot) can be checked, to bf16 tolerance.
 """
 
 from __future__ import annotations
@@ -110,9 +117,52 @@ def _install() -> None:
 
     torch.cuda.get_device_properties = device_properties
 
-    # 5. loop variables as tl tensors (fla calls i_t.to(tl.int64))
+    # 5. loop variables that answer .to() (fla calls i_t.to(tl.int64))
     _patch_loop_variables(interpreter, tl)
+
+    # 6. PTX approximations of cos, sin, tanh (Mamba-3)
+    _patch_inline_asm(interpreter)
+
+    # 7. bf16 tl.dot
+    _patch_bf16_dot(interpreter, tl)
     del triton
+
+
+_PTX = {"cos.approx.f32 $0, $1;": "cos", "sin.approx.f32 $0, $1;": "sin", "tanh.approx.f32 $0, $1;": "tanh"}
+
+
+def _patch_inline_asm(interpreter) -> None:
+    import numpy as np
+
+    builder = interpreter.InterpreterBuilder
+    real = builder.create_inline_asm
+
+    def create_inline_asm(self, inlineAsm, constraints, values, type, isPure, pack):
+        fn = _PTX.get(inlineAsm)
+        if fn is None or len(values) != 1:
+            return real(self, inlineAsm, constraints, values, type, isPure, pack)
+        out = interpreter.TensorHandle(getattr(np, fn)(values[0].data.astype(np.float32)), values[0].dtype.scalar)
+        return types.SimpleNamespace(get_result=lambda i: out)  # the op's results, as the compiler's call op
+
+    builder.create_inline_asm = create_inline_asm
+
+
+def _patch_bf16_dot(interpreter, tl) -> None:
+    import numpy as np
+
+    builder = interpreter.InterpreterBuilder
+    real = builder.create_dot
+
+    def widen(h):
+        if h.dtype.scalar != tl.bfloat16:
+            return h
+        f32 = (h.data.astype(np.uint32) << np.uint32(16)).view(np.float32)
+        return interpreter.TensorHandle(f32, tl.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return real(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    builder.create_dot = create_dot
 
 
 class _LoopInt(int):
