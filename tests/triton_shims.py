@@ -28,6 +28,8 @@ The gaps between the interpreter and a GPU, each shimmed here and nowhere else:
    from them by ~1e-6 relative).
 7. `tl.dot` on bfloat16 operands multiplies their raw uint16 bit patterns under the
    interpreter (triton#11584): bf16 operands are widened to float32 first (exact).
+8. Mamba-3's backward wrappers assert `tensor.is_cuda`: inside `compute_dqkv` and
+   `compute_dzdo` only, CPU tensors answer True.
 
 With shim 7, kernels that round to bf16 internally (Mamba-3 keeps states in bf16 and
 computes its step output with a bf16 dot) can be checked, to bf16 tolerance.
@@ -125,6 +127,9 @@ def _install() -> None:
 
     # 7. bf16 tl.dot
     _patch_bf16_dot(interpreter, tl)
+
+    # 8. Mamba-3 backward's CUDA asserts
+    _patch_mamba3_cuda_asserts(torch)
     del triton
 
 
@@ -163,6 +168,27 @@ def _patch_bf16_dot(interpreter, tl) -> None:
         return real(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
 
     builder.create_dot = create_dot
+
+
+def _patch_mamba3_cuda_asserts(torch) -> None:
+    import functools
+
+    combined = importlib.import_module("mamba_ssm.ops.triton.mamba3.mamba3_siso_combined")
+    real_is_cuda = torch.Tensor.is_cuda
+
+    def on_cpu_as_cuda(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            torch.Tensor.is_cuda = property(lambda t: True)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                torch.Tensor.is_cuda = real_is_cuda
+
+        return wrapper
+
+    for name in ("compute_dqkv", "compute_dzdo"):
+        setattr(combined, name, on_cpu_as_cuda(getattr(combined, name)))
 
 
 class _LoopInt(int):
