@@ -65,3 +65,14 @@ def test_use_kernel_switch_maps_to_the_knob():
     assert mixer.kernel == "reference"
     mixer.use_kernel = True
     assert mixer.kernel == "kernel"
+
+
+def test_run_summary_records_the_path_each_mixer_ran(tmp_path):
+    from tests.synthetic import synthetic_prepared, tiny_config
+    from ttm.train import run
+
+    s = run(tiny_config(**{"train.steps": 2, "model.backbone": "mamba2"}), tmp_path, data=synthetic_prepared(),
+            progress=False)
+    paths = s["kernel_paths"]
+    assert paths and all(p["kernel"] == "auto" for p in paths.values())
+    assert {p["ran"]["scan"] for p in paths.values()} == {"reference: backbones.mamba2.ssd_chunked"}
