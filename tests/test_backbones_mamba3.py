@@ -89,3 +89,19 @@ def test_bad_knobs_are_rejected():
         Mamba3Mixer(16, rope_fraction=0.3)
     with pytest.raises(ValueError, match="unknown knob"):
         build_backbone("mamba3", d_model=16, n_layers=1, d_conv=4)
+
+
+def test_new_backbones_grid_expands_to_registered_backbones():
+    from pathlib import Path
+
+    from ablations.spec import expand, load_spec, validate_run_configs
+    from backbones.base import registered
+
+    path = Path(__file__).resolve().parents[1] / "ablations" / "backbones_new_cpu.yaml"
+    spec = load_spec(path)
+    for preset in [None, *spec.presets]:
+        validate_run_configs(expand(spec, preset), str(path))
+    names = {c.config["model"]["backbone"] for c in expand(spec)}
+    assert "mamba3" in names and sum(n.startswith("fla:") for n in names) == 6
+    missing = [n for n in names if n not in registered() and not n.startswith("fla:")]
+    assert not missing, missing
