@@ -51,10 +51,18 @@ _STATE: dict[str, str | None] = {}
 
 
 def _already_compiled() -> str | None:
-    """Kernels decorated before TRITON_INTERPRET was set cannot run on CPU."""
-    for mod in ("mamba_ssm.ops.triton.ssd_combined", "fla.ops"):
-        if mod in sys.modules:
-            return f"{mod} was imported before tests/triton_shims.py set TRITON_INTERPRET=1"
+    """Kernels decorated before TRITON_INTERPRET was set (compiled JITFunctions) cannot run
+    on CPU; importing them after it was set (tests/conftest.py does) is fine."""
+    from triton.runtime.jit import JITFunction
+
+    for name, mod in list(sys.modules.items()):
+        if not name.startswith(("mamba_ssm.ops.triton", "fla.ops", "fla.modules")) or mod is None:
+            continue
+        for obj in vars(mod).values():
+            while hasattr(obj, "fn") and not isinstance(obj, JITFunction):  # autotune/heuristics wrappers
+                obj = obj.fn
+            if type(obj) is JITFunction:  # (gluon kernels subclass it and are never interpreted)
+                return f"{name} was imported before TRITON_INTERPRET=1 was set (see tests/conftest.py)"
     return None
 
 
@@ -62,15 +70,23 @@ def install() -> str | None:
     """Apply the shims once. Returns None when the kernels can run, else why not."""
     if "why" in _STATE:
         return _STATE["why"]
-    why = _already_compiled()
-    missing = [p for p in ("triton", "mamba_ssm", "fla") if importlib.util.find_spec(p) is None]
+    missing = [p for p in ("triton", "mamba_ssm", "fla", "fla.layers") if not _findable(p)]
     if missing:
         why = (f"kernel packages not installed: {', '.join(missing)} (run `make kernels`, see "
                f"tests/triton_shims.py for the recipe)")
+    else:
+        why = _already_compiled()
     if why is None:
         _install()
     _STATE["why"] = why
     return why
+
+
+def _findable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def _install() -> None:
