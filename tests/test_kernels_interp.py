@@ -105,26 +105,29 @@ def _rel(a, b) -> float:
 
 
 def test_mamba3_siso_kernel_matches_reference():
-    """mamba3_siso_combined (angle cumsum + chunked SISO scan) through Mamba3Mixer: output,
-    prefill with initial/final states and a decoding step (13 tokens, chunk 8). The kernel
-    casts q, k, v to bf16 and keeps chunk states in bf16 by design: bf16 tolerance.
-    Its backward kernels return NaN under the interpreter (not diagnosed yet), so the
-    gradients are not compared here; they run only on a GPU (contract check gpu_kernel)."""
-    L = 13
+    """mamba3_siso_combined (angle cumsum, chunked SISO scan and their backward kernels)
+    through Mamba3Mixer: output, input and parameter gradients, prefill with initial/final
+    states and a decoding step (13 tokens, chunk 8). The kernel casts q, k, v to bf16 and
+    keeps chunk states in bf16 by design: bf16 tolerance, relative to the largest value."""
     from backbones.mamba3 import Mamba3Mixer
 
+    L = 13
     torch.manual_seed(0)
     k, r = _pair(Mamba3Mixer(32, d_state=16, headdim=16, chunk_size=8))
     x = torch.randn(2, L, 32)
+    proj = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
     outs = {}
     for name, m in (("kernel", k), ("reference", r)):
+        xi = x.clone().requires_grad_(True)
+        y = m(xi)
+        (y * proj).sum().backward()
         with torch.no_grad():
-            y = m(x)
             st = m.allocate_state(2, L)
-            dec = torch.cat([m(x[:, :5], st), m(x[:, 5:L-1], st), m.step(x[:, L-1], st)[:, None]], 1)
-        outs[name] = (y, dec, st)
-    (yk, dk, sk), (yr, dr, sr) = outs["kernel"], outs["reference"]
-    diffs = {"y": _rel(yk, yr), "decode": _rel(dk, dr), **{f"{n}_state": _rel(sk[n], sr[n]) for n in sr}}
+            dec = torch.cat([m(x[:, :5], st), m(x[:, 5 : L - 1], st), m.step(x[:, L - 1], st)[:, None]], 1)
+        outs[name] = (y.detach(), xi.grad, {n: p.grad for n, p in m.named_parameters()}, dec, st)
+    (yk, gk, pk, dk, sk), (yr, gr, pr, dr, sr) = outs["kernel"], outs["reference"]
+    diffs = {"y": _rel(yk, yr), "dx": _rel(gk, gr), "dparams": max(_rel(pk[n], pr[n]) for n in pr),
+             "decode": _rel(dk, dr), **{f"{n}_state": _rel(sk[n], sr[n]) for n in sr}}
     turn = torch.remainder(sk["angle"] - sr["angle"] + math.pi, 2 * math.pi) - math.pi  # angles mod 2 pi
     diffs["angle_state"] = turn.abs().max().item() / (2 * math.pi)
     print(f"mamba3 (relative to max|ref|): {diffs}")

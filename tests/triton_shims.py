@@ -26,8 +26,9 @@ The gaps between the interpreter and a GPU, each shimmed here and nowhere else:
    `tanh.approx.f32`), which the interpreter does not run: these three single-instruction
    snippets are evaluated with numpy (exact functions: the GPU's approximations differ
    from them by ~1e-6 relative).
-7. `tl.dot` on bfloat16 operands multiplies their raw uint16 bit patterns under the
-   interpreter (triton#11584): bf16 operands are widened to float32 first (exact).
+7. `tl.dot` and elementwise arithmetic on bfloat16 operands work on their raw uint16 bit
+   patterns under the interpreter (triton#11584): bf16 operands are widened to float32
+   (exact), and elementwise results rounded back to bf16, as on the GPU.
 8. Mamba-3's backward wrappers assert `tensor.is_cuda`: inside `compute_dqkv` and
    `compute_dzdo` only, CPU tensors answer True.
 
@@ -184,6 +185,25 @@ def _patch_bf16_dot(interpreter, tl) -> None:
         return real(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
 
     builder.create_dot = create_dot
+
+    real_binary, real_unary = builder.binary_op, builder.unary_op
+
+    def narrow(self, out, like):
+        if out.data.dtype == np.bool_:
+            return interpreter.TensorHandle(out.data, like.dtype.scalar)
+        return self.cast_impl(out, tl.bfloat16)
+
+    def binary_op(self, lhs, rhs, op):
+        if tl.bfloat16 not in (lhs.dtype.scalar, rhs.dtype.scalar):
+            return real_binary(self, lhs, rhs, op)
+        return narrow(self, real_binary(self, widen(lhs), widen(rhs), op), lhs)
+
+    def unary_op(self, arg, op):
+        if arg.dtype.scalar != tl.bfloat16:
+            return real_unary(self, arg, op)
+        return narrow(self, real_unary(self, widen(arg), op), arg)
+
+    builder.binary_op, builder.unary_op = binary_op, unary_op
 
 
 def _patch_mamba3_cuda_asserts(torch) -> None:
