@@ -1,8 +1,8 @@
 """Every Triton kernel the suite calls, run on CPU under the Triton interpreter and compared
 with the suite's own pure reference, forward and backward, through the suite's own call
 sites (the mixers with kernel="kernel" vs kernel="reference"), so a changed call (a dropped
-dt_bias, swapped B/C) fails here. Shims: tests/triton_shims.py. float32, and float16 where
-the kernel supports it; bf16 tl.dot is wrong under the interpreter, so it is not checked.
+dt_bias, swapped B/C) fails here. Shims: tests/triton_shims.py (including the interpreter's
+bf16 arithmetic, triton#11584). float32, and float16/bfloat16 for Mamba2.
 
 Kernels: mamba_ssm's SSD chunk scan (with initial/final states, a length that is not a
 multiple of the chunk), selective_state_update (decoding step), gated RMSNorm; Mamba-3's
@@ -78,7 +78,7 @@ def _compare(k, r, x, tol, split=5):
 # ----------------------------------------------------------------------------- Mamba2 (mamba_ssm)
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.float16, 2e-2)])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.float16, 2e-2), (torch.bfloat16, 5e-2)])
 def test_mamba2_kernels_match_reference(dtype, tol):
     """SSD chunk scan (13 tokens, chunk 8, prefill with initial/final states), the decoding
     step (selective_state_update) and the gated RMSNorm, through Mamba2Mixer."""

@@ -92,7 +92,6 @@ def _findable(name: str) -> bool:
 
 def _install() -> None:
     import torch
-    import triton
     import triton.language as tl
     from triton.runtime import autotuner, interpreter
 
@@ -142,12 +141,11 @@ def _install() -> None:
     # 6. PTX approximations of cos, sin, tanh (Mamba-3)
     _patch_inline_asm(interpreter)
 
-    # 7. bf16 tl.dot
-    _patch_bf16_dot(interpreter, tl)
+    # 7. bf16 tl.dot and elementwise arithmetic
+    _patch_bf16(interpreter, tl)
 
     # 8. Mamba-3 backward's CUDA asserts
     _patch_mamba3_cuda_asserts(torch)
-    del triton
 
 
 _PTX = {"cos.approx.f32 $0, $1;": "cos", "sin.approx.f32 $0, $1;": "sin", "tanh.approx.f32 $0, $1;": "tanh"}
@@ -169,7 +167,7 @@ def _patch_inline_asm(interpreter) -> None:
     builder.create_inline_asm = create_inline_asm
 
 
-def _patch_bf16_dot(interpreter, tl) -> None:
+def _patch_bf16(interpreter, tl) -> None:
     import numpy as np
 
     builder = interpreter.InterpreterBuilder
