@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from backbones.base import Backbone, Mixer, State, register
 from backbones.ops.dispatch import KernelSwitch, check_mode, kernel_available, load_kernel
 
-MAMBA2_KNOBS = ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size", "kernel")
+MAMBA2_KNOBS = ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size", "kernel", "use_kernel")
 
 #: mamba_ssm's Triton SSD kernel (chunk scan with initial/final states, dt_bias and softplus fused)
 SSD_KERNEL = ("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined")
@@ -180,6 +180,7 @@ class Mamba2Mixer(KernelSwitch, Mixer):
         ngroups: int = 1,
         chunk_size: int = 64,
         kernel: str = "auto",
+        use_kernel: bool | None = None,
         A_init_range: tuple[float, float] = (1.0, 16.0),
         dt_min: float = 0.001,
         dt_max: float = 0.1,
@@ -193,6 +194,8 @@ class Mamba2Mixer(KernelSwitch, Mixer):
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
         self.headdim, self.ngroups, self.chunk_size = headdim, ngroups, chunk_size
         self.kernel = check_mode("mamba2", kernel)
+        if use_kernel is not None:  # the knob of runs before `kernel` existed: True meant "auto"
+            self.kernel = "auto" if use_kernel else "reference"
         self.d_inner = expand * d_model
         if self.d_inner % headdim:
             raise ValueError(f"mamba2: expand * d_model = {self.d_inner} is not divisible by headdim = {headdim}")

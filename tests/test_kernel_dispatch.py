@@ -76,3 +76,9 @@ def test_run_summary_records_the_path_each_mixer_ran(tmp_path):
     paths = s["kernel_paths"]
     assert paths and all(p["kernel"] == "auto" for p in paths.values())
     assert {p["ran"]["scan"] for p in paths.values()} == {"reference: backbones.mamba2.ssd_chunked"}
+
+
+def test_configs_of_earlier_runs_with_use_kernel_still_build():
+    for old, new in ((True, "auto"), (False, "reference")):
+        m = build_backbone("mamba2", d_model=16, n_layers=1, d_state=4, use_kernel=old)
+        assert m.blocks[0].mixer.kernel == new
