@@ -34,11 +34,15 @@ kernels: $(KERNELS)
 demo: install
 	$(BIN)/ttm-bench demo
 
+# the import-layer contract (pyproject.toml [tool.importlinter]) first, then the suite
+# (with the Triton interpreter tier: `kernels` installs its packages);
+# `$(BIN)/python -m pytest -m "not slow"` is the fast inner loop
 test: install kernels
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 bench: install
 	$(BIN)/ttm-bench bench --quick
 
 clean:
-	rm -rf runs/demo .pytest_cache
+	rm -rf runs/demo .pytest_cache .import_linter_cache

@@ -30,18 +30,16 @@ In search mode each combination of axis values is one group, searched separately
 from __future__ import annotations
 
 import copy
-import hashlib
 import itertools
-import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ttm.config import config_from_dict, read_yaml, read_yaml_mapping
+from ttm.util import deep_merge, json_hash, normalize
 
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _PRESET_RESERVED = ("axes", "seeds")
@@ -174,20 +172,6 @@ def _check_axis(name: str, values: Any) -> None:
         raise ValueError(f"axis {name!r}: a plain-value axis must be named by a dotted config key")
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a text file atomically (temp file + rename); light on imports, unlike ttm.audio's."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 # ----------------------------------------------------------------------------- loading
 
 
@@ -219,65 +203,15 @@ def load_spec(path: str | Path) -> GridSpec:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"grid spec {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML ({e})") from None
-    return parse_spec(data, str(path))
+    return parse_spec(read_yaml(path, "grid spec"), str(path))
 
 
 # ----------------------------------------------------------------------------- nested dicts
 
 
-def set_dotted(d: dict, key: str, value: Any) -> None:
-    *head, last = key.split(".")
-    for h in head:
-        nxt = d.setdefault(h, {})
-        if not isinstance(nxt, dict):
-            raise ValueError(f"key {key!r}: {h!r} holds a value, not a section")
-        d = nxt
-    if isinstance(value, dict) and isinstance(d.get(last), dict):
-        deep_merge(d[last], value)
-    else:
-        d[last] = copy.deepcopy(value)
-
-
-def deep_merge(dst: dict, src: dict) -> dict:
-    """Merge `src` (dotted or nested keys) into `dst` in place; mappings merge, other values replace."""
-    for k, v in src.items():
-        set_dotted(dst, str(k), normalize(v) if isinstance(v, dict) else v)
-    return dst
-
-
-def normalize(d: dict) -> dict:
-    """Turn dotted keys into nested dicts: {"a.b": 1} -> {"a": {"b": 1}}."""
-    return deep_merge({}, d) if d else {}
-
-
-def get_dotted(d: dict, key: str, default: Any = None) -> Any:
-    for part in key.split("."):
-        if not isinstance(d, dict) or part not in d:
-            return default
-        d = d[part]
-    return d
-
-
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1} (lists and scalars are leaves)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def config_hash(config: dict) -> str:
     """Stable short hash of a nested config (key order does not matter)."""
-    blob = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha1(blob.encode()).hexdigest()[:10]
+    return json_hash(config, compact=True)
 
 
 # ----------------------------------------------------------------------------- expansion
@@ -353,13 +287,7 @@ def resolve_base(spec: GridSpec) -> dict[str, Any]:
             p = near if near.exists() else p
         if not p.is_file():
             raise FileNotFoundError(f"{spec.source}: base_config {spec.base_config} does not exist")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{p}: not valid YAML ({e})") from None
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{p}: expected a mapping at the top level")
-        base = normalize(loaded)
+        base = normalize(read_yaml_mapping(p, "base_config"))
     return deep_merge(base, spec.base)
 
 
@@ -444,7 +372,5 @@ def expand(spec: GridSpec, preset: str | None = None, overrides: dict[str, Any] 
 
 def validate_run_configs(cells: list[Cell], source: str) -> None:
     """Check every cell's config against the harness's RunConfig before anything runs."""
-    from ttm.config import config_from_dict
-
     for c in cells:
         config_from_dict(c.run_config(), f"{source} (cell {c.name})")

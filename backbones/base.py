@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from backbones.flops import backbone_flops_per_token
+
 State = dict[str, Any]
 
 
@@ -114,6 +116,11 @@ class Mixer(nn.Module):
 
     def scan_flops_per_token(self, seq_len: int) -> int:
         """FLOPs per token per layer that a matmul counter cannot see (scans, FFT convs)."""
+        return 0
+
+    def context_flops_per_token(self, context_len: float) -> float:
+        """FLOPs per token per layer of mixing over `context_len` earlier tokens that are not
+        weight matmuls (attention's QK^T and AV); 0 for mixers that carry a state instead."""
         return 0
 
     def state_numel(self, state: State) -> int:
@@ -264,8 +271,6 @@ class Backbone(nn.Module):
 
         `mode` is "train" (forward+backward) or "decode" (one forward step).
         """
-        from backbones.flops import backbone_flops_per_token
-
         return backbone_flops_per_token(self, seq_len, memory_len, mode)
 
 
@@ -359,13 +364,15 @@ def size_to(
     vary: str = "n_layers",
     tol: float = 0.01,
     extra_params: Callable[[dict[str, Any]], int] | None = None,
+    strict: bool = True,
     **fixed: Any,
 ) -> SizeResult:
     """Choose `vary` (an integer knob, e.g. n_layers or d_model) so the parameter count
     (backbone + `extra_params(kwargs)`, e.g. the LM's embeddings and heads) is closest
     to `target_params`. Models are built on the meta device (no memory).
     When `vary` alone cannot reach `tol`, the other continuous knob (mlp_ratio or
-    expand when the backbone has one) is fine-tuned.
+    expand when the backbone has one) is fine-tuned. With `strict`, missing `tol` is an error
+    that names the closest achievable count; otherwise the closest result is returned.
     """
     cls = get_backbone_cls(name)
 
@@ -396,6 +403,12 @@ def size_to(
         tuned = _fine_tune(cls, count, kw, target_params)
         if tuned is not None and tuned.rel_error < res.rel_error:  # a knob without effect is not kept
             res = tuned
+    if strict and res.rel_error > tol:
+        shown = ", ".join(f"{k}={res.kwargs[k]}" for k in (vary, cls.size_knob[0]) if k in res.kwargs)
+        raise ValueError(
+            f"{name}: cannot match target_params={target_params:,} within {100 * tol:g}%: the closest "
+            f"achievable is {res.params:,} params ({shown}, {100 * res.rel_error:.1f}% off)"
+        )
     return res
 
 

@@ -23,11 +23,8 @@ def backbone_flops_per_token(backbone, seq_len: int, memory_len: int = 0, mode: 
     d = backbone.d_model
     fwd = 2 * matmul_params(backbone)
     ctx = seq_len / 2 if mode == "train" else seq_len  # mean causal context
-    from backbones.transformer import SelfAttention
-
     for blk in backbone.blocks:
-        if isinstance(blk.mixer, SelfAttention):
-            fwd += 4 * d * ctx  # QK^T and AV
+        fwd += blk.mixer.context_flops_per_token(ctx)  # attention: QK^T and AV
         if blk.cross is not None:
             fwd += 4 * d * memory_len
             if mode == "decode":  # memory K/V are cached: their projection is not per token

@@ -44,6 +44,9 @@ class SelfAttention(Mixer):
             y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=None if S == 1 else mask)
         return self.out(y.transpose(1, 2).reshape(B, S, D))
 
+    def context_flops_per_token(self, context_len: float) -> float:
+        return 4 * self.n_heads * self.d_head * context_len  # QK^T and AV
+
     def allocate_state(self, batch_size, max_len, device=None, dtype=None) -> State:
         shape = (batch_size, self.n_heads, max_len, self.d_head)
         return {

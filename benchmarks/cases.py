@@ -217,7 +217,8 @@ def harness_overhead(
     from torch.utils.flop_counter import FlopCounterMode
 
     from ttm.config import load_config
-    from ttm.train import batch_of, build_model, param_groups, read_log, run
+    from ttm.factory import build_model
+    from ttm.train import batch_of, param_groups, read_log, run
 
     steps = steps or (5 if quick else 12)
     rounds = rounds or (5 if quick else 7)

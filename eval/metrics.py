@@ -4,15 +4,18 @@ Conventions are named explicitly where the literature differs:
 
 - Frechet distance: `frechet_distance` follows pytorch-fid / fadtk (scipy `sqrtm` of
   sigma1 @ sigma2, an `eps` offset on the diagonals when the product is singular).
-  `fd_inf` is fadtk's FAD-inf: FD over random subsets of several sizes, linear fit
-  of FD against 1/N, the intercept is the FD at infinite sample size.
+  `fd_inf` is fadtk's FAD-inf idea done without replacement: FD against random subsets
+  (drawn without replacement) of several sizes n, a linear fit of FD against 1/n, the
+  intercept estimates the population FD. Drawing with replacement (as fadtk does) makes
+  the subsets converge to the N available embeddings, so its intercept is about the
+  plain FD at N, bias included.
 - KL between label distributions, in both directions and both windowings:
   audiocraft (MusicGen): non-overlapping 10 s segments, softmax per segment,
   KL(reference || generated) per segment pair, averaged over pairs;
   stable-audio-metrics: logits averaged over 10 s windows with 5 s hop, then
   softmax, KL(generated || reference) per clip, averaged over clips.
-- Every aggregate has a bootstrap confidence interval (`bootstrap_ci`; for FD
-  `fd_bootstrap_ci` resamples the clips of both sets).
+- Every aggregate has a bootstrap confidence interval (`bootstrap_ci`); FD's intervals
+  (FD at n, population FD) live in eval/stats.py.
 """
 
 from __future__ import annotations
@@ -135,9 +138,14 @@ def fd_inf(
     min_n: int = 500,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """fadtk's FAD-inf: FD of the reference statistics against random subsets (with replacement)
-    of `gen [N, D]` of `steps` sizes from `min_n` to N; a linear fit of FD on 1/n extrapolates
-    to n -> inf. Returns {value (intercept), slope, r2, ns, fds}."""
+    """Population FD by extrapolation in 1/n: FD of the reference statistics against random
+    subsets of `gen [N, D]` drawn WITHOUT replacement, at `steps` sizes from `min_n` to N; a
+    linear fit of FD on 1/n, whose intercept (1/n -> 0) estimates the FD of the generating
+    distribution. Without replacement, a subset of n of the N embeddings has the sampling
+    noise of n fresh draws, so FD(n) ~ FD_population + c / n holds across the whole range
+    (with replacement the subsets converge to the N embeddings and the intercept is about
+    the biased plain FD at N). The reference enters as fixed statistics: its own sampling
+    noise is not extrapolated away. Returns {value (intercept), slope, r2, ns, fds}."""
     gen = _np(gen)
     if gen.ndim != 2:
         raise ValueError(f"fd_inf: expected generated embeddings [N, D], got shape {gen.shape}")
@@ -149,14 +157,15 @@ def fd_inf(
     mu, sigma = _np(ref_mu), _np(ref_sigma)
     fds = []
     for k in ns:
-        idx = rng.integers(0, n, size=int(k))
+        idx = rng.choice(n, size=int(k), replace=False)
         fds.append(_fd_parts(mu, ("c", sigma), *_cov_part(gen[idx])))  # = frechet_distance, faster
     xs, ys = 1.0 / ns, np.asarray(fds)
     slope, intercept = np.polyfit(xs, ys, 1)
     pred = slope * xs + intercept
     ss_tot = float(((ys - ys.mean()) ** 2).sum())
     r2 = 1.0 - float(((ys - pred) ** 2).sum()) / ss_tot if ss_tot > 0 else 1.0
-    return {"value": float(intercept), "slope": float(slope), "r2": r2, "ns": ns.tolist(), "fds": ys.tolist()}
+    return {"value": float(intercept), "slope": float(slope), "r2": r2, "ns": ns.tolist(), "fds": ys.tolist(),
+            "method": "FD vs subsets drawn without replacement, linear fit in 1/n, intercept"}
 
 
 # ----------------------------------------------------------------------------- KL divergence
@@ -405,28 +414,3 @@ class _ClipStats:
         else:
             second = (self.all.T * w[self.clip_of_frame]) @ self.all
         return mu, ("c", (second - n * np.outer(mu, mu)) / (n - 1))
-
-
-def fd_bootstrap_ci(
-    clips_a: Sequence[Any],
-    clips_b: Sequence[Any],
-    n: int = 1000,
-    alpha: float = 0.05,
-    seed: int = 0,
-    max_bytes: int = 256 << 20,
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of the FD between two sets of clips, each clip's frame
-    embeddings `[F_i, D]`: the clips of both sets are resampled with replacement (all frames
-    of a drawn clip come along). FD is biased upward at small sample sizes, so the interval
-    can lie above the point estimate computed on the full sets."""
-    if not len(clips_a) or not len(clips_b):
-        raise ValueError("fd_bootstrap_ci: empty set of clips")
-    sa, sb = _ClipStats(clips_a, max_bytes), _ClipStats(clips_b, max_bytes)
-    if sa.dim != sb.dim:
-        raise ValueError(f"fd_bootstrap_ci: embedding sizes differ: {sa.dim} vs {sb.dim}")
-    rng = np.random.default_rng(seed)
-    na, nb = len(clips_a), len(clips_b)
-    stats = np.empty(n)
-    for i in range(n):
-        stats[i] = _fd_parts(*sa.part(rng.integers(0, na, size=na)), *sb.part(rng.integers(0, nb, size=nb)))
-    return float(np.quantile(stats, alpha / 2)), float(np.quantile(stats, 1 - alpha / 2))

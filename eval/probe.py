@@ -8,7 +8,25 @@ train split (random crops) and its accuracy is measured on the held-out valid + 
 clips (whole clips), next to the chance level (always predicting the most frequent
 training class, scored on the same held-out clips).
 
-Its embeddings give the FD_probe metric, its predictions the text-adherence metric.
+Level robustness: every clip is scaled to a fixed RMS (`target_rms_db`, -20 dBFS) before the
+log-mel, in training and at inference, and training crops get a random gain of -30 to +12 dB
+relative to full scale (peak 1), clipped to [-1, 1], before that normalisation (so about a quarter
+of the training crops are clipped, as loud generated audio is).
+Measured on the synthetic test set: at -20 dB no prediction flips and FD to the original set is
+~0; at +6 dB clipped 4% of predictions flip (clipped sines turn square-ish) and the FD moves by
+~6% of its noise floor (tests/test_eval_embedders.py::test_probe_is_level_invariant).
+
+Contrastive text-audio head: a linear projection of the embedding into the caption space of the
+frozen text encoder (`text_encoder`, MiniLM by default; sentence embedding = masked mean of its
+token states), trained jointly with the attribute heads by a symmetric InfoNCE loss (clips sharing
+a caption are all positives). Its floor: held-out text-to-audio recall@k (k = 5) against the
+chance of a random ranking (1 - C(N - m, k) / C(N, k) per query, m clips with that caption), by
+the same margin and significance rule as the attribute heads (`check_contrastive_quality`).
+
+One evaluator, three metric families: its embeddings give FD (fd_probe), its attribute heads give
+adherence and the KL of attribute posteriors between paired clips (kl_probe), its contrastive head
+gives the CLAP-style score (clap_probe). It is versioned by the manifest's hash, its settings and
+the text encoder's identity (a probe file with other values is retrained, not reused).
 Quality floor: a probe is refused unless it beats chance on the held-out clips both
 by a margin (mean accuracy >= mean over attributes of chance + frac * (1 - chance),
 frac = 0.1 by default) and significantly (pooled one-sided binomial test, p < 0.05).
@@ -38,7 +56,7 @@ from torch import Tensor, nn
 from ttm.audio import atomic_torch_save, load_audio
 
 ATTRIBUTES = ("family", "instrument", "tempo", "mode", "style", "texture")
-FORMAT = "ttm-bench-probe/1"
+FORMAT = "ttm-bench-probe/2"  # /2: loudness normalisation + wide gain augmentation
 DEFAULT_FLOOR_FRAC = 0.1
 SIGNIFICANCE = 0.05
 
@@ -55,17 +73,24 @@ class ProbeSettings:
     emb_dim: int = 96
     dropout: float = 0.3
     crop_s: float = 1.5
+    target_rms_db: float = -20.0  # every clip is scaled to this RMS (dBFS) before the log-mel
+    gain_db: tuple[float, float] = (-30.0, 12.0)  # training: random gain re full scale, clipped to [-1, 1], normalised
     epochs: int | None = None  # None: enough epochs to see ~3000 crops, clamped to [10, 60]
     batch_size: int = 16
     lr: float = 3e-3
     weight_decay: float = 1e-2
     seed: int = 0
     attributes: tuple[str, ...] = ATTRIBUTES
+    text_encoder: str = "minilm"  # frozen caption encoder of the contrastive head (ttm.text)
+    contrastive_weight: float = 1.0
+    temperature: float = 0.1
+    recall_k: int = 5  # the contrastive head's floor: text-to-audio recall@k on held-out clips
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["channels"] = list(self.channels)
         d["attributes"] = list(self.attributes)
+        d["gain_db"] = list(self.gain_db)
         return d
 
     @classmethod
@@ -73,10 +98,18 @@ class ProbeSettings:
         d = dict(d)
         d["channels"] = tuple(d["channels"])
         d["attributes"] = tuple(d["attributes"])
+        d["gain_db"] = tuple(d["gain_db"])
         return cls(**d)
 
 
 # ----------------------------------------------------------------------------- network
+
+
+def normalize_loudness(wav: Tensor, target_rms_db: float) -> Tensor:
+    """Scale each row of `wav [B, N]` to RMS `target_rms_db` dBFS (all-zero rows stay zero), so the
+    probe's outputs do not depend on playback level."""
+    rms = wav.pow(2).mean(-1, keepdim=True).sqrt()  # [B, 1]
+    return wav * (10 ** (target_rms_db / 20) / rms.clamp(min=1e-8))
 
 
 class LogMel(nn.Module):
@@ -110,7 +143,7 @@ class ProbeNet(nn.Module):
     time -> Linear -> embedding `[B, D]`; one linear head per attribute on the embedding.
     1-D convolutions keep training at a few seconds to a minute on one CPU core."""
 
-    def __init__(self, s: ProbeSettings, n_classes: dict[str, int]):
+    def __init__(self, s: ProbeSettings, n_classes: dict[str, int], text_dim: int):
         super().__init__()
         self.logmel = LogMel(s)
         self.bn0 = nn.BatchNorm1d(s.n_mels)
@@ -126,6 +159,7 @@ class ProbeNet(nn.Module):
         self.proj = nn.Linear(2 * c_in, s.emb_dim)
         self.drop = nn.Dropout(s.dropout)
         self.heads = nn.ModuleDict({a: nn.Linear(s.emb_dim, k) for a, k in n_classes.items()})
+        self.text_proj = nn.Linear(s.emb_dim, text_dim)  # contrastive head: audio -> caption space
 
     def embed_mel(self, mel: Tensor) -> Tensor:  # [B, M, T] -> [B, D]
         x = self.conv(self.bn0(mel))  # [B, C, T']
@@ -134,6 +168,37 @@ class ProbeNet(nn.Module):
     def heads_out(self, emb: Tensor) -> dict[str, Tensor]:
         emb = self.drop(emb)
         return {a: h(emb) for a, h in self.heads.items()}
+
+    def audio_text(self, emb: Tensor) -> Tensor:  # [B, D] -> [B, text_dim], unit norm
+        return F.normalize(self.text_proj(emb), dim=-1)
+
+
+def caption_embeddings(encoder, captions: list[str]) -> Tensor:
+    """Sentence embeddings `[B, text_dim]` of the frozen text encoder: masked mean of its token
+    states, unit norm (as sentence-transformers pools all-MiniLM-L6-v2)."""
+    with torch.no_grad():
+        h, m = encoder.encode(list(captions))  # [B, L, E], [B, L]
+        mf = m.float()[..., None]
+        return F.normalize((h.float() * mf).sum(1) / mf.sum(1).clamp(min=1.0), dim=-1).cpu()
+
+
+def retrieval_recall(audio: Tensor, text: Tensor, captions: list[str], k: int) -> tuple[float, float, float]:
+    """Text-to-audio recall@k over held-out clips: each clip's caption queries all clips, a hit when
+    one of the k most similar clips has that caption (captions can repeat, so a match is any clip
+    with the same caption). Returns (recall, chance, variance of the hit count under chance):
+    chance per query = 1 - C(N - m, k) / C(N, k) with m clips sharing its caption."""
+    n = len(captions)
+    k = min(k, n - 1)
+    sim = text @ audio.T  # [N queries, N clips]
+    top = sim.topk(k, dim=1).indices
+    hits, ps = [], []
+    for i in range(n):
+        same = {j for j in range(n) if captions[j] == captions[i]}
+        hits.append(float(any(int(j) in same for j in top[i])))
+        m = len(same)
+        ps.append(1.0 - (math.comb(n - m, k) / math.comb(n, k) if n - m >= k else 0.0))
+    p = np.asarray(ps)
+    return float(np.mean(hits)), float(p.mean()), float((p * (1 - p)).sum())
 
 
 # ----------------------------------------------------------------------------- manifest helpers
@@ -209,6 +274,7 @@ class Probe:
             "settings": self.settings.to_dict(),
             "classes": self.classes,
             "manifest_hash": self.info.get("manifest_hash"),
+            "text_encoder_hash": self.info.get("text_encoder_hash"),
             "weights": h.hexdigest()[:16],
         }
 
@@ -267,6 +333,8 @@ class Probe:
             "n_heldout": self.info.get("n_heldout"),
             "manifest": self.info.get("manifest"),
             "manifest_hash": self.info.get("manifest_hash"),
+            "contrastive": self.info.get("contrastive"),
+            "text_encoder": self.settings.text_encoder,
         }
 
     # -- inference
@@ -282,13 +350,44 @@ class Probe:
 
     @torch.no_grad()
     def _embed_one(self, wav: Tensor) -> Tensor:
-        return self.net.embed_mel(self.net.logmel(self._prepare(wav)[None]))[0]
+        x = normalize_loudness(self._prepare(wav)[None], self.settings.target_rms_db)
+        return self.net.embed_mel(self.net.logmel(x))[0]
 
     @torch.no_grad()
     def embed(self, wavs: list[Tensor] | Tensor) -> Tensor:
         """Audio at `sample_rate` (a list of `[N]` / `[C, N]`, or a batch `[B, N]`) -> `[B, D]`."""
         self.net.eval()
         return torch.stack([self._embed_one(w) for w in wavs])
+
+    @torch.no_grad()
+    def audio_text(self, wavs: list[Tensor] | Tensor) -> Tensor:
+        """Contrastive-head audio embeddings `[B, text_dim]` (unit norm), comparable by cosine with
+        `caption_embeddings` of the probe's text encoder."""
+        return self.net.audio_text(self.embed(wavs))
+
+    def text_encoder(self):
+        """The frozen text encoder the contrastive head was trained against (checked by identity)."""
+        from ttm.text import build_text_encoder
+
+        enc = build_text_encoder(self.settings.text_encoder)
+        want = self.info.get("text_encoder_hash")
+        if want is not None and _ident_hash(enc.identity()) != want:
+            raise ValueError(f"probe{f' ({self.path})' if self.path else ''}: the {self.settings.text_encoder} "
+                             "text encoder here differs from the one its contrastive head was trained against")
+        return enc
+
+    def check_contrastive_quality(self, frac: float = DEFAULT_FLOOR_FRAC) -> None:
+        """The contrastive head's floor: held-out text-to-audio recall@k >= chance + frac * (1 - chance)
+        and one-sided p < 0.05 against chance (binomial z-test over queries); raises otherwise."""
+        c = self.info["contrastive"]
+        need = c["chance"] + frac * (1 - c["chance"])
+        if c["recall"] < need or c["p"] >= SIGNIFICANCE:
+            where = f" ({self.path})" if self.path else ""
+            raise ValueError(
+                f"probe{where}: contrastive head held-out text-to-audio recall@{c['k']} {c['recall']:.3f} (required "
+                f"{need:.3f} = chance {c['chance']:.3f} + {frac:g} * (1 - chance)), one-sided p = {c['p']:.3g} "
+                f"(required < {SIGNIFICANCE:g}) on {c['n']} held-out clips; the text-audio head is too weak to score with"
+            )
 
     @torch.no_grad()
     def predict_logits(self, wavs: list[Tensor] | Tensor) -> dict[str, Tensor]:
@@ -328,7 +427,7 @@ class Probe:
             raise ValueError(f"{path}: not a probe file (expected format {FORMAT!r})")
         settings = ProbeSettings.from_dict(obj["settings"])
         classes = {a: list(c) for a, c in obj["classes"].items()}
-        net = ProbeNet(settings, {a: len(c) for a, c in classes.items()})
+        net = ProbeNet(settings, {a: len(c) for a, c in classes.items()}, int(obj["state_dict"]["text_proj.weight"].shape[0]))
         net.load_state_dict(obj["state_dict"])
         probe = cls(net, settings, classes, obj["info"])
         probe.path = path
@@ -372,12 +471,17 @@ def train_probe(
     s = settings or ProbeSettings()
     s = ProbeSettings.from_dict({**s.to_dict(), "seed": seed, "epochs": epochs if epochs is not None else s.epochs})
     mhash = manifest_hash(manifest)
+    from ttm.text import build_text_encoder
+
+    encoder = build_text_encoder(s.text_encoder)
+    thash = _ident_hash(encoder.identity())
     if out.is_file():
         try:
             old = Probe.load(out)
-        except ValueError:
+        except (ValueError, KeyError):
             old = None
-        if old is not None and old.info.get("manifest_hash") == mhash and old.settings == s:
+        if (old is not None and old.info.get("manifest_hash") == mhash and old.settings == s
+                and old.info.get("text_encoder_hash") == thash):
             return old
 
     entries = _read_entries(manifest)
@@ -401,12 +505,19 @@ def train_probe(
 
     with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's RNG state
         torch.manual_seed(s.seed)
-        return _train(manifest, out, s, classes, train, held, mhash, progress)
+        return _train(manifest, out, s, classes, train, held, mhash, progress, encoder, thash)
 
 
-def _train(manifest, out, s: ProbeSettings, classes, train, held, mhash: str, progress: bool) -> Probe:
+def _ident_hash(ident: Any) -> str:
+    import json
+
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _train(manifest, out, s: ProbeSettings, classes, train, held, mhash: str, progress: bool, encoder, thash: str) -> Probe:
     rng = np.random.default_rng(s.seed)
-    net = ProbeNet(s, {a: len(c) for a, c in classes.items()})
+    net = ProbeNet(s, {a: len(c) for a, c in classes.items()}, encoder.dim)
+    text_train = caption_embeddings(encoder, [e["caption"] for e in train])  # [N, E], frozen
     t0 = time.time()
 
     def load_all(es: list[dict[str, Any]], what: str) -> list[Tensor]:
@@ -417,27 +528,28 @@ def _train(manifest, out, s: ProbeSettings, classes, train, held, mhash: str, pr
             wavs.append(load_audio(e["audio"], s.sample_rate, channels=1)[0])
         return wavs
 
-    with torch.no_grad():
-        train_mels = [net.logmel(w[None])[0] for w in load_all(train, "train")]  # [M, T_i]
+    train_wavs = load_all(train, "train")  # [N_i] each
     y_train = _targets(train, classes)
-    frames = [m.shape[-1] for m in train_mels]
+    frames = [w.numel() // s.hop_length + 1 for w in train_wavs]
     crop = max(8, min(int(s.crop_s * s.sample_rate / s.hop_length), int(np.median(frames))))
+    crop_n = (crop - 1) * s.hop_length  # samples giving `crop` STFT frames
     n_epochs = s.epochs if s.epochs is not None else int(np.clip(math.ceil(3000 / len(train)), 10, 60))
     steps_per_epoch = max(1, math.ceil(len(train) / s.batch_size))
     opt = torch.optim.AdamW(net.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.lr, total_steps=n_epochs * steps_per_epoch, pct_start=0.2)
 
-    def crop_mel(m: Tensor) -> Tensor:
-        t = m.shape[-1]
-        if t <= crop:  # pad short clips with the log floor (silence)
-            return F.pad(m, (0, crop - t), value=-10.0)
-        st = int(rng.integers(0, t - crop + 1))
-        return m[:, st : st + crop]
+    def crop_wav(w: Tensor) -> Tensor:
+        n = w.numel()
+        if n <= crop_n:  # pad short clips with silence
+            return F.pad(w, (0, crop_n - n))
+        st = int(rng.integers(0, n - crop_n + 1))
+        return w[st : st + crop_n]
 
     from tqdm.auto import tqdm
 
     bar = tqdm(range(n_epochs), desc="probe: training", disable=not progress, leave=False)
     net.train()
+    lo_db, hi_db = s.gain_db
     for _ in bar:
         order = rng.permutation(len(train))
         total = 0.0
@@ -445,14 +557,27 @@ def _train(manifest, out, s: ProbeSettings, classes, train, held, mhash: str, pr
             idx = order[b * s.batch_size : (b + 1) * s.batch_size]
             if len(idx) < 2:  # BatchNorm needs two examples
                 continue
-            mel = torch.stack([crop_mel(train_mels[i]) for i in idx])  # [B, M, crop]
-            mel = mel + torch.empty(len(idx), 1, 1).uniform_(-0.3, 0.3)  # random gain (+-3 dB)
-            logits = net.heads_out(net.embed_mel(mel))
+            wav = torch.stack([crop_wav(train_wavs[i]) for i in idx])  # [B, crop_n]
+            gain = 10 ** (torch.as_tensor(rng.uniform(lo_db, hi_db, size=(len(idx), 1)), dtype=torch.float32) / 20)
+            peak = wav.abs().amax(-1, keepdim=True).clamp(min=1e-8)
+            wav = normalize_loudness((wav / peak * gain).clamp(-1, 1), s.target_rms_db)  # gain re full scale, clip, normalise
+            with torch.no_grad():
+                mel = net.logmel(wav)  # [B, M, crop]
+            emb = net.embed_mel(mel)
+            logits = net.heads_out(emb)
             losses = [
                 F.cross_entropy(logits[a], torch.tensor([y_train[a][i] for i in idx]), ignore_index=-100)
                 for a in classes
                 if any(y_train[a][i] >= 0 for i in idx)
             ]
+            # contrastive head: symmetric InfoNCE against the frozen caption embeddings; clips that
+            # share a caption are all positives (soft targets)
+            caps = [train[i]["caption"] for i in idx]
+            same = torch.tensor([[float(a == b) for b in caps] for a in caps])  # [B, B]
+            sim = net.audio_text(emb) @ text_train[idx].T / s.temperature  # [B audio, B text]
+            target = same / same.sum(1, keepdim=True)
+            nce = 0.5 * (F.cross_entropy(sim, target) + F.cross_entropy(sim.T, target))
+            losses.append(s.contrastive_weight * nce)
             if not losses:
                 continue
             loss = torch.stack(losses).sum()
@@ -478,6 +603,15 @@ def _train(manifest, out, s: ProbeSettings, classes, train, held, mhash: str, pr
         chance[a] = _accuracy([majority] * len(keep), [y_held[a][i] for i in keep])
         n_per[a] = len(keep)
     acc["mean"] = float(np.mean([acc[a] for a in classes]))
+    held_caps = [e["caption"] for e in held]
+    recall, r_chance, r_var = retrieval_recall(probe.audio_text(held_wavs), caption_embeddings(encoder, held_caps),
+                                               held_caps, s.recall_k)
+    from scipy.stats import norm
+
+    n_h = len(held)
+    z = (recall - r_chance) * n_h / math.sqrt(r_var) if r_var > 0 else 0.0
+    contrastive = {"k": min(s.recall_k, n_h - 1), "recall": recall, "chance": r_chance, "n": n_h,
+                   "z": float(z), "p": float(norm.sf(z)) if r_var > 0 else 1.0}
     chance["mean"] = float(np.mean([chance[a] for a in classes]))
     probe.info = {
         "heldout_accuracy": acc,
@@ -490,6 +624,8 @@ def _train(manifest, out, s: ProbeSettings, classes, train, held, mhash: str, pr
         "train_time_s": round(time.time() - t0, 2),
         "manifest": str(manifest.resolve()),
         "manifest_hash": mhash,
+        "text_encoder_hash": thash,
+        "contrastive": contrastive,
     }
     probe.save(out)
     return probe

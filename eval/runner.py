@@ -1,29 +1,44 @@
 """`ttm-bench eval`: score generated clips against a reference set.
 
-    ttm-bench eval --generated runs/x/samples --reference data/tiny/manifest.jsonl \\
-        --metrics fd_probe,adherence,kl_ast,clap,fad_clap,fad_encodec,fd_vggish --out runs/x/eval.json
+    ttm-bench eval --generated runs/x/samples --reference data/tiny/manifest.jsonl --out runs/x/eval.json
+    ttm-bench eval ... --metrics fd_probe,adherence,kl_probe,clap_probe,kl_ast,clap,fad_clap,fad_encodec
     ttm-bench eval --list
 
-Generated: a folder of audio files with `samples.jsonl` (`file`, `caption`, `seed`,
-`attributes`, optionally `ref_id`: the manifest id of the reference clip it is compared
-with for KL; otherwise clips are paired by caption). A sample without attributes takes
-those of the reference clips with its caption. Reference: a dataset manifest (its `split`
-clips, default test) or a plain folder of audio (FD metrics only, and the probe metrics
-with --probe).
+Metrics are objects in eval/scores/ (one family per file, `@register`): this module reads the
+clips (eval/clips.py), refuses bad audio, computes and caches each embedder's features once,
+and calls each metric's `compute` and `floors`. The offline default set comes from one embedded
+evaluator (eval/probe.py): FD (fd_probe), KL of attribute posteriors (kl_probe), a CLAP-style
+text-audio score (clap_probe) and adherence; metrics on pretrained weights (AST, CLAP, EnCodec,
+VGGish) run when their weights are here and are listed under "skipped" otherwise.
 
-Every metric gets {value, ci_low, ci_high, n, settings, floors}: a percentile bootstrap
-interval (clips resampled; both sets for FD), the embedder's settings with the sample
-rate and the source rates that were resampled (scipy polyphase), and two floors:
+Generated: a folder of audio files with `samples.jsonl` (`file`, `caption`, `seed`,
+`attributes`, and `ref_id`: the manifest id of the reference clip it was generated for,
+written by `ttm-bench generate` for split-driven prompts). Paired metrics (KL) pair 1:1 by
+that id, never by caption; a clip without `ref_id` (a free-text prompt) is scored only by
+the unpaired metrics (FD, CLAP-style score, adherence), and eval.json's "pairing" block
+says how many were paired. Reference: a dataset manifest (its `split` clips, default test)
+or a plain folder of audio (unpaired metrics; the probe metrics with --probe).
+
+Every metric gets {value, ci_low, ci_high, n, resolvable_difference, settings, floors}. FD's
+value and interval are FD AT THIS n (re-centred bootstrap over clips), next to the
+population FD (jackknife) with its own interval; an FD with fewer than 2 D embeddings per
+set is computed on the top n/2 principal components of the reference train split's
+embeddings, or refused (eval/stats.py). Other intervals are percentile bootstraps over
+clips. `resolvable_difference` is the smallest difference to another row at the same n
+that the metric resolves. Floors:
   noise: the reference against itself, for FD: FD(reference half A, half B) over a
          seeded split into disjoint halves, reported next to FD(generated, half B) with
          the generated set cut to the size of half A, so the two numbers are comparable;
-         for CLAP / adherence: the metric on the reference clips themselves; for KL:
+         for CLAP-style / adherence: the metric on the reference clips themselves; for KL:
          distinct reference clips sharing a caption (when there are any);
   codec: the metric on the reference resynthesised by a codec (encode -> decode) against
          the reference, when a codec is given.
-Probe metrics also carry the probe's held-out accuracy and chance levels. Empty, silent
-and very short generated clips are scored (empty and short ones as zero-padded audio),
-counted and flagged. A per-clip CSV is written next to the JSON.
+Probe metrics also carry the probe's held-out quality and chance levels; a metric whose probe
+head is below its floor is refused: reported with value null and the reason (an error when
+every requested metric is refused). Bad audio is refused before any metric (eval/clips.py):
+a generated or reference clip that is unreadable, empty, non-finite, outside [-1, 1], silent
+after the down-mix to mono or shorter than 0.5 s stops the evaluation with an error naming
+each file and its defect. A per-clip CSV is written next to the JSON.
 Embeddings are cached under $TTM_BENCH_CACHE/embeddings (default ~/.cache/ttm-bench),
 keyed by file path, mtime and size and by the embedder's cache key.
 """
@@ -37,7 +52,6 @@ import io
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,130 +59,28 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from eval import metrics as M
+from eval import stats as S
+from eval.clips import (
+    MIN_SCORED_S,
+    SILENT_PEAK,
+    Clip,
+    attributes_by_caption,
+    audio_defect,
+    check_audio,
+    pair_by_id,
+    read_generated,
+    read_reference,
+)
 from eval.embedders import get_embedder
 from eval.embedders.base import Embedder
 from eval.probe import DEFAULT_FLOOR_FRAC, Probe, manifest_hash, train_probe
+from eval.scores import Inputs, get_metric, list_metrics
 from ttm.audio import atomic_write_text, load_audio, save_audio
 
-AUDIO_EXTS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
-SILENT_PEAK = 1e-4  # -80 dBFS
-MIN_SCORED_S = 0.5  # empty / shorter clips are zero-padded to this for scoring
-
-# metric -> (embedder, embedder settings, kind, description)
-METRICS: dict[str, dict[str, Any]] = {
-    "fd_probe": {"embedder": "probe", "kw": {}, "kind": "fd", "what": "Frechet distance on probe embeddings (one per clip)"},
-    "adherence": {"embedder": "probe", "kw": {}, "kind": "adherence", "what": "probe-predicted attributes vs caption attributes (accuracy)"},
-    "kl_ast": {
-        "embedder": "ast", "kw": {"windowing": "audiocraft"}, "kind": "kl", "convention": "audiocraft",
-        "what": "KL(reference || generated) of AST label distributions, audiocraft windowing (softmax per 10 s segment)",
-    },
-    "kl_ast_sam": {
-        "embedder": "ast", "kw": {"windowing": "sam"}, "kind": "kl", "convention": "sam",
-        "what": "KL(generated || reference) of AST label distributions, stable-audio-metrics windowing (logits averaged over 10 s / 5 s hop windows)",
-    },
-    "clap": {"embedder": "clap", "kw": {}, "kind": "clap", "what": "CLAP score: cosine of caption and audio embeddings"},
-    "fad_clap": {"embedder": "clap", "kw": {}, "kind": "fd", "what": "Frechet distance on CLAP audio embeddings (per 10 s window)"},
-    "fad_encodec": {"embedder": "encodec", "kw": {}, "kind": "fd", "what": "Frechet distance on EnCodec encoder frames (fadtk FAD-EnCodec)"},
-    "fd_vggish": {"embedder": "vggish", "kw": {}, "kind": "fd", "what": "Frechet distance on VGGish frames (0.96 s)"},
-}
-
-
-# ----------------------------------------------------------------------------- inputs
-
-
-@dataclass
-class Clip:
-    path: Path
-    file: str  # as written in the CSV
-    caption: str = ""
-    attributes: dict[str, Any] = field(default_factory=dict)
-    id: str = ""
-    seed: Any = None
-    ref: str | None = None  # optional explicit reference id (samples.jsonl `ref_id`)
-    flag: str = ""
-
+__all__ = ["audio_defect", "cli", "evaluate", "metric_table"]
 
 def cache_root(override: str | os.PathLike | None = None) -> Path:
     return Path(override or os.environ.get("TTM_BENCH_CACHE") or "~/.cache/ttm-bench").expanduser()
-
-
-def _audio_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in AUDIO_EXTS and p.is_file())
-
-
-def read_generated(folder: Path) -> list[Clip]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"--generated {folder}: folder not found")
-    meta = folder / "samples.jsonl"
-    clips: list[Clip] = []
-    if not meta.is_file():
-        for p in _audio_files(folder):
-            clips.append(Clip(path=p, file=str(p.relative_to(folder)), id=str(p.relative_to(folder))))
-    else:
-        for lineno, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{meta}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("file"), str):
-                raise ValueError(f"{meta}:{lineno}: field 'file': expected the audio file name relative to {folder}")
-            p = folder / obj["file"]
-            if not p.is_file():
-                raise FileNotFoundError(f"{meta}:{lineno}: audio file {p} not found")
-            attrs = obj.get("attributes") or {}
-            if not isinstance(attrs, dict):
-                raise ValueError(f"{meta}:{lineno}: field 'attributes': expected an object, got {type(attrs).__name__}")
-            clips.append(
-                Clip(path=p, file=obj["file"], caption=str(obj.get("caption") or ""), attributes=attrs,
-                     id=obj["file"], seed=obj.get("seed"), ref=obj.get("ref_id"))
-            )
-    if not clips:
-        raise ValueError(f"--generated {folder}: no audio clips found")
-    return clips
-
-
-def read_reference(ref: Path, split: str) -> tuple[list[Clip], bool]:
-    """Reference clips and whether they come from a manifest (with captions and attributes)."""
-    ref = Path(ref)
-    if ref.is_dir():
-        files = _audio_files(ref)
-        if not files:
-            raise ValueError(f"--reference {ref}: no audio files in the folder")
-        return [Clip(path=p, file=str(p.relative_to(ref)), id=str(p.relative_to(ref))) for p in files], False
-    if not ref.is_file():
-        raise FileNotFoundError(f"--reference {ref}: not a manifest file or a folder of audio")
-    from ttm.data.manifest import read_manifest, resolve_audio, split_entries
-
-    entries = split_entries(read_manifest(ref), split)
-    if not entries:
-        raise ValueError(f"--reference {ref}: no clips in split {split!r}")
-    clips = []
-    for e in entries:
-        p = resolve_audio(ref, e)
-        if not p.is_file():
-            raise FileNotFoundError(f"{ref}: entry {e.id!r}: audio file {p} not found")
-        clips.append(Clip(path=p, file=e.path, caption=e.caption, attributes=dict(e.attributes), id=e.id))
-    return clips, True
-
-
-def flag_clips(clips: list[Clip]) -> None:
-    for c in clips:
-        try:
-            info = sf.info(str(c.path))
-        except Exception as e:
-            raise ValueError(f"{c.path}: unreadable audio ({e})") from e
-        if info.frames == 0:
-            c.flag = "empty"
-            continue
-        wav = load_audio(c.path, None, channels=None)
-        if float(wav.abs().max()) < SILENT_PEAK:
-            c.flag = "silent"
-        elif info.frames < MIN_SCORED_S * info.samplerate:
-            c.flag = "short"
 
 
 # ----------------------------------------------------------------------------- features + cache
@@ -204,9 +116,6 @@ class FeatureStore:
             except (OSError, ValueError):
                 pass  # a corrupt cache file is recomputed
         wav = load_audio(path, emb.sample_rate, channels=emb.channels)
-        n_min = int(MIN_SCORED_S * emb.sample_rate)
-        if wav.shape[-1] < n_min:
-            wav = torch.nn.functional.pad(wav, (0, n_min - wav.shape[-1]))
         out = {k: np.asarray(v, dtype=np.float32) for k, v in emb.features(wav).items()}
         d.mkdir(parents=True, exist_ok=True)
         if not (d / "key.json").is_file():
@@ -263,209 +172,6 @@ def resynthesize(codec: Any, clips: list[Clip], root: Path, progress: bool = Tru
     return out
 
 
-# ----------------------------------------------------------------------------- metric kinds
-
-
-def _ci(values: np.ndarray, n_boot: int, seed: int) -> tuple[float | None, float | None]:
-    v = np.asarray(values, dtype=np.float64)
-    v = v[np.isfinite(v)]
-    if len(v) == 0:
-        return None, None
-    return M.bootstrap_ci(v, n=n_boot, seed=seed)
-
-
-def _fd_block(gen: list[np.ndarray], ref: list[np.ndarray]) -> float:
-    a, b = np.concatenate(gen), np.concatenate(ref)
-    if len(a) < 2 or len(b) < 2:
-        raise ValueError(f"FD needs at least 2 embeddings per set, got {len(a)} and {len(b)}")
-    return M.fd_fast(a, b)
-
-
-def _fd_safe(a: list[np.ndarray], b: list[np.ndarray]) -> tuple[float | None, str]:
-    try:
-        return _fd_block(a, b), ""
-    except ValueError as e:
-        return None, str(e)
-
-
-def compute_fd(gen_f, ref_f, codec_f, n_boot: int, seed: int) -> dict[str, Any]:
-    gen = [f["emb"] for f in gen_f]
-    ref = [f["emb"] for f in ref_f]
-    value = _fd_block(gen, ref)
-    lo, hi = M.fd_bootstrap_ci(gen, ref, n=n_boot, seed=seed)
-    res: dict[str, Any] = {
-        "value": value, "ci_low": lo, "ci_high": hi, "n": len(gen),
-        "n_reference": len(ref), "n_frames": int(sum(len(g) for g in gen)),
-        "n_frames_reference": int(sum(len(r) for r in ref)),
-        "ci_method": "percentile bootstrap over clips of both sets (FD is biased upward at small n, "
-        "so the interval can sit above the point estimate)",
-        "fd_method": "Gaussian fit to all frame embeddings of each set; Tr sqrtm(S1 S2) as the sum of "
-        "square roots of the eigenvalues of F1^T S2 F1 (S1 = F1 F1^T), equal to the scipy sqrtm formula",
-    }
-    # FD-inf (fadtk) when there are enough generated frames
-    allg = np.concatenate(gen)
-    if len(allg) > 500:
-        mu, sigma = M.embedding_stats(np.concatenate(ref))
-        res["fd_inf"] = M.fd_inf(mu, sigma, allg, seed=seed)
-    else:
-        res["fd_inf"] = {"value": None, "reason": f"needs more than 500 generated frames, got {len(allg)}"}
-    # noise floor: disjoint reference halves
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(len(ref))
-    a_idx, b_idx = perm[: len(ref) // 2], perm[len(ref) // 2 :]
-    half_a, half_b = [ref[i] for i in a_idx], [ref[i] for i in b_idx]
-    g_idx = rng.permutation(len(gen))[: len(half_a)] if len(gen) > len(half_a) else np.arange(len(gen))
-    floor, why = _fd_safe(half_a, half_b)
-    gen_half, why_g = _fd_safe([gen[i] for i in g_idx], half_b)
-    res["floors"] = {
-        "noise": {
-            "value": floor,
-            "value_generated_vs_half": gen_half,
-            "n_half_a": len(half_a), "n_half_b": len(half_b), "n_generated_used": len(g_idx),
-            "description": "FD(reference half A, reference half B), seeded disjoint halves; "
-            "value_generated_vs_half = FD(generated cut to |A| clips, half B), comparable with it",
-            **({"reason": why or why_g} if floor is None or gen_half is None else {}),
-        },
-        "codec": None,
-    }
-    if codec_f is not None:
-        res["floors"]["codec"] = {
-            "value": _fd_block([f["emb"] for f in codec_f], ref),
-            "description": "FD(codec-resynthesised reference, reference)",
-        }
-    return res
-
-
-def _probe_predictions(feats: list[dict[str, np.ndarray]], probe: Probe) -> dict[str, list[str]]:
-    return {a: [probe.classes[a][int(f[f"logits_{a}"][0].argmax())] for f in feats] for a in probe.classes}
-
-
-def _adherence_of(feats, clips: list[Clip], probe: Probe) -> dict[str, Any]:
-    return M.text_adherence(_probe_predictions(feats, probe), [c.attributes for c in clips])
-
-
-def compute_adherence(gen_f, gen, ref_f, ref, codec_f, probe: Probe, n_boot: int, seed: int) -> dict[str, Any]:
-    if not any(c.attributes for c in gen):
-        raise ValueError("adherence: no generated clip has caption attributes (samples.jsonl field 'attributes')")
-    r = _adherence_of(gen_f, gen, probe)
-    mat = np.stack(list(r["correct"].values()), axis=1)  # [N, A]
-
-    def overall(m):
-        return float(np.nansum(m) / max(np.isfinite(m).sum(), 1))
-
-    lo, hi = M.bootstrap_ci((mat,), statistic=overall, n=n_boot, seed=seed)
-    per_attr = {}
-    for a, c in r["correct"].items():
-        clo, chi = _ci(c, n_boot, seed)
-        per_attr[a] = {"value": r["per_attribute"][a], "ci_low": clo, "ci_high": chi, "n": r["n_per_attribute"][a],
-                       "probe_heldout_accuracy": probe.heldout_accuracy[a], "chance": probe.chance[a]}
-    res: dict[str, Any] = {"value": r["overall"], "ci_low": lo, "ci_high": hi, "n": len(gen), "per_attribute": per_attr}
-    floors: dict[str, Any] = {"noise": None, "codec": None}
-    if any(c.attributes for c in ref):
-        floors["noise"] = {"value": _adherence_of(ref_f, ref, probe)["overall"],
-                           "description": "adherence of the reference clips to their own attributes (the probe's ceiling here)"}
-        if codec_f is not None:
-            floors["codec"] = {"value": _adherence_of(codec_f, ref, probe)["overall"],
-                               "description": "adherence of the codec-resynthesised reference to its attributes"}
-    res["floors"] = floors
-    res["_per_clip"] = {"adherence": r["per_clip"], **{f"adherence_{a}": c for a, c in r["correct"].items()}}
-    return res
-
-
-def _caption_key(c: str) -> str:
-    return " ".join(c.split()).lower()
-
-
-def pair_with_reference(gen: list[Clip], ref: list[Clip]) -> list[list[int]]:
-    """For each generated clip, the reference clips it is compared with: its `ref_id` when given,
-    else every reference clip with the same caption (whitespace and case ignored)."""
-    by_id = {c.id: i for i, c in enumerate(ref)}
-    by_cap: dict[str, list[int]] = {}
-    for i, c in enumerate(ref):
-        if c.caption:
-            by_cap.setdefault(_caption_key(c.caption), []).append(i)
-    out = []
-    for g in gen:
-        if g.ref is not None and g.ref in by_id:
-            out.append([by_id[g.ref]])
-        else:
-            out.append(by_cap.get(_caption_key(g.caption), []) if g.caption else [])
-    return out
-
-
-def _kl_values(pairs: list[tuple[int, int]], a_f, b_f, convention: str) -> tuple[float, np.ndarray]:
-    """KL over (reference i, compared j) pairs; a_f reference features, b_f compared features."""
-    ra = [a_f[i]["logits"] for i, _ in pairs]
-    gb = [b_f[j]["logits"] for _, j in pairs]
-    return M.kl_audiocraft(ra, gb) if convention == "audiocraft" else M.kl_stable_audio(ra, gb)
-
-
-def compute_kl(gen_f, gen, ref_f, ref, codec_f, convention: str, n_boot: int, seed: int) -> dict[str, Any]:
-    matches = pair_with_reference(gen, ref)
-    pairs = [(r, g) for g, rs in enumerate(matches) for r in rs]
-    if not pairs:
-        raise ValueError(
-            "kl: no generated clip shares a caption with a reference clip (or names one with 'ref_id'); "
-            "the KL compares clips made from the same caption"
-        )
-    value, per_pair = _kl_values(pairs, ref_f, gen_f, convention)
-    per_clip = np.full(len(gen), np.nan)
-    for g in range(len(gen)):
-        vals = [v for (r, gg), v in zip(pairs, per_pair) if gg == g]
-        if vals:
-            per_clip[g] = float(np.mean(vals))
-    lo, hi = _ci(per_clip, n_boot, seed)
-    direction = "KL(reference || generated)" if convention == "audiocraft" else "KL(generated || reference)"
-    res: dict[str, Any] = {
-        "value": value, "ci_low": lo, "ci_high": hi, "n": int(np.isfinite(per_clip).sum()), "n_pairs": len(pairs),
-        "n_unpaired": int((~np.isfinite(per_clip)).sum()), "direction": direction, "convention": convention,
-        "ci_method": "percentile bootstrap over generated clips (per-clip mean over its reference pairs)",
-    }
-    floors: dict[str, Any] = {"noise": None, "codec": None}
-    same = [(i, j) for i in range(len(ref)) for j in range(len(ref))
-            if i != j and ref[i].caption and _caption_key(ref[i].caption) == _caption_key(ref[j].caption)]
-    if same:
-        floors["noise"] = {"value": _kl_values(same, ref_f, ref_f, convention)[0], "n_pairs": len(same),
-                           "description": "KL between distinct reference clips that share a caption"}
-    else:
-        floors["noise"] = {"value": None, "reason": "no two reference clips share a caption"}
-    if codec_f is not None:
-        floors["codec"] = {"value": _kl_values([(i, i) for i in range(len(ref))], ref_f, codec_f, convention)[0],
-                           "description": "KL between each reference clip and its codec resynthesis"}
-    res["floors"] = floors
-    res["_per_clip"] = {METRIC_PER_CLIP_NAME[convention]: per_clip}
-    return res
-
-
-METRIC_PER_CLIP_NAME = {"audiocraft": "kl_ast", "sam": "kl_ast_sam"}
-
-
-def _clap_scores(emb, feats, clips: list[Clip]) -> np.ndarray:
-    text = emb.embed_text([c.caption for c in clips]).numpy()
-    audio = np.stack([f["emb"].mean(0) for f in feats])
-    return M.clap_score(text, audio)[1]
-
-
-def compute_clap(emb, gen_f, gen, ref_f, ref, codec_f, n_boot: int, seed: int) -> dict[str, Any]:
-    if not all(c.caption for c in gen):
-        missing = next(c.file for c in gen if not c.caption)
-        raise ValueError(f"clap: generated clip {missing!r} has no caption (samples.jsonl field 'caption')")
-    per = _clap_scores(emb, gen_f, gen)
-    lo, hi = _ci(per, n_boot, seed)
-    res: dict[str, Any] = {"value": float(per.mean()), "ci_low": lo, "ci_high": hi, "n": len(gen),
-                           "text_collapse_check": "passed (mean pairwise cosine of distinct captions <= 0.99)"}
-    floors: dict[str, Any] = {"noise": None, "codec": None}
-    if all(c.caption for c in ref):
-        floors["noise"] = {"value": float(_clap_scores(emb, ref_f, ref).mean()),
-                           "description": "CLAP score of the reference clips with their own captions"}
-        if codec_f is not None:
-            floors["codec"] = {"value": float(_clap_scores(emb, codec_f, ref).mean()),
-                               "description": "CLAP score of the codec-resynthesised reference with its captions"}
-    res["floors"] = floors
-    res["_per_clip"] = {"clap": per}
-    return res
-
-
 # ----------------------------------------------------------------------------- evaluate
 
 
@@ -482,18 +188,37 @@ def metric_table(ckpts: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Every metric with its embedder, settings and whether its weights are available here."""
     ckpts = ckpts or {}
     rows = []
-    for m, spec in METRICS.items():
-        emb = _make_embedder(spec["embedder"], spec["kw"], ckpts)
+    for m in list_metrics():
+        spec = get_metric(m)
+        emb = _make_embedder(spec.embedder, spec.embedder_kw, ckpts)
         ok, why = emb.available()
-        if spec["embedder"] == "probe" and not ok:
+        if spec.embedder == "probe" and not ok:
             ok, why = True, "trained at run time on the reference manifest's train split (or --probe PATH)"
-        rows.append({"metric": m, "embedder": spec["embedder"], "what": spec["what"], "available": ok,
+        rows.append({"metric": m, "embedder": spec.embedder, "what": spec.what, "available": ok,
                      "reason": why, "settings": json.loads(emb.cache_key())})
     return rows
 
 
+def _pca_source(emb: Embedder, store: FeatureStore, reference: Path, is_manifest: bool):
+    """A thunk fitting the PCA for the sample-size rule on the embeddings of the reference
+    manifest's train split (cached with the embeddings; identified by its hash in eval.json)."""
+
+    def fit() -> tuple[S.Pca | None, str]:
+        if not is_manifest:
+            return None, "the reference is a folder of audio (no train split to fit a PCA on)"
+        try:
+            train, _ = read_reference(reference, "train")
+        except ValueError as e:
+            return None, str(e)
+        x = np.concatenate([f["emb"] for f in store.many(emb, train, "train split for the PCA")])
+        return S.Pca.fit(x, source=f"train split ({len(train)} clips) of {reference} [{manifest_hash(reference)}], "
+                         f"embedder {emb.cache_hash()}"), ""
+
+    return fit
+
+
 def _get_probe(reference: Path, is_manifest: bool, probe_path: Path | None, seed: int, root: Path,
-               progress: bool, floor_frac: float) -> Probe:
+               progress: bool) -> Probe:
     if probe_path is not None:
         probe = Probe.load(Path(probe_path))
     elif is_manifest:
@@ -503,8 +228,15 @@ def _get_probe(reference: Path, is_manifest: bool, probe_path: Path | None, seed
         raise ValueError(
             f"--reference {reference} is a folder: the probe metrics need a manifest (to train the probe) or --probe PATH"
         )
-    probe.check_quality(floor_frac)
     return probe
+
+
+def _check_head(probe: Probe, head: str | None, frac: float) -> None:
+    """The quality floor of the probe head a metric relies on (raises below it)."""
+    if head == "attributes":
+        probe.check_quality(frac)
+    elif head == "contrastive":
+        probe.check_contrastive_quality(frac)
 
 
 def evaluate(
@@ -535,39 +267,51 @@ def evaluate(
         probe_path = Path(ckpts["probe"])
     root = cache_root(cache_dir)
     explicit = metrics is not None
-    names = list(METRICS) if metrics is None else list(metrics)
-    unknown = [m for m in names if m not in METRICS]
+    names = list_metrics() if metrics is None else list(metrics)
+    unknown = [m for m in names if m not in list_metrics()]
     if unknown:
-        raise ValueError(f"--metrics: unknown {', '.join(unknown)}; expected some of {', '.join(METRICS)}")
+        raise ValueError(f"--metrics: unknown {', '.join(unknown)}; expected some of {', '.join(list_metrics())}")
     if not names:
         raise ValueError("--metrics: no metric given")
 
     gen = read_generated(Path(generated))
     ref, is_manifest = read_reference(Path(reference), split)
-    flag_clips(gen)
-    # a sample without attributes takes those of the reference clip(s) with its caption, when they agree
+    check_audio(gen, f"--generated {generated}")
+    check_audio(ref, f"--reference {reference}")
+    paired = pair_by_id(gen, ref, is_manifest)
+    # a sample without attributes takes those of its reference clip (by id), else of the reference
+    # clip(s) with its caption when they agree
     n_attr_from_ref = 0
-    for g, rs in zip(gen, pair_with_reference(gen, ref)):
-        if not g.attributes and rs:
+    for g, r, rs in zip(gen, paired, attributes_by_caption(gen, ref)):
+        if not g.attributes and r is not None and ref[r].attributes:
+            g.attributes = dict(ref[r].attributes)
+            n_attr_from_ref += 1
+        elif not g.attributes and rs:
             cands = {json.dumps(ref[r].attributes, sort_keys=True) for r in rs}
             if len(cands) == 1 and ref[rs[0]].attributes:
                 g.attributes = dict(ref[rs[0]].attributes)
                 n_attr_from_ref += 1
     store = FeatureStore(root / "embeddings", progress)
 
-    # embedders, shared between metrics with the same settings
+    # embedders, shared between metrics with the same settings; the probe heads' floors
     embedders: dict[str, Embedder] = {}
     skipped: dict[str, str] = {}
+    refused: dict[str, str] = {}
     probe: Probe | None = None
-    for m in names:
-        spec = METRICS[m]
-        key = json.dumps([spec["embedder"], spec["kw"]], sort_keys=True)
-        if spec["embedder"] == "probe":
+    specs = {m: get_metric(m) for m in names}
+    for m, spec in specs.items():
+        key = json.dumps([spec.embedder, spec.embedder_kw], sort_keys=True)
+        if spec.embedder == "probe":
             if probe is None:
-                probe = _get_probe(Path(reference), is_manifest, probe_path, seed, root, progress, probe_floor)
-            embedders[key] = get_embedder("probe", probe=probe)
+                probe = _get_probe(Path(reference), is_manifest, probe_path, seed, root, progress)
+            try:
+                _check_head(probe, spec.probe_head, probe_floor)
+            except ValueError as e:  # below its quality floor: reported as refused, never scored
+                refused[m] = f"refused: {e}"
+                continue
+            embedders[key] = embedders.get(key) or get_embedder("probe", probe=probe)
             continue
-        emb = embedders.get(key) or _make_embedder(spec["embedder"], spec["kw"], ckpts, device)
+        emb = embedders.get(key) or _make_embedder(spec.embedder, spec.embedder_kw, ckpts, device)
         ok, why = emb.available()
         if not ok:
             if explicit:
@@ -575,28 +319,31 @@ def evaluate(
             skipped[m] = why
             continue
         embedders[key] = emb
-    names = [m for m in names if m not in skipped]
+    if refused and len(refused) == len(names):
+        raise ValueError("; ".join(f"metric {m}: {why}" for m, why in refused.items()))
+    names = [m for m in names if m not in skipped and m not in refused]
 
     codec_ref = resynthesize(codec, ref, root, progress) if codec is not None else None
     results: dict[str, Any] = {}
     per_clip: dict[str, np.ndarray] = {}
     gen_rates, ref_rates = _rates(gen), _rates(ref)
+    inputs: dict[str, Inputs] = {}  # per embedder: features shared by its metrics
     for m in names:
-        spec = METRICS[m]
-        emb = embedders[json.dumps([spec["embedder"], spec["kw"]], sort_keys=True)]
-        gen_f = store.many(emb, gen, f"{m} generated")
-        ref_f = store.many(emb, ref, f"{m} reference")
-        codec_f = store.many(emb, codec_ref, f"{m} codec") if codec_ref is not None else None
-        kind = spec["kind"]
-        if kind == "fd":
-            res = compute_fd(gen_f, ref_f, codec_f, n_bootstrap, seed)
-        elif kind == "adherence":
-            res = compute_adherence(gen_f, gen, ref_f, ref, codec_f, probe, n_bootstrap, seed)
-        elif kind == "kl":
-            res = compute_kl(gen_f, gen, ref_f, ref, codec_f, spec["convention"], n_bootstrap, seed)
-        else:
-            res = compute_clap(emb, gen_f, gen, ref_f, ref, codec_f, n_bootstrap, seed)
+        spec = specs[m]
+        key = json.dumps([spec.embedder, spec.embedder_kw], sort_keys=True)
+        emb = embedders[key]
+        if key not in inputs:
+            inputs[key] = Inputs(
+                gen=gen, ref=ref, gen_f=store.many(emb, gen, f"{m} generated"), ref_f=store.many(emb, ref, f"{m} reference"),
+                codec_f=store.many(emb, codec_ref, f"{m} codec") if codec_ref is not None else None,
+                paired=paired, embedder=emb, n_boot=n_bootstrap, seed=seed, probe=probe,
+                pca_source=_pca_source(emb, store, Path(reference), is_manifest),
+            )
+        x = inputs[key]
+        res = spec.compute(x)
+        res["floors"] = spec.floors(x)
         per_clip.update(res.pop("_per_clip", {}))
+        res["resolvable_difference"] = S.resolvable_difference(res)
         settings = json.loads(emb.cache_key())
         res["settings"] = {
             "embedder": settings,
@@ -607,22 +354,29 @@ def evaluate(
             },
             "resampling": "scipy polyphase (ttm.audio.resample)",
         }
-        res["what"] = spec["what"]
-        if spec["embedder"] == "probe":
+        res["what"] = spec.what
+        res["paired"] = spec.paired
+        if spec.embedder == "probe":
             res["probe"] = probe.summary()
             res["probe"]["floor_frac"] = probe_floor
         results[m] = res
 
-    flagged = [{"file": c.file, "flag": c.flag} for c in gen if c.flag]
+    for m, why in refused.items():
+        results[m] = {"value": None, "reason": why, "n": len(gen), "what": specs[m].what,
+                      "probe": probe.summary() if probe is not None else None}
     output: dict[str, Any] = {
         "generated": {
             "dir": str(Path(generated)), "n": len(gen),
-            "n_empty": sum(c.flag == "empty" for c in gen), "n_silent": sum(c.flag == "silent" for c in gen),
-            "n_short": sum(c.flag == "short" for c in gen), "flagged": flagged,
             "n_attributes_from_reference": n_attr_from_ref,
-            "note": f"flagged clips are scored: empty and clips under {MIN_SCORED_S} s are zero-padded to "
-            f"{MIN_SCORED_S} s; silent = peak below {SILENT_PEAK:g}",
         },
+        "pairing": {
+            "n_paired": sum(r is not None for r in paired), "n_unpaired": sum(r is None for r in paired),
+            "rule": "paired metrics (KL) pair each generated clip 1:1 with the reference clip named by its ref_id; "
+            "clips without ref_id (free-text prompts) are scored only with unpaired metrics (FD, CLAP-style, adherence)",
+        },
+        "audio_checks": f"passed for every generated and reference clip: readable, non-empty, finite, within "
+        f"[-1, 1], mono peak >= {SILENT_PEAK:g}, at least {MIN_SCORED_S} s (rule: a clip failing any check "
+        "stops the evaluation with an error naming it; nothing is scored, padded or dropped)",
         "reference": {"path": str(Path(reference)), "kind": "manifest" if is_manifest else "folder",
                       "split": split if is_manifest else None, "n": len(ref)},
         "seed": seed, "n_bootstrap": n_bootstrap, "alpha": 0.05,
@@ -652,13 +406,13 @@ def per_clip_csv(gen: list[Clip], per_clip: dict[str, np.ndarray]) -> str:
     cols = sorted(per_clip)
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["file", "caption", "seed", "flag", *cols])
+    w.writerow(["file", "caption", "seed", *cols])
     for i, c in enumerate(gen):
         vals = []
         for k in cols:
             v = float(per_clip[k][i])
             vals.append("" if not np.isfinite(v) else f"{v:.6g}")
-        w.writerow([c.file, c.caption, "" if c.seed is None else c.seed, c.flag, *vals])
+        w.writerow([c.file, c.caption, "" if c.seed is None else c.seed, *vals])
     return buf.getvalue()
 
 
@@ -683,7 +437,7 @@ def cli(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="ttm-bench eval", description="Evaluate generated audio against a reference set.")
     ap.add_argument("--generated", type=Path, help="folder of generated clips with samples.jsonl")
     ap.add_argument("--reference", type=Path, help="dataset manifest (.jsonl) or folder of audio")
-    ap.add_argument("--metrics", default=None, help=f"comma-separated, from {','.join(METRICS)} (default: all available)")
+    ap.add_argument("--metrics", default=None, help=f"comma-separated, from {','.join(list_metrics())} (default: all available)")
     ap.add_argument("--out", type=Path, default=None, help="output JSON (the per-clip CSV goes next to it)")
     ap.add_argument("--probe", type=Path, default=None, help="a trained probe file (default: train one on the manifest)")
     ap.add_argument("--ckpt", action="append", default=[], metavar="NAME=PATH", help="checkpoint for an embedder")
@@ -720,13 +474,13 @@ def cli(argv: list[str]) -> int:
                    seed=a.seed, progress=not a.quiet, ckpts=ckpts, n_bootstrap=a.n_bootstrap,
                    probe_floor=a.probe_floor, cache_dir=a.cache, device=a.device)
     for m, r in res["metrics"].items():
+        if r["value"] is None:
+            print(f"{m:<12} {r['reason']}")
+            continue
         ci = "" if r.get("ci_low") is None else f"  [{r['ci_low']:.4g}, {r['ci_high']:.4g}]"
         print(f"{m:<12} {r['value']:.4g}{ci}  n={r['n']}")
     for m, why in res["skipped"].items():
         print(f"{m:<12} skipped: {why}")
-    g = res["generated"]
-    if g["flagged"]:
-        print(f"flagged generated clips: {g['n_empty']} empty, {g['n_silent']} silent, {g['n_short']} short")
     if a.out:
         print(f"wrote {a.out} and {res['csv']}")
     return 0

@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from ablations.spec import atomic_write_text
-from reports.build import HIGHER_IS_BETTER_PREFIXES, LOWER_IS_BETTER_PREFIXES, collect, metric_names
+from reports.results import HIGHER_IS_BETTER_PREFIXES, LOWER_IS_BETTER_PREFIXES, collect, metric_names
+from ttm.util import atomic_write_text
 
 FORMAT = "ttm-bench-baseline/1"
 DEFAULT_K = 3.0
@@ -78,10 +78,13 @@ def _stats(df, metrics: list[str] | None, directions: dict[str, str]) -> dict[st
             declared = next((d for d in gd[dcol].dropna()), None) if dcol in gd else None
             fcol = f"{col}.floor.noise"
             floor = float(gd[fcol].dropna().mean()) if fcol in gd and not gd[fcol].dropna().empty else None
+            ncol = f"{col}.n"  # clips each evaluation scored (eval.json n)
+            eval_n = sorted({int(x) for x in gd[ncol].dropna()}) if ncol in gd else []
             entry["metrics"][name] = {
                 "mean": float(v.mean()),
                 "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
                 "n": len(v),
+                "eval_n": eval_n,
                 "floor": floor,
                 "direction": directions.get(name) or direction_of(name, declared),
             }
@@ -124,7 +127,42 @@ def load_baseline(path: Path) -> dict:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(b, dict) or b.get("format") != FORMAT or not isinstance(b.get("groups"), dict):
         raise ValueError(f"{path}: not a baseline (expected format {FORMAT!r} with a 'groups' mapping)")
+    validate_baseline(b, str(path))
     return b
+
+
+def validate_baseline(b: dict, source: str) -> None:
+    """Every group has metrics, every group the same metric names, every entry finite numbers."""
+    groups = b["groups"]
+    if not groups:
+        raise ValueError(f"{source}: baseline has no groups (nothing to compare against)")
+    names: set[str] = set()
+    for key, g in groups.items():
+        ms = g.get("metrics") if isinstance(g, dict) else None
+        if not isinstance(ms, dict) or not ms:
+            raise ValueError(f"{source}: group {key!r} has no metrics")
+        names |= set(ms)
+    for key, g in groups.items():
+        missing = sorted(names - set(g["metrics"]))
+        if missing:
+            raise ValueError(f"{source}: group {key!r} lacks metric(s) {', '.join(missing)} that other groups have")
+        for name, m in g["metrics"].items():
+            where = f"{source}: groups[{key!r}].metrics[{name!r}]"
+            if not isinstance(m, dict):
+                raise ValueError(f"{where}: expected an object")
+            for f in ("mean", "std"):
+                v = m.get(f)
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise ValueError(f"{where}.{f}: expected a finite number, got {v!r}")
+            if m["std"] < 0:
+                raise ValueError(f"{where}.std: expected >= 0, got {m['std']!r}")
+            if not isinstance(m.get("n"), int) or m["n"] < 1:
+                raise ValueError(f"{where}.n: expected an integer >= 1, got {m.get('n')!r}")
+            if m.get("direction") not in ("lower", "higher"):
+                raise ValueError(f"{where}.direction: expected 'lower' or 'higher', got {m.get('direction')!r}")
+            fl = m.get("floor")
+            if fl is not None and (not isinstance(fl, (int, float)) or not math.isfinite(fl)):
+                raise ValueError(f"{where}.floor: expected a finite number or null, got {fl!r}")
 
 
 def tolerance(m: dict, k: float, rel_eps: float) -> float:
@@ -179,6 +217,10 @@ def compare(
                     delta=None,
                     verdict="MISSING" if key in cand else "MISSING GROUP",
                 )
+            elif bm.get("eval_n") and cm.get("eval_n") and bm["eval_n"] != cm["eval_n"]:
+                # FD at n and every interval depend on the number of clips: refuse to compare
+                row.update(candidate=cm["mean"], candidate_n=cm["n"], delta=None,
+                           verdict=f"N DIFFERS ({bm['eval_n']} vs {cm['eval_n']} clips)")
             else:
                 delta = cm["mean"] - bm["mean"]
                 worse = delta if bm["direction"] == "lower" else -delta
@@ -283,6 +325,8 @@ def cli(argv: list[str]) -> int:
         print(f"wrote {a.baseline}: {len(b['groups'])} group(s), {n} metric entries")
         return 0
     rows = compare(load_baseline(Path(a.baseline)), Path(a.candidate), metrics, a.group, a.k, a.rel_eps)
+    if not rows:
+        raise ValueError(f"{a.baseline}: no (group, metric) pair to compare")
     print(format_table(rows))
     bad = [r for r in rows if r["verdict"] not in ("ok", "improved")]
     print(f"\n{len(rows) - len(bad)} ok, {len(bad)} regressed or missing")

@@ -333,7 +333,7 @@ def test_import_with_nothing_usable_writes_report_then_raises(tmp_path):
 
 def test_cli_import_and_errors(tmp_path, capsys):
     from ttm.cli import main as top
-    from ttm.data.cli import main
+    from ttm.data_cli import main
 
     src = _import_source(tmp_path)
     assert main(["import", str(src), "--out", str(tmp_path / "o"), "--min-seconds", "1.8", "--quiet"]) == 0
@@ -346,7 +346,7 @@ def test_cli_import_and_errors(tmp_path, capsys):
 
 
 def test_cli_tokenize_delegates(monkeypatch):
-    from ttm.data.cli import main
+    from ttm.data_cli import main
 
     seen = []
     fake = types.ModuleType("ttm.codecs.cli")
@@ -354,3 +354,25 @@ def test_cli_tokenize_delegates(monkeypatch):
     monkeypatch.setitem(sys.modules, "ttm.codecs.cli", fake)
     assert main(["tokenize", "m.jsonl", "--codec", "melrvq"]) == 3
     assert seen == [["m.jsonl", "--codec", "melrvq"]]
+
+
+def test_import_reports_overlong_and_non_utf8_entries(tmp_path):
+    d = tmp_path / "user"
+    d.mkdir()
+    _tone(d / "ok.wav", 2.0)
+    _tone(d / "long.wav", 12.0)
+    src = d / "pairs.jsonl"
+    src.write_bytes(
+        json.dumps({"path": "ok.wav", "caption": "fine"}).encode() + b"\n"
+        + json.dumps({"path": "long.wav", "caption": "an hour of it"}).encode() + b"\n"
+        + b'{"path": "ok.wav", "caption": "caf\xe9 latin-1"}\n'
+    )
+    man = import_manifest(src, tmp_path / "out", max_seconds=10.0)
+    assert [e.caption for e in read_manifest(man)] == ["fine"]
+    rep = json.loads((tmp_path / "out" / "import_report.json").read_text())
+    by_line = {i["line"]: i["reason"] for i in rep["skipped_items"]}
+    assert "too long (12.0 s > 10.0 s" in by_line[2]
+    assert "not valid UTF-8 (byte 0xe9" in by_line[3]
+    assert rep["max_seconds"] == 10.0
+    with pytest.raises(ValueError, match="max_seconds: expected > min_seconds"):
+        import_manifest(src, tmp_path / "out2", min_seconds=2.0, max_seconds=1.0)

@@ -12,14 +12,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from ablations.demo import run_demo
 from reports import regress
-from ttm.demo import run_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = ROOT / "reports" / "baselines" / "demo_tiny.json"
 # tiny preset: 2 generated clips per model, so only the smooth quantities are checked in CI;
 # the tolerance is wide (50%) because CPU kernels differ across machines
 CHECKED = ["val_loss", "fd_probe"]
+
+pytestmark = pytest.mark.slow  # the whole pipeline, end to end
 
 
 @pytest.fixture(scope="module")

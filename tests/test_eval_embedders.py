@@ -29,7 +29,7 @@ def synth_clip(family: str, tempo: str, f0: float, sr: int = 16000, dur: float =
     return (0.3 * x * gate).astype(np.float32)
 
 
-def make_set(root: Path, shuffle_labels: bool = False) -> Path:
+def make_set(root: Path, shuffle_labels: bool = False, shuffle_captions: bool = False) -> Path:
     """36 one-second clips (3 families x 2 tempi x 6 pitches): 24 train, 6 valid, 6 test.
     Held-out clips use pitches never seen in training."""
     (root / "audio").mkdir(parents=True, exist_ok=True)
@@ -44,7 +44,10 @@ def make_set(root: Path, shuffle_labels: bool = False) -> Path:
                 attrs = {"family": family, "tempo": tempo}
                 if shuffle_labels:
                     attrs = {"family": str(rng.choice(["sine", "square", "noise"])), "tempo": str(rng.choice(["slow", "fast"]))}
-                lines.append({"id": cid, "path": f"audio/{cid}.wav", "caption": f"A {tempo} {family} tone.", "split": split,
+                caption = f"A {tempo} {family} tone."
+                if shuffle_captions:  # captions drawn at random, unrelated to the audio
+                    caption = f"A {rng.choice(['slow', 'fast'])} {rng.choice(['sine', 'square', 'noise'])} tone."
+                lines.append({"id": cid, "path": f"audio/{cid}.wav", "caption": caption, "split": split,
                                   "piece": cid, "duration": 1.0, "sample_rate": 16000, "attributes": attrs})
                 k += 1
     (root / "manifest.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
@@ -276,6 +279,35 @@ def test_probe_beats_chance_on_heldout_clips(probe_set):
     assert measured == pytest.approx(acc["tempo"])
 
 
+def test_probe_is_level_invariant(probe_set):
+    """The same clips at full scale, -20 dB and +6 dB (clipped to [-1, 1]): under 5% of predictions
+    flip, and the FD between a set and its level-shifted copy stays below the FD noise floor
+    (two disjoint halves of the set), in the PCA space the runner would use."""
+    from eval import metrics as M
+    from eval.stats import Pca
+
+    manifest, _path, probe = probe_set
+    entries = [json.loads(x) for x in manifest.read_text().splitlines()]
+    wavs = [load_audio(manifest.parent / e["path"], probe.sample_rate)[0] for e in entries]
+    wavs = [0.9 * w / w.abs().max() for w in wavs]  # full scale
+    levels = {"0 dB": wavs, "-20 dB": [w * 0.1 for w in wavs], "+6 dB clipped": [(w * 2).clamp(-1, 1) for w in wavs]}
+    pred = {k: probe.predict(v) for k, v in levels.items()}
+    emb = {k: probe.embed(v).numpy().astype(np.float64) for k, v in levels.items()}
+    train = [i for i, e in enumerate(entries) if e["split"] == "train"]
+    pca = Pca.fit(emb["0 dB"][train], "train split")
+    x = {k: pca.project(v, 8) for k, v in emb.items()}  # 8 dims: 18 clips per half >= 2 D
+    half = np.random.default_rng(0).permutation(len(entries))
+    a, b = half[:18], half[18:]
+    noise = M.fd_fast(x["0 dB"][a], x["0 dB"][b])
+    for k in ("-20 dB", "+6 dB clipped"):
+        flips = np.mean([p != q for attr in probe.classes for p, q in zip(pred["0 dB"][attr], pred[k][attr])])
+        fd_copy = M.fd_fast(x["0 dB"], x[k])
+        moved = abs(M.fd_fast(x[k][a], x["0 dB"][b]) - noise)
+        print(f"{k}: flips {flips:.3f}, FD(set, copy) {fd_copy:.4g}, FD moved by {moved:.4g}, noise floor {noise:.4g}")
+        assert flips < 0.05
+        assert fd_copy < noise and moved < noise
+
+
 def test_probe_is_reloaded_when_the_manifest_is_unchanged(probe_set):
     from eval.probe import Probe, train_probe
 
@@ -322,6 +354,29 @@ def test_quality_floor_refuses_a_bad_probe(tmp_path):
     assert p >= 0.05
     with pytest.raises(ValueError, match=r"mean held-out accuracy 0\.\d+ \(required 0\.\d+ .*one-sided p = "):
         bad.check_quality()
+
+
+def test_contrastive_head_beats_chance_and_its_floor_refuses_shuffled_captions(probe_set, tmp_path):
+    from eval.probe import caption_embeddings, train_probe
+
+    manifest, _path, probe = probe_set
+    c = probe.info["contrastive"]
+    print(f"contrastive head: held-out recall@{c['k']} {c['recall']:.3f}, chance {c['chance']:.3f}, p {c['p']:.2g}")
+    assert c["recall"] > c["chance"] and c["p"] < 0.05
+    probe.check_contrastive_quality()
+    # the CLAP-style score: a clip is closer to its own caption than to the others
+    held = [json.loads(x) for x in manifest.read_text().splitlines() if json.loads(x)["split"] != "train"]
+    audio = probe.audio_text([load_audio(manifest.parent / e["path"], probe.sample_rate)[0] for e in held])
+    text = caption_embeddings(probe.text_encoder(), [e["caption"] for e in held])
+    cos = audio @ text.T  # [N, N]
+    same = torch.tensor([[a["caption"] == b["caption"] for b in held] for a in held])
+    assert cos[same].mean() > cos[~same].mean() + 0.1
+    bad = train_probe(make_set(tmp_path / "set", shuffle_captions=True), tmp_path / "bad.pt", seed=0, epochs=10,
+                      progress=False)
+    cb = bad.info["contrastive"]
+    print(f"shuffled captions: recall@{cb['k']} {cb['recall']:.3f}, chance {cb['chance']:.3f}, p {cb['p']:.2g}")
+    with pytest.raises(ValueError, match=r"contrastive head held-out text-to-audio recall@\d+ .* too weak"):
+        bad.check_contrastive_quality()
 
 
 def test_probe_needs_train_and_heldout_clips(tmp_path):

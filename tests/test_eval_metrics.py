@@ -171,23 +171,3 @@ def test_bootstrap_ci_of_a_statistic_over_two_sets():
     point = b.mean() - a.mean()
     lo, hi = M.bootstrap_ci((a, b), statistic=lambda x, y: y.mean() - x.mean(), n=400, seed=0)
     assert lo < point < hi and 1.5 < lo and hi < 2.5
-
-
-def test_fd_bootstrap_ci_contains_the_estimate_and_uses_the_exact_fd():
-    rng = np.random.default_rng(0)
-    a = [rng.normal(0, 1, size=(rng.integers(1, 4), 4)) for _ in range(150)]
-    b = [rng.normal(2, 1, size=(rng.integers(1, 4), 4)) for _ in range(150)]
-    point = M.fd_from_embeddings(np.concatenate(a), np.concatenate(b))
-    lo, hi = M.fd_bootstrap_ci(a, b, n=300, seed=0)
-    assert lo < point < hi
-    # one clip per set: every resample is the set itself, so the interval collapses onto the FD,
-    # through both the sufficient-statistics path (frames > D) and the low-rank path (frames <= D)
-    # (max_bytes=0: the weighted product over all frames instead of per-clip outer products)
-    for frames, max_bytes in ((40, 1 << 20), (40, 0), (3, 1 << 20)):
-        x, y = rng.normal(size=(frames, 4)), rng.normal(1, 2, size=(frames, 4))
-        lo, hi = M.fd_bootstrap_ci([x], [y], n=5, max_bytes=max_bytes)
-        assert lo == pytest.approx(M.fd_from_embeddings(x, y), rel=1e-6)
-        assert hi == pytest.approx(lo)
-    # the three paths agree on a real resampling too
-    cis = {mb: M.fd_bootstrap_ci(a, b, n=50, seed=1, max_bytes=mb) for mb in (1 << 20, 0)}
-    assert cis[0] == pytest.approx(cis[1 << 20], rel=1e-6)

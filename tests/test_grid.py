@@ -16,7 +16,8 @@ import pytest
 import soundfile as sf
 import yaml
 
-from ablations import runner
+from ablations import cells as grid_cells
+from ablations import claims, runner, storage
 from ablations.spec import config_hash, expand, load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -281,13 +282,14 @@ def test_shipped_grids_expand_and_validate(name):
 # ----------------------------------------------------------------------------- the runner
 
 
+@pytest.mark.slow
 def test_tiny_grid_runs_to_completion(tmp_path):
     spec = write_spec(tmp_path / "s.yaml")
     grid = runner.run_grid(spec, tmp_path / "g", cell_fn=fake_cell, report=False, progress=False)
     cells = expand(load_spec(spec))
     assert sorted(calls(grid)) == sorted(c.name for c in cells)
     for c in cells:
-        assert runner.summary_complete(grid / "cells" / c.name)
+        assert grid_cells.summary_complete(grid / "cells" / c.name)
         assert json.loads((grid / "cells" / c.name / "cell.json").read_text())["hash"] == c.hash
     import pandas as pd
 
@@ -316,6 +318,7 @@ def test_tiny_grid_runs_to_completion(tmp_path):
     assert len(calls(grid)) == 4
 
 
+@pytest.mark.slow
 def test_optuna_trials_carry_cells_and_headline_metrics(tmp_path):
     import optuna
 
@@ -331,6 +334,7 @@ def test_optuna_trials_carry_cells_and_headline_metrics(tmp_path):
     assert "metric.fd_probe" in t.user_attrs and t.user_attrs["recorded"] is False
 
 
+@pytest.mark.slow
 def test_crash_then_rerun_repeats_nothing_finished(tmp_path, capsys):
     spec = write_spec(
         tmp_path / "s.yaml",
@@ -370,6 +374,7 @@ def _runner_cmd(spec: Path, grid: Path, *extra: str) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_grid_then_rerun_completes(tmp_path):
     spec = write_spec(
         tmp_path / "s.yaml", base={"model.d_model": 32, "train.steps": 40, "fake": {"sleep": 1.0}}
@@ -387,7 +392,7 @@ def test_sigkill_mid_grid_then_rerun_completes(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     proc.stderr.close()
-    done_before = [c.name for c in cells if runner.summary_complete(grid / "cells" / c.name)]
+    done_before = [c.name for c in cells if grid_cells.summary_complete(grid / "cells" / c.name)]
     assert len(done_before) == 1
     killed = calls(grid)[1]
     t0 = time.time()
@@ -400,6 +405,7 @@ def test_sigkill_mid_grid_then_rerun_completes(tmp_path):
     assert all(c.count(x.name) == 1 for x in cells if x.name != killed)
 
 
+@pytest.mark.slow
 def test_stale_heartbeat_of_another_machine_is_retried(tmp_path):
     """A RUNNING cell whose worker (elsewhere) stopped sending heartbeats is failed and run again."""
     from optuna.trial import TrialState
@@ -409,14 +415,14 @@ def test_stale_heartbeat_of_another_machine_is_retried(tmp_path):
     cells = expand(spec)
     grid = tmp_path / "g"
     grid.mkdir()
-    st = runner.open_storage(f"sqlite:///{grid / 'grid.db'}", heartbeat_s=1, grace_s=2)
-    study = runner.grid_study(st, runner._study_name(spec, None, cells, "grid"), cells)
-    t = runner._claim(study, st, set())  # claimed by a worker on another machine that then vanished
+    st = storage.open_storage(f"sqlite:///{grid / 'grid.db'}", heartbeat_s=1, grace_s=2)
+    study = claims.grid_study(st, claims._study_name(spec, None, cells, "grid"), cells)
+    t = claims._claim(study, st, set())  # claimed by a worker on another machine that then vanished
     st.set_trial_user_attr(
         t._trial_id, "worker", {"machine": "elsewhere:boot:ns", "host": "elsewhere", "pid": 1}
     )
     t0 = time.time()
-    counts = runner.work_grid(st, study, cells, grid, fake_cell, heartbeat_s=1)
+    counts = claims.work_grid(st, study, cells, grid, fake_cell, heartbeat_s=1)
     assert 2 <= time.time() - t0 < 30  # waited for the grace period, then retried
     assert counts == {"ran": 2, "recorded": 0, "failed": 0}
     trials = study.get_trials()
@@ -425,6 +431,7 @@ def test_stale_heartbeat_of_another_machine_is_retried(tmp_path):
     assert sorted(calls(grid)) == sorted(c.name for c in cells)
 
 
+@pytest.mark.slow
 def test_two_worker_processes_share_one_sqlite_grid(tmp_path):
     spec = write_spec(
         tmp_path / "s.yaml",
@@ -446,6 +453,7 @@ def test_two_worker_processes_share_one_sqlite_grid(tmp_path):
     assert all("started" in o for o in outs), outs  # both workers did work
 
 
+@pytest.mark.slow
 def test_search_mode_finds_best_per_group(tmp_path):
     spec = write_spec(
         tmp_path / "s.yaml",
@@ -485,6 +493,7 @@ def _pg_bin() -> Path | None:
     return Path(w).resolve().parent if w and shutil.which("pg_ctl") else None
 
 
+@pytest.mark.slow
 def test_two_workers_on_postgresql(tmp_path):
     import shutil
     import socket
@@ -569,3 +578,45 @@ def test_two_workers_on_postgresql(tmp_path):
             capture_output=True,
         )
         shutil.rmtree(pgroot, ignore_errors=True)
+
+
+def test_submitit_launcher_runs_each_cell_once(tmp_path, monkeypatch):
+    """`--launcher submitit-local`: worker jobs through submitit's local executor (the SLURM path's
+    stand-in in CI) share the grid's storage; each cell runs once and the results are complete."""
+    pytest.importorskip("submitit")
+    for k, v in _env().items():
+        monkeypatch.setenv(k, v)
+    spec = write_spec(
+        tmp_path / "s.yaml",
+        base={"model.d_model": 32, "train.steps": 40, "fake": {"sleep": 0.2}},
+        axes={"model.backbone": ["transformer", "simba", "mamba"]},
+    )
+    grid = tmp_path / "g"
+    code = runner.cli([str(spec), "--out", str(grid), "--no-report", "--cell-fn", "test_grid:fake_cell",
+                       "--launcher", "submitit-local", "--workers", "2"])
+    assert code == 0
+    cells = expand(load_spec(spec))
+    assert sorted(calls(grid)) == sorted(x.name for x in cells)  # each cell exactly once
+    rows = (grid / "results.csv").read_text().splitlines()
+    assert len(rows) == 1 + len(cells)
+    assert len(list((grid / "jobs").glob("*_log.out"))) == 2  # two jobs, their logs kept
+
+
+def test_slurm_options_reach_the_executor(tmp_path, monkeypatch):
+    submitit = pytest.importorskip("submitit")
+    from ablations.launch import SlurmOptions, executor
+
+    fake_bin = tmp_path / "bin"  # submitit only checks that srun exists; nothing is submitted here
+    fake_bin.mkdir()
+    (fake_bin / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (fake_bin / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
+
+    ex = executor("slurm", tmp_path, SlurmOptions(partition="gpu", gpus=1, cpus=8, time_min=90,
+                                                  extra={"constraint": "h100"}))
+    assert isinstance(ex._executor, submitit.SlurmExecutor)
+    p = ex._executor.parameters
+    assert (p["partition"], p["gpus_per_node"], p["cpus_per_task"], p["time"], p["constraint"]) == (
+        "gpu", 1, 8, 90, "h100")
+    with pytest.raises(ValueError, match="--launcher"):
+        executor("pbs", tmp_path)

@@ -8,9 +8,9 @@ import torch
 from ablations.spec import expand, load_spec
 from backbones.base import build_backbone, count_params
 from ttm.config import config_from_dict
+from ttm.factory import backbone_kwargs
 from ttm.lm import lm_extra_params
 from ttm.patterns import Pattern
-from ttm.train import backbone_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
 DAC_K, DAC_CARD, T5_DIM = 9, 1024, 768  # DAC 44.1 kHz, FLAN-T5-base

@@ -114,3 +114,33 @@ def test_bad_inputs(tmp_path, base):
         cli(["--baseline", str(p), "--candidate", str(tmp_path)])
     with pytest.raises(ValueError, match="--metrics: nope"):
         cli(["--baseline", str(base[1]), "--candidate", str(base[0] / "base"), "--metrics", "nope"])
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda b: b.update(groups={}), "no groups"),
+        (lambda b: next(iter(b["groups"].values())).update(metrics={}), "has no metrics"),
+        (lambda b: next(iter(next(iter(b["groups"].values()))["metrics"].values())).update(mean=float("nan")),
+         r"\.mean: expected a finite number"),
+        (lambda b: next(iter(next(iter(b["groups"].values()))["metrics"].values())).update(std=None),
+         r"\.std: expected a finite number"),
+        (lambda b: next(iter(b["groups"].values()))["metrics"].pop("val_loss"), "lacks metric"),
+    ],
+    ids=["empty", "no-metrics", "nan-mean", "null-std", "group-missing-metric"],
+)
+def test_malformed_baseline_fails_naming_the_defect(base, tmp_path, mutate, match):
+    tmp, path = base
+    b = json.loads(path.read_text())
+    mutate(b)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(b, allow_nan=True))
+    with pytest.raises(ValueError, match=match):
+        cli(["--baseline", str(bad), "--candidate", str(tmp / "base")])
+
+
+def test_shipped_baselines_are_valid():
+    from reports.regress import validate_baseline
+
+    for p in (Path(__file__).resolve().parents[1] / "reports" / "baselines").glob("*.json"):
+        validate_baseline(json.loads(p.read_text()), str(p))

@@ -18,7 +18,9 @@ import yaml
 from test_grid import fake_cell
 
 from ablations import runner
-from reports.build import build_report, collect, fmt, mean_ci
+from reports.build import build_report
+from reports.results import collect
+from reports.tables import fmt, mean_ci
 
 CAPTIONS = ["a calm piano piece", "fast drums"]
 
@@ -274,6 +276,7 @@ def _chromium() -> str:
     return "/usr/bin/chromium"
 
 
+@pytest.mark.slow
 def test_report_renders_in_headless_chromium(grid, tmp_path):
     exe = _chromium()
     page = (grid / "report.html").read_text()

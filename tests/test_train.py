@@ -51,6 +51,7 @@ def test_flops_budget(tmp_path):
     assert s["steps"] == 4 and s["flops"] >= 3.5 * per_step
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TTM_TEST_STEP_DELAY": "0.1"}
@@ -125,6 +126,7 @@ def _ddp_worker(rank, world, run_dir, port):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_single_process(tmp_path):
     import socket
 
@@ -142,7 +144,8 @@ def test_ddp_two_processes_match_single_process(tmp_path):
 
 
 def test_ema_weights_are_kept_and_used_for_generation(tmp_path):
-    from ttm.train import build_model, load_weights
+    from ttm.factory import build_model
+    from ttm.rundir import load_weights
 
     s = run(tiny_config(**{"train.steps": 6, "train.ema": 0.5}), tmp_path, data=synthetic_prepared(),
             progress=False)
@@ -154,3 +157,44 @@ def test_ema_weights_are_kept_and_used_for_generation(tmp_path):
     model = load_weights(build_model(tiny_config(), 3, 16, data.text_dim), tmp_path)
     assert all(torch.equal(v, ema[k]) for k, v in model.state_dict().items())
     assert s["status"] == "ok"
+
+
+def test_set_values_read_as_yaml_with_json_numbers():
+    from ttm.config import parse_assignments
+
+    got = parse_assignments(["a=1e-3", "b=-2E+4", "c=abc", "d=[1, 2]", "e=true", "f=10", "g=1.5"])
+    assert got == {"a": 0.001, "b": -20000.0, "c": "abc", "d": [1, 2], "e": True, "f": 10, "g": 1.5}
+    assert load_config(None, ["model.backbone_kwargs.dt_min=1e-3"]).model.backbone_kwargs == {"dt_min": 0.001}
+    with pytest.raises(ValueError, match="--set expects KEY=VALUE"):
+        parse_assignments(["novalue"])
+
+
+def test_run_dir_state_follows_its_files(tmp_path):
+    from ttm.rundir import RunDir
+
+    rd = RunDir(tmp_path / "r")
+    assert rd.state == "new" and rd.read_summary() is None
+    rd.write_summary({"status": "ok"})
+    assert rd.state == "trained"
+    (rd.samples_dir).mkdir(parents=True)
+    (rd.samples_dir / "samples.jsonl").write_text("")
+    assert rd.state == "generated"
+    rd.eval_file.write_text("{}")
+    assert rd.state == "evaluated"
+    rd.write_summary({"status": "diverged"})
+    assert rd.state == "failed"
+    rd.summary_file.write_text("{cut by a cra")  # unreadable: as if there were none
+    assert rd.read_summary() is None and rd.state == "new"
+    with pytest.raises(FileNotFoundError, match="no checkpoint.pt"):
+        rd.load_weights(torch.nn.Linear(2, 2))
+
+
+def test_model_kind_is_read_in_one_place():
+    from tests.synthetic import tiny_config as cfg
+
+    assert cfg().model.run_kind == "lm"
+    assert cfg(**{"model.kind": "two_stage"}).model.run_kind == "two_stage"
+    assert cfg(**{"model.kind": "two_stage", "model.diffusion.stage2_only": True}).model.run_kind == "diffusion"
+    with pytest.raises(ValueError, match="ttm.runs.train"):
+        run(cfg(**{"model.kind": "two_stage"}), Path("/nonexistent/never-written"), data=synthetic_prepared(),
+            progress=False)

@@ -82,7 +82,7 @@ def test_stage_configs_split_budget_and_params():
 
 
 def test_build_model_refuses_a_whole_two_stage_config():
-    from ttm.train import build_model
+    from ttm.factory import build_model
 
     with pytest.raises(ValueError, match="run_two_stage"):
         build_model(tiny_two_stage_config(), 3, 16, 8)
@@ -102,6 +102,7 @@ def test_codec_without_latents_fails_before_training(tmp_path):
 # ----------------------------------------------------------------------------- training
 
 
+@pytest.mark.slow
 def test_two_stage_run_dir_and_summary(trained_run):
     s = json.loads((trained_run / "summary.json").read_text())
     s1, s2 = (json.loads((trained_run / st / "summary.json").read_text()) for st in ("stage1", "stage2"))
@@ -122,8 +123,9 @@ def test_two_stage_run_dir_and_summary(trained_run):
     assert "latent_std" in sd and not any("books" in k for k in sd)
 
 
+@pytest.mark.slow
 def test_rerun_of_a_finished_two_stage_run_trains_nothing(trained_run, data):
-    from ttm.train import run
+    from ttm.runs import train as run
 
     before = [read_log(trained_run / st / "log.jsonl") for st in ("stage1", "stage2")]
     s = run(load_config(trained_run / "config.yaml"), trained_run, data=data, progress=False)
@@ -134,6 +136,7 @@ def test_rerun_of_a_finished_two_stage_run_trains_nothing(trained_run, data):
 # ----------------------------------------------------------------------------- generation
 
 
+@pytest.mark.slow
 def test_generate_cli_on_a_two_stage_run(trained_run, data, tmp_path):
     from ttm.cli import main
 
@@ -154,8 +157,9 @@ def test_generate_cli_on_a_two_stage_run(trained_run, data, tmp_path):
         assert (outs[0] / r["file"]).read_bytes() == (outs[1] / r["file"]).read_bytes()  # same seed, same clip
 
 
+@pytest.mark.slow
 def test_pipeline_cell_trains_generates_and_records(trained_run, data):
-    from ttm.pipeline import run_cell
+    from ablations.pipeline import run_cell
 
     with pytest.MonkeyPatch.context() as mp:
         _patch(mp, data)
@@ -165,15 +169,16 @@ def test_pipeline_cell_trains_generates_and_records(trained_run, data):
     assert json.loads((trained_run / "summary.json").read_text())["generation"]["diffusion_time_s"] > 0
 
 
+@pytest.mark.slow
 def test_two_stage_cell_end_to_end_on_the_tiny_preset(tmp_path):
     """The transformer two-stage cell of ablations/two_stage.yaml (tiny preset) on the real
     embedded dataset: both stages train, clips are generated and evaluated."""
     import json
     from pathlib import Path
 
+    from ablations.pipeline import run_cell
     from ablations.spec import expand, load_spec
     from ttm.config import config_from_dict
-    from ttm.pipeline import run_cell
 
     spec = load_spec(Path(__file__).resolve().parents[1] / "ablations" / "two_stage.yaml")
     cell = next(c for c in expand(spec, "tiny", overrides={"data.root": str(tmp_path / "data")})

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from math import gcd
-from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import torch
 from scipy.signal import resample_poly
+
+from ttm.util import atomic_write, atomic_write_text
+
+# atomic_write_text is ttm.util's, named here too for eval/runner.py
+__all__ = ["atomic_torch_save", "atomic_write_text", "load_audio", "resample", "save_audio"]
 
 
 def resample(wav: torch.Tensor | np.ndarray, sr_in: int, sr_out: int) -> torch.Tensor:
@@ -43,37 +46,9 @@ def save_audio(path: str | os.PathLike, wav: torch.Tensor | np.ndarray, sample_r
     if x.dim() == 1:
         x = x[None]
     x = x.clamp(-1, 1).numpy().T
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".wav.tmp")
-    os.close(fd)
-    try:
-        sf.write(tmp, x, int(sample_rate), subtype="PCM_16", format="WAV")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file atomically so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: sf.write(tmp, x, int(sample_rate), subtype="PCM_16", format="WAV"), ".wav.tmp")
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
     """`torch.save` through a temp file + rename: a crash never leaves a truncated file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".pt.tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp), ".pt.tmp")

@@ -5,13 +5,14 @@ Unknown keys and wrong types are errors naming the key and the file.
 
 from __future__ import annotations
 
-import hashlib
-import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ttm.util import json_hash, pop_dotted
 
 
 class _Strict(BaseModel):
@@ -23,7 +24,7 @@ class DataConfig(_Strict):
     manifest: str | None = None  # an existing manifest.jsonl (e.g. from `ttm-bench data import`)
     root: str = "data"  # where embedded datasets and token caches live
     seed: int = 0  # dataset seed (independent of the run seed)
-    max_seconds: float | None = None  # crop training clips to this length (None: whole clips)
+    max_seconds: float | None = Field(None, gt=0)  # crop training clips to this length (None: whole clips)
 
 
 class CodecConfig(_Strict):
@@ -35,7 +36,7 @@ class CodecConfig(_Strict):
 class TextConfig(_Strict):
     name: Literal["minilm", "flan-t5"] = "minilm"
     path: str | None = None
-    max_length: int = 32
+    max_length: int = Field(32, ge=1)
 
 
 class DiffusionConfig(_Strict):
@@ -43,21 +44,27 @@ class DiffusionConfig(_Strict):
     stage-1 tokens (first `model.first_k` codebooks) and the text."""
 
     denoiser: str = "transformer"  # any registered backbone, run bidirectionally
-    d_model: int = 64
-    n_layers: int = 2
-    n_heads: int = 4
-    target_params: int | None = None
+    d_model: int = Field(64, ge=1)
+    n_layers: int = Field(2, ge=1)
+    n_heads: int = Field(4, ge=1)
+    target_params: int | None = Field(None, ge=1)
     backbone_kwargs: dict[str, Any] = Field(default_factory=dict)
     bidirectional: Literal["sum", "concat"] = "sum"  # how forward and backward passes are merged
     objective: Literal["v"] = "v"
     schedule: Literal["cosine"] = "cosine"
     sampler: Literal["ddim", "ancestral"] = "ddim"
-    sample_steps: int = 50
+    sample_steps: int = Field(50, ge=1)
     cfg_scale: float = 3.0
-    cond_dropout: float = 0.1
+    cond_dropout: float = Field(0.1, ge=0, lt=1)
     stage2_fraction: float = Field(0.5, gt=0, lt=1)  # share of the budget (and of model.target_params) for stage 2
     target: Literal["residual", "full"] = "residual"  # residual: latent(all) - latent(first k); full: latent(all)
     stage2_only: bool = False  # set in RUN/stage2/config.yaml: this run trains the diffusion stage alone
+
+    @model_validator(mode="after")
+    def _heads(self):
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        return self
 
 
 class ModelConfig(_Strict):
@@ -65,45 +72,61 @@ class ModelConfig(_Strict):
     backbone: str = "transformer"
     conditioning: Literal["prefix", "cross"] = "prefix"
     pattern: Literal["delay", "parallel", "first_k"] = "delay"
-    first_k: int = 1
-    d_model: int = 64
-    n_layers: int = 2
-    n_heads: int = 4
-    target_params: int | None = None  # total trainable params to match (sizes `size_by`)
+    first_k: int = Field(1, ge=1)
+    d_model: int = Field(64, ge=1)
+    n_layers: int = Field(2, ge=1)
+    n_heads: int = Field(4, ge=1)
+    target_params: int | None = Field(None, ge=1)  # total trainable params to match (sizes `size_by`)
     size_by: Literal["n_layers", "d_model"] = "n_layers"
     backbone_kwargs: dict[str, Any] = Field(default_factory=dict)
     positions: Literal["auto", "sinusoidal", "none"] = "auto"
-    dropout: float = 0.0
-    caption_dropout: float = 0.1  # for classifier-free guidance
-    label_smoothing: float = 0.0
+    dropout: float = Field(0.0, ge=0, lt=1)
+    caption_dropout: float = Field(0.1, ge=0, lt=1)  # for classifier-free guidance
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
     diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+
+    @property
+    def run_kind(self) -> Literal["lm", "two_stage", "diffusion"]:
+        """What one run of this config trains: an LM, both stages of a two-stage model, or
+        its stage 2 alone (the stored form `kind: two_stage` + `diffusion.stage2_only` is kept
+        so that existing runs resume). ttm/runs.py dispatches on it."""
+        if self.kind == "two_stage":
+            return "diffusion" if self.diffusion.stage2_only else "two_stage"
+        return "lm"
+
+    @model_validator(mode="after")
+    def _heads(self):
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        return self
 
 
 class Budget(_Strict):
     kind: Literal["steps", "tokens", "flops", "seconds"] = "steps"
-    limit: float
+    limit: float = Field(gt=0)
 
 
 class TrainConfig(_Strict):
-    steps: int = 200  # step budget (and LR-schedule length when the budget is not in steps)
+    steps: int = Field(200, ge=1)  # step budget (and LR-schedule length when the budget is not in steps)
     budget: Budget | None = None  # overrides `steps` as the stopping rule
-    batch_size: int = 16
-    grad_accum: int = 1
-    lr: float = 1e-3
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0)
     betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.02
-    warmup: int = 20
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
-    ema: float | None = None  # EMA decay of weights used for eval/generation (None: off)
-    log_every: int = 10
-    eval_every: int = 50
-    ckpt_every: int = 50
-    val_batches: int = 4
+    weight_decay: float = Field(0.02, ge=0)
+    warmup: int = Field(20, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    grad_clip: float = Field(1.0, ge=0)  # 0: off
+    ema: float | None = Field(None, gt=0, lt=1)  # EMA decay of weights used for eval/generation (None: off)
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(50, ge=1)
+    ckpt_every: int = Field(50, ge=1)
+    val_batches: int = Field(4, ge=1)
     flops_thresholds: list[float] = Field(default_factory=list)  # report FLOPs to reach these val losses
     device: str = "auto"
     bf16: bool | Literal["auto"] = "auto"  # bf16 autocast on CUDA
-    threads: int | None = None
+    threads: int | None = Field(None, ge=1)
+    loggers: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)  # curve mirrors of log.jsonl
 
     @model_validator(mode="after")
     def _budget(self):
@@ -113,12 +136,12 @@ class TrainConfig(_Strict):
 
 
 class GenerateConfig(_Strict):
-    n_clips: int = 8
-    seconds: float | None = None  # None: the dataset's clip length
+    n_clips: int | None = Field(8, ge=1)  # None: the whole split
+    seconds: float | None = Field(None, gt=0)  # None: the dataset's clip length
     cfg_scale: float = 3.0
-    top_k: int = 50
-    top_p: float = 0.0
-    temperature: float = 1.0
+    top_k: int = Field(50, ge=0)
+    top_p: float = Field(0.0, ge=0, le=1)
+    temperature: float = Field(1.0, gt=0)
     split: str = "test"
 
 
@@ -144,8 +167,8 @@ class RunConfig(_Strict):
     def hash(self, exclude: tuple[str, ...] = ()) -> str:
         d = self.to_dict()
         for k in exclude:
-            _pop(d, k)
-        return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+            pop_dotted(d, k)
+        return json_hash(d)
 
 
 # keys that may differ on resume without changing the result (logging, the budget itself)
@@ -157,16 +180,10 @@ RESUME_IGNORED = (
     "train.ckpt_every",
     "train.device",
     "train.threads",
+    "train.loggers",
     "generate",
     "eval",
 )
-
-
-def _pop(d: dict, dotted: str) -> None:
-    *head, last = dotted.split(".")
-    for h in head:
-        d = d.get(h, {})
-    d.pop(last, None)
 
 
 def _set(d: dict, dotted: str, value: Any) -> None:
@@ -178,18 +195,39 @@ def _set(d: dict, dotted: str, value: Any) -> None:
     d[last] = value
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with JSON's numbers: `1e-3` is the float 0.001 (plain YAML 1.1 reads it as a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"), list("-+0123456789.")
+)
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value, read as YAML (numbers, booleans, lists, mappings; else a string)."""
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass
+
+
+def parse_assignments(items: list[str], flag: str = "--set") -> dict[str, Any]:
+    """The one KEY=VALUE parser of every verb: ["train.steps=100", "model.backbone=mamba"] ->
+    {"train.steps": 100, "model.backbone": "mamba"} (values as `parse_value` reads them)."""
+    out: dict[str, Any] = {}
+    for it in items:
+        key, sep, val = it.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{flag} expects KEY=VALUE, got {it!r}")
+        try:
+            out[key.strip()] = parse_value(val)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{flag} {it!r}: the value is not valid YAML ({e})") from None
+    return out
+
+
 def apply_overrides(d: dict, overrides: list[str] | dict[str, Any]) -> dict:
-    """`["train.steps=100", "model.backbone=mamba"]` (values parsed as YAML) or a dict of dotted keys."""
-    items = overrides.items() if isinstance(overrides, dict) else []
-    if not isinstance(overrides, dict):
-        parsed = []
-        for o in overrides:
-            if "=" not in o:
-                raise ValueError(f"--set expects key=value, got {o!r}")
-            k, v = o.split("=", 1)
-            parsed.append((k.strip(), yaml.safe_load(v)))
-        items = parsed
-    for k, v in items:
+    """`["train.steps=100", "model.backbone=mamba"]` (see parse_assignments) or a dict of dotted keys."""
+    items = overrides if isinstance(overrides, dict) else parse_assignments(list(overrides))
+    for k, v in items.items():
         _set(d, k, v)
     return d
 
@@ -205,33 +243,31 @@ def config_from_dict(d: dict[str, Any], source: str = "<config>") -> RunConfig:
         raise ValueError(f"{source}: invalid config: " + "; ".join(msgs)) from None
 
 
+def read_yaml(path: str | Path, what: str) -> Any:
+    """A YAML file's content; a missing file or invalid YAML is an error naming `what` and the path."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({e})") from None
+
+
+def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """`read_yaml` of a file that must hold a mapping (an empty file is `{}`)."""
+    d = read_yaml(path, what) or {}
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    return d
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> RunConfig:
     d: dict[str, Any] = {}
     src = "<defaults>"
     if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        try:
-            d = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML ({e})") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"{path}: expected a mapping at the top level")
+        d = read_yaml_mapping(path, "config file")
         src = str(path)
     if overrides:
         apply_overrides(d, overrides)
     return config_from_dict(d, src)
-
-
-def diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested dicts."""
-    out = []
-    for k in sorted(set(a) | set(b)):
-        key = f"{prefix}{k}"
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += diff_keys(va, vb, key + ".")
-        elif va != vb:
-            out.append(f"{key}: {va!r} -> {vb!r}")
-    return out

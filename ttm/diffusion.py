@@ -85,6 +85,23 @@ class _CodecRef:
 # ----------------------------------------------------------------------------- model
 
 
+class DiffusionParts(nn.Module):
+    """LatentDiffusion's modules outside the denoiser (it adopts them; diffusion_extra_params
+    counts them on the meta device)."""
+
+    def __init__(self, latent_dim: int, text_dim: int, d_model: int, first_k: int, cardinality: int):
+        super().__init__()
+        D = d_model
+        self.in_proj = nn.Linear(latent_dim, D)
+        self.emb = nn.ModuleList(nn.Embedding(cardinality, D) for _ in range(first_k))
+        self.time_mlp = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D))
+        self.text_proj = nn.Sequential(nn.Linear(text_dim, D), nn.LayerNorm(D))
+        self.null_text = nn.Parameter(torch.randn(D) * 0.02)
+        self.heads = nn.ModuleList([nn.Linear(D, latent_dim)])  # one head: the v prediction
+        nn.init.zeros_(self.heads[0].weight)  # start by predicting v = 0 (x0_hat = alpha * x_t)
+        nn.init.zeros_(self.heads[0].bias)
+
+
 class LatentDiffusion(nn.Module):
     def __init__(
         self,
@@ -120,14 +137,9 @@ class LatentDiffusion(nn.Module):
         self.sampler, self.sample_steps, self.cfg_scale = sampler, sample_steps, cfg_scale
         D = denoiser.d_model
         self.use_positions = positions == "sinusoidal" or (positions == "auto" and denoiser.needs_positions)
-        self.in_proj = nn.Linear(latent_dim, D)
-        self.emb = nn.ModuleList(nn.Embedding(cardinality, D) for _ in range(first_k))
-        self.time_mlp = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D))
-        self.text_proj = nn.Sequential(nn.Linear(text_dim, D), nn.LayerNorm(D))
-        self.null_text = nn.Parameter(torch.randn(D) * 0.02)
-        self.heads = nn.ModuleList([nn.Linear(D, latent_dim)])  # one head: the v prediction
-        nn.init.zeros_(self.heads[0].weight)  # start by predicting v = 0 (x0_hat = alpha * x_t)
-        nn.init.zeros_(self.heads[0].bias)
+        p = DiffusionParts(latent_dim, text_dim, D, first_k, cardinality)
+        self.in_proj, self.emb, self.time_mlp = p.in_proj, p.emb, p.time_mlp
+        self.text_proj, self.null_text, self.heads = p.text_proj, p.null_text, p.heads
         # per-channel statistics of the target latent on the training split
         self.register_buffer("latent_mean", torch.zeros(latent_dim))
         self.register_buffer("latent_std", torch.ones(latent_dim))
@@ -344,16 +356,9 @@ def check_latent_codec(codec) -> None:
 
 
 def diffusion_extra_params(latent_dim: int, text_dim: int, d_model: int, first_k: int, cardinality: int) -> int:
-    """Trainable LatentDiffusion parameters outside the denoiser."""
-    D = d_model
-    return (
-        latent_dim * D + D  # in_proj
-        + first_k * cardinality * D  # stage-1 token embeddings
-        + 2 * (D * D + D)  # time MLP
-        + text_dim * D + D + 2 * D  # text Linear + LayerNorm
-        + D  # null token
-        + D * latent_dim + latent_dim  # v head
-    )
+    """Trainable LatentDiffusion parameters outside the denoiser, counted on the meta device."""
+    with torch.device("meta"):
+        return count_params(DiffusionParts(latent_dim, text_dim, d_model, first_k, cardinality))
 
 
 def denoiser_kwargs(cfg, latent_dim: int, cardinality: int, text_dim: int) -> dict[str, Any]:

@@ -37,6 +37,19 @@ def text_memory(proj: nn.Module, null: Tensor, text_emb: Tensor, text_mask: Tens
     return m, mask
 
 
+class LMParts(nn.Module):
+    """The LM's modules outside the backbone: text projection, null token, per-codebook
+    embeddings and heads (TTMLM adopts them; lm_extra_params counts them on the meta device)."""
+
+    def __init__(self, n_out: int, cardinality: int, text_dim: int, d_model: int):
+        super().__init__()
+        D = d_model
+        self.text_proj = nn.Sequential(nn.Linear(text_dim, D), nn.LayerNorm(D))
+        self.null_text = nn.Parameter(torch.randn(D) * 0.02)
+        self.emb = nn.ModuleList(nn.Embedding(cardinality + 1, D) for _ in range(n_out))  # +1: special token
+        self.heads = nn.ModuleList(nn.Linear(D, cardinality, bias=False) for _ in range(n_out))
+
+
 class TTMLM(nn.Module):
     def __init__(
         self,
@@ -57,10 +70,8 @@ class TTMLM(nn.Module):
         self.caption_dropout, self.label_smoothing = caption_dropout, label_smoothing
         D, card, Ko = backbone.d_model, pattern.cardinality, pattern.n_out
         self.use_positions = positions == "sinusoidal" or (positions == "auto" and backbone.needs_positions)
-        self.text_proj = nn.Sequential(nn.Linear(text_dim, D), nn.LayerNorm(D))
-        self.null_text = nn.Parameter(torch.randn(D) * 0.02)
-        self.emb = nn.ModuleList(nn.Embedding(card + 1, D) for _ in range(Ko))  # +1: special token
-        self.heads = nn.ModuleList(nn.Linear(D, card, bias=False) for _ in range(Ko))
+        parts = LMParts(Ko, card, text_dim, D)
+        self.text_proj, self.null_text, self.emb, self.heads = parts.text_proj, parts.null_text, parts.emb, parts.heads
 
     # ------------------------------------------------------------------ pieces
 
@@ -232,11 +243,6 @@ def _sampler(top_k: int, top_p: float, temperature: float, generator, greedy: bo
 
 
 def lm_extra_params(n_out: int, cardinality: int, text_dim: int, d_model: int) -> int:
-    """Trainable LM parameters outside the backbone (embeddings, heads, text projection)."""
-    return (
-        n_out * (cardinality + 1) * d_model  # embeddings
-        + n_out * d_model * cardinality  # heads
-        + text_dim * d_model + d_model  # text Linear
-        + 2 * d_model  # LayerNorm
-        + d_model  # null token
-    )
+    """Trainable LM parameters outside the backbone, counted on the meta device (no memory)."""
+    with torch.device("meta"):
+        return count_params(LMParts(n_out, cardinality, text_dim, d_model))

@@ -6,8 +6,6 @@ change it, so a grid of runs over one dataset builds, fits and tokenizes once.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +13,12 @@ import torch
 from torch import Tensor
 
 from ttm.audio import atomic_torch_save
+from ttm.codecs import build_codec
+from ttm.codecs.cli import fit_or_load_melrvq, tokenize_manifest
 from ttm.config import RunConfig
+from ttm.data.build import build_dataset
+from ttm.text import build_text_encoder, encode_captions
+from ttm.util import json_hash
 
 
 @dataclass
@@ -41,30 +44,20 @@ class Prepared:
     token_dir: Path
 
 
-def _hash(d: dict) -> str:
-    return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
-
-
 def resolve_manifest(cfg: RunConfig, progress: bool = True) -> Path:
     if cfg.data.manifest:
         m = Path(cfg.data.manifest)
         if not m.exists():
             raise FileNotFoundError(f"data.manifest: {m} does not exist")
         return m
-    from ttm.data.build import build_dataset
-
     out = Path(cfg.data.root) / f"{cfg.data.preset}-seed{cfg.data.seed}"
     return build_dataset(cfg.data.preset, out, seed=cfg.data.seed, progress=progress)
 
 
 def load_codec_for(cfg: RunConfig, manifest: Path):
-    from ttm.codecs import build_codec
-
     if cfg.codec.name == "melrvq":
-        from ttm.codecs.cli import fit_or_load_melrvq
-
         path = Path(cfg.codec.path) if cfg.codec.path else (
-            manifest.parent / f"melrvq-{_hash(cfg.codec.settings)}.codec"
+            manifest.parent / f"melrvq-{json_hash(cfg.codec.settings)}.codec"
         )
         return fit_or_load_melrvq(manifest, path, seed=cfg.data.seed, **cfg.codec.settings)
     kw = dict(cfg.codec.settings)
@@ -74,13 +67,11 @@ def load_codec_for(cfg: RunConfig, manifest: Path):
 
 
 def _text_cache(token_dir: Path, split: str, captions: list[str], encoder, max_len: int) -> tuple[Tensor, Tensor]:
-    key = _hash({"enc": encoder.identity(), "L": max_len, "captions": captions})
+    key = json_hash({"enc": encoder.identity(), "L": max_len, "captions": captions})
     f = token_dir / f"text-{split}-{key}.pt"
     if f.exists():
         d = torch.load(f, weights_only=True)
         return d["emb"], d["mask"]
-    from ttm.sample import encode_captions
-
     embs, masks = [], []
     for i in range(0, len(captions), 64):
         e, m = encode_captions(encoder, captions[i : i + 64], max_len)
@@ -93,14 +84,10 @@ def _text_cache(token_dir: Path, split: str, captions: list[str], encoder, max_l
 
 
 def build_text_encoder_for(cfg: RunConfig):
-    from ttm.text import build_text_encoder
-
     return build_text_encoder(cfg.text.name, path=cfg.text.path, max_length=cfg.text.max_length)
 
 
 def prepare(cfg: RunConfig, progress: bool = True, splits=("train", "valid", "test")) -> Prepared:
-    from ttm.codecs.cli import tokenize_manifest
-
     manifest = resolve_manifest(cfg, progress)
     codec = load_codec_for(cfg, manifest)
     token_dir = Path(tokenize_manifest(manifest, codec, manifest.parent / "tokens", progress=progress))

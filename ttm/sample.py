@@ -1,13 +1,13 @@
-"""Generation: `ttm-bench generate RUN (--prompt TEXT | --prompts FILE | --split test) --out DIR`.
+"""Generation of clips for a list of captions (`ttm-bench generate` is ttm/runs.py).
 
-Writes one WAV per caption and `samples.jsonl` rows `{file, caption, seed, attributes}`.
+Writes one WAV per caption and `samples.jsonl` rows `{file, caption, seed, attributes}`, plus
+`ref_id` (the reference clip's manifest id) for split-driven prompts.
 Sampling is recurrent (backbone state / KV cache, one step per token) with classifier-free
 guidance as one batched pass of conditional + null captions.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -17,7 +17,10 @@ from typing import Callable
 
 import torch
 
-from ttm.audio import atomic_write_text, save_audio
+from ttm.audio import save_audio
+from ttm.config import GenerateConfig, RunConfig
+from ttm.text import encode_captions
+from ttm.util import atomic_write_text
 
 
 def _slug(text: str, n: int = 40) -> str:
@@ -47,17 +50,6 @@ def read_prompts(path: Path) -> list[dict]:
     return out
 
 
-def encode_captions(encoder, captions: list[str], max_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frozen text embeddings cut or padded to a fixed length: `[B, max_len, Dt]`, mask `[B, max_len]`
-    (the LM's memory length is fixed; padding is masked and replaced by its null vector)."""
-    emb, mask = encoder.encode(captions)
-    emb, mask = emb[:, :max_len], mask[:, :max_len]
-    pad = max_len - emb.shape[1]
-    emb = torch.nn.functional.pad(emb, (0, 0, 0, pad))
-    mask = torch.nn.functional.pad(mask, (0, pad), value=False)
-    return emb.to(device), mask.to(device)
-
-
 def write_clips(out_dir: Path, prompts: list[dict], wav: torch.Tensor, sample_rate: int, first_index: int,
                 seed: int) -> list[dict]:
     """Save one WAV per prompt (`wav [b, C, N]`); returns their samples.jsonl rows."""
@@ -66,7 +58,8 @@ def write_clips(out_dir: Path, prompts: list[dict], wav: torch.Tensor, sample_ra
         name = f"{first_index + j:04d}-{_slug(p['caption'])}.wav"
         save_audio(Path(out_dir) / name, wav[j], sample_rate)
         rows.append({"file": name, "caption": p["caption"], "seed": seed, "index": j,
-                     "attributes": p.get("attributes", {})})
+                     "attributes": p.get("attributes", {}),
+                     **({"ref_id": p["id"]} if p.get("id") is not None else {})})  # eval pairs KL 1:1 by it
     return rows
 
 
@@ -114,38 +107,52 @@ def render_prompts(
     }
 
 
+def clip_frames(cfg: RunConfig, data, seconds: float | None = None) -> int:
+    """The one clip-length rule, in codec frames: `seconds` (an explicit request), else
+    generate.seconds, else the training crop (data.max_seconds), else the dataset's clip length."""
+    s = (seconds or cfg.generate.seconds or cfg.data.max_seconds
+         or data.splits["train"].codes.shape[-1] / data.codec.frame_rate)
+    return max(1, int(round(s * data.codec.frame_rate)))
+
+
 def generate_clips(
-    model,
+    lm,
     codec,
     encoder,
     prompts: list[dict],
     out_dir: Path,
-    seconds: float,
-    cfg_scale: float = 3.0,
-    top_k: int = 50,
-    top_p: float = 0.0,
-    temperature: float = 1.0,
+    n_frames: int,
+    gen: GenerateConfig,
     seed: int = 0,
     batch_size: int = 8,
     max_text_len: int = 32,
     progress: bool = True,
+    render_codes: Callable | None = None,
+    desc: str = "generate",
 ) -> dict:
-    """Generate one clip per prompt with a single-stage LM into `out_dir`; returns timings."""
-    n_frames = max(1, int(round(seconds * codec.frame_rate)))
+    """Generate one clip of `n_frames` per prompt into `out_dir`: the LM samples codes as `gen`
+    says (cfg_scale, top_k, top_p, temperature), then `render_codes(codes, emb, mask, generator)
+    -> (wav [b, C, N], {stage: seconds})` makes audio of them (default: the codec decodes them;
+    a two-stage model passes its diffusion stage). Returns timings."""
 
-    def render(emb, mask, g):
+    def decode(codes, emb, mask, g):
         t0 = time.perf_counter()
-        codes = model.generate(emb, mask, n_frames, cfg_scale=cfg_scale, top_k=top_k, top_p=top_p,
-                               temperature=temperature, generator=g)  # [b, K', T]
-        t1 = time.perf_counter()
         if codes.shape[1] < codec.n_codebooks:  # first_k models: decode from the codebooks they model
             wav = _decode_partial(codec, codes)
         else:
             wav = codec.decode(codes.cpu())  # [b, C, N]
-        return wav, {"lm": t1 - t0, "decode": time.perf_counter() - t1}
+        return wav, {"decode": time.perf_counter() - t0}
+
+    def render(emb, mask, g):
+        t0 = time.perf_counter()
+        codes = lm.generate(emb, mask, n_frames, cfg_scale=gen.cfg_scale, top_k=gen.top_k, top_p=gen.top_p,
+                            temperature=gen.temperature, generator=g)  # [b, K', T]
+        lm_time = time.perf_counter() - t0
+        wav, times = (render_codes or decode)(codes, emb, mask, g)
+        return wav, {"lm": lm_time, **times}
 
     return render_prompts(prompts, encoder, out_dir, codec, n_frames, render, seed, batch_size, max_text_len,
-                          next(model.parameters()).device, progress)
+                          next(lm.parameters()).device, progress, desc)
 
 
 def _decode_partial(codec, codes: torch.Tensor) -> torch.Tensor:
@@ -158,60 +165,10 @@ def _decode_partial(codec, codes: torch.Tensor) -> torch.Tensor:
     )
 
 
-def prompts_from_split(data, split: str, n: int) -> list[dict]:
+def prompts_from_split(data, split: str, n: int | None) -> list[dict]:
     if split not in data.splits:
         raise ValueError(f"split {split!r} not in the dataset (have {sorted(data.splits)})")
     sp = data.splits[split]
-    n = min(n, len(sp))
+    n = len(sp) if n is None else min(n, len(sp))  # None: the whole split
     return [{"caption": sp.captions[i], "attributes": sp.attributes[i], "id": sp.ids[i] if sp.ids else None}
             for i in range(n)]
-
-
-def cli(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="ttm-bench generate", description=__doc__.split("\n")[0])
-    ap.add_argument("run", help="trained run directory")
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="one caption")
-    src.add_argument("--prompts", help="text file (one caption per line) or JSONL with 'caption'")
-    src.add_argument("--split", help="captions of this dataset split (train/valid/test)")
-    ap.add_argument("--n", type=int, default=8, help="clips from --split")
-    ap.add_argument("--seconds", type=float, default=None)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--cfg-scale", type=float, default=None)
-    ap.add_argument("--top-k", type=int, default=None)
-    ap.add_argument("--top-p", type=float, default=None)
-    ap.add_argument("--temperature", type=float, default=None)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--steps", type=int, default=None, help="two-stage runs: diffusion sampling steps")
-    ap.add_argument("--sampler", choices=["ddim", "ancestral"], default=None, help="two-stage runs: diffusion sampler")
-    ap.add_argument("--diffusion-cfg-scale", type=float, default=None, help="two-stage runs: stage-2 guidance")
-    a = ap.parse_args(argv)
-    from ttm.two_stage import generate_cli, is_two_stage_run
-
-    if is_two_stage_run(a.run):
-        return generate_cli(a)
-    from ttm.prepare import build_text_encoder_for
-    from ttm.train import load_run
-
-    cfg, model, data = load_run(Path(a.run), a.device)
-    if a.prompt:
-        prompts = [{"caption": a.prompt, "attributes": {}}]
-    elif a.prompts:
-        prompts = read_prompts(Path(a.prompts))
-    else:
-        prompts = prompts_from_split(data, a.split, a.n)
-    g = cfg.generate
-    seconds = a.seconds or g.seconds or cfg.data.max_seconds or data.splits["train"].codes.shape[-1] / data.codec.frame_rate
-    info = generate_clips(
-        model, data.codec, build_text_encoder_for(cfg), prompts, Path(a.out), seconds,
-        cfg_scale=g.cfg_scale if a.cfg_scale is None else a.cfg_scale,
-        top_k=g.top_k if a.top_k is None else a.top_k,
-        top_p=g.top_p if a.top_p is None else a.top_p,
-        temperature=g.temperature if a.temperature is None else a.temperature,
-        seed=a.seed, batch_size=a.batch_size, max_text_len=cfg.text.max_length,
-    )
-    print(json.dumps(info))
-    print(Path(a.out) / "samples.jsonl")
-    return 0

@@ -145,3 +145,14 @@ def build_text_encoder(
         raise ValueError(f"unknown text encoder {name!r}; expected one of {', '.join(TEXT_ENCODERS)}")
     enc = TextEncoder(name, tokenizer, model, max_length=max_length)
     return enc.to(device) if device is not None else enc
+
+
+def encode_captions(encoder, captions: list[str], max_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen text embeddings cut or padded to a fixed length: `[B, max_len, Dt]`, mask `[B, max_len]`
+    (the LM's memory length is fixed; padding is masked and replaced by its null vector)."""
+    emb, mask = encoder.encode(captions)
+    emb, mask = emb[:, :max_len], mask[:, :max_len]
+    pad = max_len - emb.shape[1]
+    emb = torch.nn.functional.pad(emb, (0, 0, 0, pad))
+    mask = torch.nn.functional.pad(mask, (0, pad), value=False)
+    return emb.to(device), mask.to(device)

@@ -1,6 +1,6 @@
-"""Training: `ttm-bench train CONFIG.yaml [--set key=value ...] [--out RUN_DIR]`.
+"""Training one model (`ttm-bench train` is ttm/runs.py, which dispatches on the model kind).
 
-One loop for one CPU, one GPU or many processes (`torchrun --nproc_per_node=N -m ttm.train
+One loop for one CPU, one GPU or many processes (`torchrun --nproc_per_node=N -m ttm.runs
 CONFIG`, or `ttm-bench train --nproc N`): budgets in steps, tokens, FLOPs or seconds;
 gradient accumulation; AdamW with no-decay groups; warm-up + cosine; bf16 autocast on
 CUDA; optional EMA; validation per codebook; NaN guard; exact resume from atomic
@@ -9,85 +9,27 @@ checkpoints (model, optimizer, scheduler, RNG, data position, counters).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
-from backbones.base import build_backbone, get_backbone_cls, size_to
+from backbones.base import count_params
 from backbones.ops.dispatch import kernel_paths
-from ttm.audio import atomic_torch_save, atomic_write_text
-from ttm.config import RESUME_IGNORED, RunConfig, diff_keys, load_config
+from ttm.config import RESUME_IGNORED, RunConfig
+from ttm.factory import build_model
 from ttm.flops import analytic_flops_per_token, count_train_step_flops
-from ttm.lm import TTMLM, lm_extra_params
-from ttm.patterns import Pattern
+from ttm.lm import TTMLM
 from ttm.prepare import Prepared, Split, prepare
+from ttm.rundir import RunDir
+from ttm.util import atomic_write_text, diff_keys, pop_dotted
 
-CKPT = "checkpoint.pt"
-
-
-# ----------------------------------------------------------------------------- model
-
-
-def backbone_kwargs(cfg: RunConfig, n_out: int, cardinality: int, text_dim: int) -> dict[str, Any]:
-    """Backbone constructor kwargs; with `model.target_params`, sized so that the whole LM
-    (backbone + embeddings + heads + text projection) matches the target."""
-    m = cfg.model
-    kw = dict(
-        d_model=m.d_model,
-        n_layers=m.n_layers,
-        n_heads=m.n_heads,
-        cross_attention=m.conditioning == "cross",
-        dropout=m.dropout,
-        **m.backbone_kwargs,
-    )
-    if m.target_params:
-        get_backbone_cls(m.backbone)  # clear error for unknown names
-        kw.pop(m.size_by)
-        res = size_to(
-            m.backbone,
-            m.target_params,
-            vary=m.size_by,
-            extra_params=lambda k: lm_extra_params(n_out, cardinality, text_dim, k["d_model"]),
-            **kw,
-        )
-        kw = res.kwargs
-    return kw
-
-
-def build_model(cfg: RunConfig, n_codebooks: int, cardinality: int, text_dim: int, data: Prepared | None = None):
-    """model.kind "lm": the TTMLM. A stage-2 config (model.kind "two_stage" with
-    model.diffusion.stage2_only): the LatentDiffusion, which needs `data` (its codec, and the
-    train split for the latent statistics)."""
-    if cfg.model.kind == "two_stage":
-        if not cfg.model.diffusion.stage2_only:
-            raise ValueError("model.kind=two_stage trains two models: use ttm.two_stage.run_two_stage "
-                             "(ttm-bench train and ttm.train.run dispatch to it)")
-        if data is None:
-            raise ValueError("building a stage-2 (diffusion) model needs the prepared data (codec, train split)")
-        from ttm.diffusion import build_latent_diffusion
-
-        return build_latent_diffusion(cfg, data.codec, text_dim, data.splits["train"])
-    pattern = Pattern(cfg.model.pattern, n_codebooks, cardinality, k=cfg.model.first_k)
-    kw = backbone_kwargs(cfg, pattern.n_out, cardinality, text_dim)
-    bb = build_backbone(cfg.model.backbone, **kw)
-    return TTMLM(
-        bb,
-        pattern,
-        text_dim,
-        conditioning=cfg.model.conditioning,
-        positions=cfg.model.positions,
-        caption_dropout=cfg.model.caption_dropout,
-        label_smoothing=cfg.model.label_smoothing,
-    )
+# ----------------------------------------------------------------------------- optimizer
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -173,15 +115,7 @@ def maybe_init_distributed(device: torch.device) -> None:
         torch.distributed.init_process_group(backend)
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(path: Path, obj: dict) -> None:
-    atomic_torch_save(obj, path)
-
-
-def load_checkpoint(path: Path) -> dict:
-    return torch.load(path, weights_only=True, map_location="cpu")
+# ----------------------------------------------------------------------------- resume
 
 
 def check_resume_compatible(cfg: RunConfig, ckpt: dict, run_dir: Path) -> None:
@@ -190,18 +124,15 @@ def check_resume_compatible(cfg: RunConfig, ckpt: dict, run_dir: Path) -> None:
     diffs = diff_keys(a, b)
     if diffs:
         raise ValueError(
-            f"{run_dir / CKPT}: cannot resume, the config differs from the checkpoint's: " + "; ".join(diffs)
+            f"{RunDir(run_dir).checkpoint_file}: cannot resume, the config differs from the checkpoint's: "
+            + "; ".join(diffs)
         )
 
 
 def _without(d: dict, keys) -> dict:
     d = json.loads(json.dumps(d))
     for k in keys:
-        *head, last = k.split(".")
-        cur = d
-        for h in head:
-            cur = cur.get(h, {})
-        cur.pop(last, None)
+        pop_dotted(d, k)
     return d
 
 
@@ -233,14 +164,8 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def run(cfg: RunConfig, run_dir: Path, data: Prepared | None = None, progress: bool = True) -> dict:
-    """Train (or resume) one run into `run_dir`; returns the summary dict."""
-    if cfg.model.kind == "two_stage" and not cfg.model.diffusion.stage2_only:
-        from ttm.two_stage import run_two_stage
-
-        return run_two_stage(cfg, run_dir, data=data, progress=progress)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+def setup_processes(cfg: RunConfig) -> tuple[torch.device, int, int]:
+    """The device, this process's rank and the world size (DDP when launched by torchrun)."""
     device = pick_device(cfg.train.device)
     maybe_init_distributed(device)
     rank, world = dist_info()
@@ -251,6 +176,36 @@ def run(cfg: RunConfig, run_dir: Path, data: Prepared | None = None, progress: b
         torch.set_num_threads(cfg.train.threads)
     if cfg.train.batch_size % world:
         raise ValueError(f"train.batch_size {cfg.train.batch_size} is not divisible by {world} processes")
+    return device, rank, world
+
+
+def make_optimizer(model: nn.Module, cfg: RunConfig, horizon: int):
+    """AdamW with no-decay groups, warm-up + cosine over `horizon` steps, and the EMA (or None)."""
+    opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
+                            betas=tuple(cfg.train.betas))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lr_lambda(cfg.train.warmup, horizon, cfg.train.min_lr_ratio)
+    )
+    ema = (
+        torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.train.ema)
+        )
+        if cfg.train.ema
+        else None
+    )
+    return opt, sched, ema
+
+
+def run(cfg: RunConfig, run_dir: Path, data: Prepared | None = None, progress: bool = True) -> dict:
+    """Train (or resume) one model into `run_dir`; returns the summary dict. (A two-stage config
+    trains two models: ttm.runs.train dispatches it to ttm.two_stage.run_two_stage.)"""
+    if cfg.model.run_kind == "two_stage":
+        raise ValueError("model.kind=two_stage trains two models: use ttm.runs.train "
+                         "(ttm.two_stage.run_two_stage), not ttm.train.run")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rd = RunDir(run_dir)
+    device, rank, world = setup_processes(cfg)
 
     data = data or prepare(cfg, progress=progress and rank == 0)
     train, valid = data.splits["train"], data.splits.get("valid")
@@ -279,27 +234,14 @@ def run(cfg: RunConfig, run_dir: Path, data: Prepared | None = None, progress: b
         "flops": lambda: math.ceil(budget.limit / flops_per_step),
         "seconds": lambda: cfg.train.steps,
     }[budget.kind]()
-
-    opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
-                            betas=tuple(cfg.train.betas))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lr_lambda(cfg.train.warmup, horizon, cfg.train.min_lr_ratio)
-    )
-    ema = (
-        torch.optim.swa_utils.AveragedModel(
-            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.train.ema)
-        )
-        if cfg.train.ema
-        else None
-    )
+    opt, sched, ema = make_optimizer(model, cfg, horizon)
     gen = torch.Generator().manual_seed(cfg.seed + 1)  # caption dropout and crops
     counters = {"step": 0, "tokens": 0, "flops": 0, "train_time": 0.0}
     pos = {"epoch": 0, "idx": 0}
     best_val = None
-    ckpt_path = run_dir / CKPT
-    log_path = run_dir / "log.jsonl"
-    if ckpt_path.exists():
-        ck = load_checkpoint(ckpt_path)
+    log_path = rd.log_file
+    if rd.has_checkpoint():
+        ck = rd.load_checkpoint()
         check_resume_compatible(cfg, ck, run_dir)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
@@ -315,7 +257,7 @@ def run(cfg: RunConfig, run_dir: Path, data: Prepared | None = None, progress: b
     elif rank == 0:
         log_path.unlink(missing_ok=True)
     if rank == 0:
-        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        rd.write_config(cfg)
 
     ddp = (
         torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -331,7 +273,7 @@ def run(cfg: RunConfig, run_dir: Path, data: Prepared | None = None, progress: b
     def checkpoint() -> None:
         if rank != 0:
             return
-        save_checkpoint(ckpt_path, {
+        rd.save_checkpoint({
             "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "ema": ema.state_dict() if ema is not None else None,
             "rng": {"torch": torch.get_rng_state(), "gen": gen.get_state()},
@@ -366,7 +308,7 @@ def run(cfg: RunConfig, run_dir: Path, data: Prepared | None = None, progress: b
         if not torch.isfinite(per_k).all():
             status = "diverged"
             message = (f"loss became {per_k.tolist()} at step {counters['step'] + 1}; stopped, the last "
-                       f"good checkpoint (step {_ckpt_step(ckpt_path)}) is kept")
+                       f"good checkpoint (step {rd.checkpoint_step()}) is kept")
             break
         if cfg.train.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
@@ -385,14 +327,10 @@ def run(cfg: RunConfig, run_dir: Path, data: Prepared | None = None, progress: b
         row = None
         last = used() >= budget.limit
         if step % cfg.train.log_every == 0 or step == 1 or last:
-            row = {"step": step, "loss": per_k.mean().item(), "loss_per_codebook": per_k.tolist(),
-                   "lr": sched.get_last_lr()[0], "tokens": counters["tokens"], "flops": counters["flops"],
-                   "wall_time": counters["train_time"]}
+            row = _log_row(step, per_k, sched, counters)
         if valid is not None and len(valid) and (step % cfg.train.eval_every == 0 or last):
             vl, vk = validate(_eval_model(model, ema), valid, cfg, device)
-            row = row or {"step": step, "loss": per_k.mean().item(), "loss_per_codebook": per_k.tolist(),
-                          "lr": sched.get_last_lr()[0], "tokens": counters["tokens"],
-                          "flops": counters["flops"], "wall_time": counters["train_time"]}
+            row = row or _log_row(step, per_k, sched, counters)
             row.update(val_loss=vl, val_loss_per_codebook=vk)
             if not math.isfinite(vl):
                 status, message = "diverged", f"validation loss is {vl} at step {step}; stopped"
@@ -410,10 +348,16 @@ def run(cfg: RunConfig, run_dir: Path, data: Prepared | None = None, progress: b
     summary = make_summary(cfg, model, data, counters, budget, status, message, log_path, T, text_len,
                            flops_per_step, fl)
     if rank == 0:
-        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+        rd.write_summary(summary)
         if status != "ok":
             print(f"warning: {message}", file=sys.stderr)
     return summary
+
+
+def _log_row(step: int, per_k: torch.Tensor, sched, counters: dict) -> dict:
+    return {"step": step, "loss": per_k.mean().item(), "loss_per_codebook": per_k.tolist(),
+            "lr": sched.get_last_lr()[0], "tokens": counters["tokens"], "flops": counters["flops"],
+            "wall_time": counters["train_time"]}
 
 
 def _loss(ddp, model: TTMLM, batch, gen):
@@ -423,12 +367,6 @@ def _loss(ddp, model: TTMLM, batch, gen):
 
 def _eval_model(model, ema):
     return ema.module if ema is not None else model
-
-
-def _ckpt_step(path: Path) -> int:
-    if not path.exists():
-        return 0
-    return int(load_checkpoint(path)["counters"]["step"])
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -466,7 +404,7 @@ def make_summary(cfg, model, data, counters, budget, status, message, log_path, 
         "kernel_paths": kernel_paths(model.backbone),  # which kernel/reference path each mixer ran
         "conditioning": cfg.model.conditioning,
         "pattern": cfg.model.pattern,
-        "params": sum(p.numel() * (2 if p.is_complex() else 1) for p in model.parameters() if p.requires_grad),
+        "params": count_params(model),
         "non_embedding_params": model.non_embedding_params(),
         "target_params": cfg.model.target_params,
         "steps": counters["step"],
@@ -488,74 +426,3 @@ def make_summary(cfg, model, data, counters, budget, status, message, log_path, 
         "manifest": str(data.manifest),
         "config_hash": cfg.hash(),
     }
-
-
-def load_weights(model: nn.Module, run_dir: Path) -> nn.Module:
-    """Load a run's trained weights into `model` (the EMA weights when the run kept them)."""
-    ck = load_checkpoint(Path(run_dir) / CKPT)
-    if ck.get("ema"):
-        model.load_state_dict({k[len("module."):]: v for k, v in ck["ema"].items() if k.startswith("module.")})
-    else:
-        model.load_state_dict(ck["model"])
-    return model
-
-
-def load_run(run_dir: Path, device: str = "cpu") -> tuple[RunConfig, TTMLM, Prepared]:
-    """Rebuild a trained run's model (EMA weights when present) and its data products."""
-    run_dir = Path(run_dir)
-    if not (run_dir / CKPT).exists():
-        raise FileNotFoundError(f"{run_dir}: no {CKPT} (is this a trained run directory?)")
-    cfg = load_config(run_dir / "config.yaml")
-    data = prepare(cfg, progress=False)
-    model = build_model(cfg, data.codec.n_codebooks, data.codec.cardinality, data.text_dim, data=data)
-    load_weights(model, run_dir)
-    return cfg, model.to(device).eval(), data
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def cli(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="ttm-bench train", description=__doc__.split("\n")[0])
-    ap.add_argument("config", nargs="?", help="YAML run config (defaults if omitted)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    ap.add_argument("--out", help="run directory (default runs/<name or backbone>-<config hash>)")
-    ap.add_argument("--nproc", type=int, default=1, help="processes (torchrun DDP); gloo on CPU")
-    ap.add_argument("--no-progress", action="store_true")
-    a = ap.parse_args(argv)
-    cfg = load_config(a.config, a.set)
-    out = Path(a.out or f"runs/{cfg.name or cfg.model.backbone}-{cfg.hash(RESUME_IGNORED)}")
-    if a.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        import subprocess
-
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}",
-               "-m", "ttm.train", *argv_without_nproc(argv)]
-        if not a.out:
-            cmd += ["--out", str(out)]
-        return subprocess.call(cmd)
-    s = run(cfg, out, progress=not a.no_progress)
-    if dist_info()[0] == 0:
-        print(json.dumps({k: s[k] for k in ("status", "steps", "params", "val_loss", "flops", "train_time_s")}))
-        print(out)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    return 0 if s["status"] == "ok" else 1
-
-
-def argv_without_nproc(argv: list[str]) -> list[str]:
-    out, skip = [], False
-    for x in argv:
-        if skip:
-            skip = False
-            continue
-        if x == "--nproc":
-            skip = True
-            continue
-        if x.startswith("--nproc="):
-            continue
-        out.append(x)
-    return out
-
-
-if __name__ == "__main__":
-    sys.exit(cli(sys.argv[1:]))

@@ -17,17 +17,16 @@ codes and the caption -> `codec.decode_latent` renders audio.
 from __future__ import annotations
 
 import copy
-import json
 import time
 from pathlib import Path
-from typing import Any
 
-import torch
-import yaml
-
-from ttm.audio import atomic_write_text
-from ttm.config import RunConfig, config_from_dict, load_config
+from ttm import prepare as prep  # a module reference: tests substitute its data products
+from ttm.config import GenerateConfig, RunConfig, config_from_dict
 from ttm.diffusion import LatentDiffusion, build_latent_diffusion, check_latent_codec
+from ttm.factory import build_model
+from ttm.rundir import RunDir
+from ttm.sample import generate_clips
+from ttm.train import dist_info, run
 
 STAGES = ("stage1", "stage2")
 
@@ -51,7 +50,7 @@ def _set_budget(d: dict, cfg: RunConfig, stage: int) -> None:
 
 def stage_configs(cfg: RunConfig) -> tuple[RunConfig, RunConfig]:
     """The stage-1 (LM, first_k) and stage-2 (diffusion only) run configs of a two-stage config."""
-    if cfg.model.kind != "two_stage" or cfg.model.diffusion.stage2_only:
+    if cfg.model.run_kind != "two_stage":
         raise ValueError("stage_configs: expected a config with model.kind=two_stage (not a stage-2 config)")
     f = cfg.model.diffusion.stage2_fraction
     total = cfg.model.target_params
@@ -75,45 +74,25 @@ def stage_configs(cfg: RunConfig) -> tuple[RunConfig, RunConfig]:
     return config_from_dict(s1, "stage 1 of a two-stage config"), config_from_dict(s2, "stage 2 of a two-stage config")
 
 
-def is_two_stage_config(cfg: RunConfig) -> bool:
-    return cfg.model.kind == "two_stage" and not cfg.model.diffusion.stage2_only
-
-
-def is_two_stage_run(run_dir: str | Path) -> bool:
-    """Whether `run_dir` holds a two-stage run (its config.yaml says model.kind: two_stage)."""
-    p = Path(run_dir) / "config.yaml"
-    if not p.is_file():
-        return False
-    try:
-        d = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError:
-        return False
-    m = d.get("model", {}) if isinstance(d, dict) else {}
-    return m.get("kind") == "two_stage" and not (m.get("diffusion") or {}).get("stage2_only", False)
-
-
 # ----------------------------------------------------------------------------- training
 
 
 def run_two_stage(cfg: RunConfig, run_dir: str | Path, data=None, progress: bool = True) -> dict:
     """Train (or resume) both stages into `run_dir/stage1` and `run_dir/stage2`; returns the
     combined summary (also written to `run_dir/summary.json`)."""
-    from ttm import prepare as prep
-    from ttm.train import dist_info, run
-
-    run_dir = Path(run_dir)
+    rd = RunDir(run_dir)
     c1, c2 = stage_configs(cfg)
     data = data or prep.prepare(cfg, progress=progress)
     check_latent_codec(data.codec)  # fail before stage 1 trains, not after
     rank = dist_info()[0]
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    s1 = run(c1, run_dir / "stage1", data=data, progress=progress)
-    s2 = run(c2, run_dir / "stage2", data=data, progress=progress) if s1["status"] == "ok" else None
+        rd.path.mkdir(parents=True, exist_ok=True)
+        rd.write_config(cfg)
+    s1 = run(c1, rd.stage("stage1").path, data=data, progress=progress)
+    s2 = run(c2, rd.stage("stage2").path, data=data, progress=progress) if s1["status"] == "ok" else None
     summary = combine_summaries(cfg, s1, s2)
     if dist_info()[0] == 0:
-        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+        rd.write_summary(summary)
     return summary
 
 
@@ -168,127 +147,43 @@ def combine_summaries(cfg: RunConfig, s1: dict, s2: dict | None) -> dict:
 # ----------------------------------------------------------------------------- loading
 
 
-def _load_weights(model: torch.nn.Module, stage_dir: Path) -> None:
-    from ttm.train import CKPT, load_checkpoint
-
-    if not (stage_dir / CKPT).exists():
-        raise FileNotFoundError(f"{stage_dir}: no {CKPT} (was this stage trained?)")
-    ck = load_checkpoint(stage_dir / CKPT)
-    if ck.get("ema"):
-        model.load_state_dict({k[len("module."):]: v for k, v in ck["ema"].items() if k.startswith("module.")})
-    else:
-        model.load_state_dict(ck["model"])
-
-
 def load_two_stage(run_dir: str | Path, device: str = "cpu", data=None):
     """-> (cfg, stage-1 TTMLM, stage-2 LatentDiffusion, Prepared), weights loaded (EMA when present), eval mode."""
-    from ttm import prepare as prep
-    from ttm.train import build_model
-
-    run_dir = Path(run_dir)
-    if not is_two_stage_run(run_dir):
-        raise FileNotFoundError(f"{run_dir}: not a two-stage run directory (config.yaml with model.kind: two_stage)")
-    cfg = load_config(run_dir / "config.yaml")
+    rd = RunDir(run_dir)
+    cfg = rd.read_config() if rd.config_file.is_file() else None
+    if cfg is None or cfg.model.run_kind != "two_stage":
+        raise FileNotFoundError(f"{rd.path}: not a two-stage run directory (config.yaml with model.kind: two_stage)")
     for st in STAGES:
-        if not (run_dir / st / "config.yaml").exists():
-            raise FileNotFoundError(f"{run_dir / st}: missing (train the two-stage run first)")
-    c1, c2 = load_config(run_dir / "stage1" / "config.yaml"), load_config(run_dir / "stage2" / "config.yaml")
+        if not rd.stage(st).config_file.exists():
+            raise FileNotFoundError(f"{rd.stage(st).path}: missing (train the two-stage run first)")
+    s1, s2 = rd.stage("stage1"), rd.stage("stage2")
+    c1, c2 = s1.read_config(), s2.read_config()
     data = data or prep.prepare(cfg, progress=False)
-    lm = build_model(c1, data.codec.n_codebooks, data.codec.cardinality, data.text_dim)
-    _load_weights(lm, run_dir / "stage1")
-    diff = build_latent_diffusion(c2, data.codec, data.text_dim)  # statistics come from the checkpoint
-    _load_weights(diff, run_dir / "stage2")
+    lm = s1.load_weights(build_model(c1, data.codec.n_codebooks, data.codec.cardinality, data.text_dim))
+    # the latent statistics come from the checkpoint
+    diff = s2.load_weights(build_latent_diffusion(c2, data.codec, data.text_dim))
     return cfg, lm.to(device).eval(), diff.to(device).eval(), data
 
 
 # ----------------------------------------------------------------------------- generation
 
 
-def generate_two_stage(
-    lm,
-    diffusion: LatentDiffusion,
-    codec,
-    encoder,
-    prompts: list[dict],
-    out_dir: Path,
-    seconds: float,
-    cfg_scale: float = 3.0,
-    top_k: int = 50,
-    top_p: float = 0.0,
-    temperature: float = 1.0,
-    steps: int | None = None,
-    sampler: str | None = None,
-    diffusion_cfg_scale: float | None = None,
-    seed: int = 0,
-    batch_size: int = 8,
-    max_text_len: int = 32,
-    progress: bool = True,
-) -> dict:
-    """One clip per prompt: LM -> first-k codes -> diffusion latent -> codec.decode_latent.
-    Writes WAVs + samples.jsonl (as ttm/sample.py) into `out_dir`; returns timings."""
-    from ttm.sample import render_prompts
+def generate_two_stage(lm, diffusion: LatentDiffusion, codec, encoder, prompts: list[dict], out_dir: Path,
+                       n_frames: int, gen: GenerateConfig, steps: int | None = None, sampler: str | None = None,
+                       diffusion_cfg_scale: float | None = None, **kw) -> dict:
+    """One clip per prompt: LM -> first-k codes -> diffusion latent (`steps`, `sampler`,
+    `diffusion_cfg_scale`; None: the model's own) -> codec.decode_latent, through
+    ttm.sample.generate_clips (`kw`: seed, batch_size, max_text_len, progress). Returns timings."""
 
-    n_frames = max(1, round(seconds * codec.frame_rate))
-
-    def render(emb, mask, g):
+    def latent_then_decode(codes, emb, mask, g):
         t0 = time.perf_counter()
-        codes = lm.generate(emb, mask, n_frames, cfg_scale=cfg_scale, top_k=top_k, top_p=top_p,
-                            temperature=temperature, generator=g)  # [b, k, T]
-        t1 = time.perf_counter()
         z = diffusion.sample(codes, emb, mask, steps=steps, sampler=sampler, cfg_scale=diffusion_cfg_scale,
                              generator=g)  # [b, Dl, T]
-        t2 = time.perf_counter()
+        t1 = time.perf_counter()
         wav = codec.decode_latent(z)  # [b, C, N]
-        return wav, {"lm": t1 - t0, "diffusion": t2 - t1, "decode": time.perf_counter() - t2}
+        return wav, {"diffusion": t1 - t0, "decode": time.perf_counter() - t1}
 
-    info = render_prompts(prompts, encoder, out_dir, codec, n_frames, render, seed, batch_size, max_text_len,
-                          next(lm.parameters()).device, progress, desc="generate (two-stage)")
+    info = generate_clips(lm, codec, encoder, prompts, out_dir, n_frames, gen, render_codes=latent_then_decode,
+                          desc="generate (two-stage)", **kw)
     info["diffusion_steps"] = diffusion.sample_steps if steps is None else int(steps)
     return info
-
-
-def generate_for_run(run_dir: str | Path, prompts: list[dict], out_dir: str | Path, data=None,
-                     seconds: float | None = None, seed: int | None = None, device: str = "cpu",
-                     progress: bool = True, **overrides: Any) -> dict:
-    """Load a trained two-stage run and generate `prompts` into `out_dir`. `overrides`:
-    cfg_scale, top_k, top_p, temperature (stage 1), steps, sampler, diffusion_cfg_scale
-    (stage 2), batch_size; None values fall back to the run config."""
-    from ttm.prepare import build_text_encoder_for
-
-    cfg, lm, diff, data = load_two_stage(run_dir, device, data)
-    g = cfg.generate
-    kw = dict(cfg_scale=g.cfg_scale, top_k=g.top_k, top_p=g.top_p, temperature=g.temperature,
-              steps=None, sampler=None, diffusion_cfg_scale=None, batch_size=8)
-    unknown = set(overrides) - set(kw)
-    if unknown:
-        raise ValueError(f"generate_for_run: unknown options {sorted(unknown)}; expected some of {sorted(kw)}")
-    kw.update({k: v for k, v in overrides.items() if v is not None})
-    seconds = seconds or g.seconds or data.splits["train"].codes.shape[-1] / data.codec.frame_rate
-    return generate_two_stage(
-        lm, diff, data.codec, build_text_encoder_for(cfg), prompts, Path(out_dir), seconds,
-        seed=cfg.seed if seed is None else seed, max_text_len=cfg.text.max_length, progress=progress, **kw,
-    )
-
-
-def generate_cli(a) -> int:
-    """`ttm-bench generate RUN ...` for a two-stage run (called by ttm.sample.cli with its parsed args)."""
-    from ttm import prepare as prep
-    from ttm.sample import prompts_from_split, read_prompts
-
-    cfg = load_config(Path(a.run) / "config.yaml")
-    data = prep.prepare(cfg, progress=False)
-    if a.prompt:
-        prompts = [{"caption": a.prompt, "attributes": {}}]
-    elif a.prompts:
-        prompts = read_prompts(Path(a.prompts))
-    else:
-        prompts = prompts_from_split(data, a.split, a.n)
-    info = generate_for_run(
-        a.run, prompts, a.out, data=data, seconds=a.seconds, seed=a.seed, device=a.device,
-        cfg_scale=a.cfg_scale, top_k=a.top_k, top_p=a.top_p, temperature=a.temperature,
-        steps=getattr(a, "steps", None), sampler=getattr(a, "sampler", None),
-        diffusion_cfg_scale=getattr(a, "diffusion_cfg_scale", None), batch_size=a.batch_size,
-    )
-    print(json.dumps(info))
-    print(Path(a.out) / "samples.jsonl")
-    return 0

@@ -62,6 +62,7 @@ class ProbeEmbedder(Embedder):
         emb = p.embed([x])  # [1, D]
         with torch.no_grad():
             logits = p.net.heads_out(emb)  # {attr: [1, K]}
-        out = {"emb": emb.numpy().astype(np.float32)}
+            text_space = p.net.audio_text(emb)  # [1, E] contrastive head
+        out = {"emb": emb.numpy().astype(np.float32), "audio_text": text_space.numpy().astype(np.float32)}
         out.update({f"logits_{a}": v.numpy().astype(np.float32) for a, v in logits.items()})
         return out

@@ -13,13 +13,13 @@ continuous vector the codes stand for (the sum of the quantised codebook vectors
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ttm.audio import resample
+from ttm.util import json_hash
 
 
 def hash_tensors(*tensors: Tensor) -> str:
@@ -43,7 +43,7 @@ def model_fingerprint(model: nn.Module) -> dict[str, str]:
 
 def hash_json(obj: Any) -> str:
     """sha256 (hex, 16 chars) of a JSON-serialisable object with sorted keys."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+    return json_hash(obj, n=16, algo="sha256")
 
 
 class Codec(nn.Module):

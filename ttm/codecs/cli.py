@@ -21,11 +21,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ttm.audio import atomic_torch_save, atomic_write_text, load_audio
+from ttm.audio import atomic_torch_save, load_audio
 from ttm.codecs import CODECS, build_codec
 from ttm.codecs.base import Codec, hash_json
 from ttm.codecs.melrvq import MelRVQCodec
+from ttm.config import parse_assignments
 from ttm.data.manifest import SPLITS, Entry, read_manifest, resolve_audio
+from ttm.util import atomic_write_text
 
 SHARD_FORMAT = "ttm-tokens-1"
 
@@ -195,19 +197,6 @@ def fit_or_load_melrvq(
     return want
 
 
-def _parse_settings(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set: expected KEY=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 def tokenize_main(argv: list[str]) -> int:
     """`ttm-bench data tokenize MANIFEST --codec NAME [--codec-path P] [--out DIR] ...`"""
     ap = argparse.ArgumentParser(prog="ttm-bench data tokenize", description=tokenize_manifest.__doc__)
@@ -233,7 +222,7 @@ def tokenize_main(argv: list[str]) -> int:
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)
     out_root = a.out or a.manifest.parent / "tokens"
-    settings = _parse_settings(a.set)
+    settings = parse_assignments(a.set)
     if a.n_codebooks is not None:
         settings["n_codebooks"] = a.n_codebooks
     if a.codec == "melrvq":

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ttm.audio import atomic_write_text, save_audio
+from ttm.audio import save_audio
 from ttm.data import corpus as C
 from ttm.data.captions import make_caption
 from ttm.data.manifest import SPLITS, Entry, manifest_text, read_manifest
@@ -40,6 +40,7 @@ from ttm.data.render import (
     soundfont_path,
     voice_instruments,
 )
+from ttm.util import atomic_write_text
 
 BUILDER_VERSION = 1
 SAMPLE_RATE = 16000

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ttm.audio import atomic_write_text
 from ttm.data.manifest import assign_split, piece_unit
+from ttm.util import atomic_write_text
 
 CACHE_VERSION = 1
 STYLES: tuple[str, ...] = ("chorale", "folk", "renaissance", "quartet")

@@ -5,7 +5,9 @@ absolute) and `caption`; optional `id`, `piece`, `split` and `attributes`. Each
 usable file is decoded, mixed to mono, resampled to `sample_rate` and COPIED to
 `DIR/audio/ID.wav`, so the dataset is self-contained and at one rate. Unreadable,
 silent or too-short audio and malformed lines are skipped, and each is listed with
-its reason in `DIR/import_report.json`. Missing splits are assigned by the hash of the
+its reason in `DIR/import_report.json`, as are lines that are not valid UTF-8 and clips longer
+than `max_seconds` (default 30 s, the study's clip length: token shards pad every clip to the
+longest one, so one very long file would make every training batch that long). Missing splits are assigned by the hash of the
 piece id (a file is its own piece unless `piece` says otherwise).
 """
 
@@ -17,9 +19,10 @@ import os
 import re
 from pathlib import Path
 
-from ttm.audio import atomic_write_text, load_audio, save_audio
+from ttm.audio import load_audio, save_audio
 from ttm.data.manifest import SPLITS, Entry, assign_split, write_manifest
 from ttm.data.render import silence_reason
+from ttm.util import atomic_write_text
 
 
 def _slug(s: str) -> str:
@@ -50,6 +53,7 @@ def import_manifest(
     min_seconds: float = 1.0,
     sample_rate: int = 16000,
     progress: bool = False,
+    max_seconds: float = 30.0,
 ) -> Path:
     """Import `src` into `out`; return the path of the written `manifest.jsonl`."""
     src, out = Path(src), Path(out)
@@ -57,18 +61,27 @@ def import_manifest(
         raise FileNotFoundError(f"{src}: source manifest not found")
     if min_seconds < 0:
         raise ValueError(f"min_seconds: expected >= 0, got {min_seconds}")
+    if max_seconds <= min_seconds:
+        raise ValueError(f"max_seconds: expected > min_seconds ({min_seconds}), got {max_seconds}")
     if sample_rate <= 0:
         raise ValueError(f"sample_rate: expected > 0, got {sample_rate}")
     from tqdm import tqdm
 
-    lines = src.read_text(encoding="utf-8", errors="replace").splitlines()
+    lines = src.read_bytes().splitlines()
     entries: list[Entry] = []
     skipped: list[dict] = []
     ids: set[str] = set()
-    report = {"source": str(src.resolve()), "min_seconds": min_seconds, "sample_rate": sample_rate}
+    report = {"source": str(src.resolve()), "min_seconds": min_seconds, "max_seconds": max_seconds,
+              "sample_rate": sample_rate}
     complete = False
     try:
-        for lineno, line in enumerate(tqdm(lines, desc="import", unit="file", disable=not progress), start=1):
+        for lineno, raw in enumerate(tqdm(lines, desc="import", unit="file", disable=not progress), start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                skipped.append({"line": lineno, "path": None,
+                                "reason": f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"})
+                continue
             if not line.strip():
                 continue
             try:
@@ -78,7 +91,7 @@ def import_manifest(
                 continue
             item, why = _item(obj, lineno, src.parent)
             if why is None:
-                why = _import_one(item, out, min_seconds, sample_rate, ids, entries)
+                why = _import_one(item, out, (min_seconds, max_seconds), sample_rate, ids, entries)
             if why is not None:
                 path = obj.get("path") if isinstance(obj, dict) else None
                 skipped.append({"line": lineno, "path": str(item.get("abs", path)) if path else None, "reason": why})
@@ -93,7 +106,10 @@ def import_manifest(
     return man
 
 
-def _import_one(item: dict, out: Path, min_seconds: float, sr: int, ids: set[str], entries: list[Entry]) -> str | None:
+def _import_one(
+    item: dict, out: Path, limits: tuple[float, float], sr: int, ids: set[str], entries: list[Entry]
+) -> str | None:
+    min_seconds, max_seconds = limits
     path: Path = item["abs"]
     if not path.is_file():
         return "file not found"
@@ -104,6 +120,8 @@ def _import_one(item: dict, out: Path, min_seconds: float, sr: int, ids: set[str
     dur = wav.shape[-1] / sr
     if dur < min_seconds:
         return f"too short ({dur:.2f} s < {min_seconds:.2f} s)"
+    if dur > max_seconds:
+        return f"too long ({dur:.1f} s > {max_seconds:.1f} s; cut it into clips, or raise max_seconds)"
     why = silence_reason(wav.numpy()[0], sr, max_quiet=1.0)
     if why is not None:
         return why

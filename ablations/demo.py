@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import argparse
 import time
+from importlib.resources import files
 from pathlib import Path
 
-SPEC = Path(__file__).resolve().parents[1] / "ablations" / "demo.yaml"
+from ablations.runner import run_grid
+
+SPEC = Path(str(files("ablations") / "demo.yaml"))  # package data
 
 
 def run_demo(preset: str = "default", out: Path = Path("runs/demo"), workers: int = 1,
              progress: bool = True) -> Path:
-    from ablations.runner import run_grid
-
     out = Path(out)
     t0 = time.perf_counter()
     grid_dir = run_grid(SPEC, out_dir=out, preset=preset, workers=workers, progress=progress,

@@ -1,0 +1,31 @@
+"""Progress output: a tqdm bar on a terminal, sparse timestamped lines in a log file."""
+
+from __future__ import annotations
+
+import io
+import re
+
+from ttm.progress import bar
+
+
+def test_log_file_gets_sparse_timestamped_lines(monkeypatch):
+    monkeypatch.setenv("TTM_PROGRESS_INTERVAL", "3600")
+    buf = io.StringIO()
+    for _ in bar(range(500), file=buf, desc="work"):
+        pass
+    lines = buf.getvalue().splitlines()
+    assert "\r" not in buf.getvalue()
+    assert 1 <= len(lines) <= 3  # first, (maybe one more), final: not one line per update
+    assert all(re.match(r"\[\d\d:\d\d:\d\d\] work: ", x) for x in lines)
+    assert "500/500" in lines[-1]
+
+
+def test_terminal_gets_a_tqdm_bar():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    buf = Tty()
+    for _ in bar(range(3), file=buf, desc="tty", mininterval=0):
+        pass
+    assert "\r" in buf.getvalue() and "[" not in buf.getvalue().split("tty")[0]
