@@ -3,8 +3,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+KERNELS := $(VENV)/.kernels
 
-.PHONY: install demo test bench clean
+.PHONY: install kernels demo test bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -19,12 +20,24 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 install: $(STAMP)
 
+# mamba_ssm's and fla's Triton kernels for the interpreter tier (tests/test_kernels_interp.py,
+# TRITON_INTERPRET=1 on CPU). --no-deps: they would pull a CUDA torch; FORCE_BUILD skips
+# mamba_ssm's setup.py CUDA check, SKIP_CUDA_BUILD its extension (the Mamba1 CUDA scan).
+$(KERNELS): $(STAMP)
+	$(BIN)/pip install -q triton einops packaging setuptools wheel numpy
+	MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE $(BIN)/pip install -q --no-deps --no-build-isolation mamba-ssm==2.3.2.post1
+	$(BIN)/pip install -q --no-deps fla-core==0.6.0 flash-linear-attention==0.6.0
+	touch $(KERNELS)
+
+kernels: $(KERNELS)
+
 demo: install
 	$(BIN)/ttm-bench demo
 
-# the import-layer contract (pyproject.toml [tool.importlinter]) first, then the suite;
+# the import-layer contract (pyproject.toml [tool.importlinter]) first, then the suite
+# (with the Triton interpreter tier: `kernels` installs its packages);
 # `$(BIN)/python -m pytest -m "not slow"` is the fast inner loop
-test: install
+test: install kernels
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 

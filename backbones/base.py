@@ -287,7 +287,7 @@ def count_params(module: nn.Module, trainable_only: bool = True) -> int:
 # ----------------------------------------------------------------------------- registry
 
 _REGISTRY: dict[str, type[Backbone]] = {}
-_BUILTINS = ["transformer", "mamba", "mamba2", "s4d", "s5", "simba", "hybrid"]
+_BUILTINS = ["transformer", "mamba", "mamba2", "mamba3", "s4d", "s5", "simba", "hybrid", "fla"]
 
 
 def register(name: str) -> Callable[[type[Backbone]], type[Backbone]]:

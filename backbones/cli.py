@@ -96,6 +96,10 @@ def list_cli(argv: list[str]) -> int:
     for r in rows:
         for mode, err in r.get("errors", {}).items():
             print(f"{r['name']}: cannot build {mode} mode: {err}")
+    from backbones.fla import unavailable
+
+    for name, why in unavailable().items():
+        print(f"{name}: not available: {why}")
     return 0
 
 

@@ -46,7 +46,7 @@ class Hybrid(Backbone):
     """Mamba2 blocks with self-attention blocks at `attn_layers` ("auto": indices 1, 5, 9, ...).
 
     Knobs: attn_layers, plus the Mamba2 knobs (d_state, d_conv, expand, headdim, ngroups,
-    chunk_size, use_kernel). Attention uses n_heads.
+    chunk_size, kernel). Attention uses n_heads.
     """
 
     default_mlp_ratio = None

@@ -24,23 +24,22 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from backbones.base import Backbone, Mixer, State, register
+from backbones.ops.dispatch import KernelSwitch, check_mode, kernel_available, load_kernel
 
-MAMBA2_KNOBS = ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size", "use_kernel")
+MAMBA2_KNOBS = ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size", "kernel", "use_kernel")
 
-_KERNEL: Any = None  # mamba_ssm's mamba_chunk_scan_combined, or False when not importable
+#: mamba_ssm's Triton SSD kernel (chunk scan with initial/final states, dt_bias and softplus fused)
+SSD_KERNEL = ("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined")
+#: its decoding step (one token through the recurrence, state updated in place)
+STEP_KERNEL = ("mamba_ssm.ops.triton.selective_state_update", "selective_state_update")
+#: its gated RMSNorm, rmsnorm(y * silu(z)) per group (norm_before_gate=False)
+NORM_KERNEL = ("mamba_ssm.ops.triton.layernorm_gated", "rmsnorm_fn")
 
 
 def _chunk_scan_kernel():
-    """mamba_ssm's Triton SSD kernel, imported on first use (None when unavailable)."""
-    global _KERNEL
-    if _KERNEL is None:
-        try:
-            from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-
-            _KERNEL = mamba_chunk_scan_combined
-        except Exception:  # not installed, or installed without a working triton
-            _KERNEL = False
-    return _KERNEL or None
+    """mamba_ssm's Triton SSD kernel, or None when it does not import (the reason is in
+    `backbones.ops.dispatch.load_kernel`'s error)."""
+    return load_kernel(*SSD_KERNEL) if kernel_available(*SSD_KERNEL) else None
 
 
 # ----------------------------------------------------------------------------- SSD
@@ -280,7 +279,7 @@ class GatedRMSNorm(nn.Module):
         return y.reshape(shape) * self.weight
 
 
-class Mamba2Mixer(Mixer):
+class Mamba2Mixer(KernelSwitch, Mixer):
     """The Mamba2 sequence mixer. Decoding state: the conv window `[B, conv_dim, d_conv-1]`
     and the SSM state `[B, nheads, headdim, d_state]` (kept in at least float32)."""
 
@@ -296,7 +295,8 @@ class Mamba2Mixer(Mixer):
         headdim: int = 16,
         ngroups: int = 1,
         chunk_size: int = 64,
-        use_kernel: bool = True,
+        kernel: str = "auto",
+        use_kernel: bool | None = None,
         A_init_range: tuple[float, float] = (1.0, 16.0),
         dt_min: float = 0.001,
         dt_max: float = 0.1,
@@ -308,7 +308,10 @@ class Mamba2Mixer(Mixer):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"mamba2: {knob} must be a positive integer, got {v!r}")
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
-        self.headdim, self.ngroups, self.chunk_size, self.use_kernel = headdim, ngroups, chunk_size, use_kernel
+        self.headdim, self.ngroups, self.chunk_size = headdim, ngroups, chunk_size
+        self.kernel = check_mode("mamba2", kernel)
+        if use_kernel is not None:  # the knob of runs before `kernel` existed: True meant "auto"
+            self.kernel = "auto" if use_kernel else "reference"
         self.d_inner = expand * d_model
         if self.d_inner % headdim:
             raise ValueError(f"mamba2: expand * d_model = {self.d_inner} is not divisible by headdim = {headdim}")
@@ -366,7 +369,8 @@ class Mamba2Mixer(Mixer):
         Cm = Cm.reshape(b, l, self.ngroups, self.d_state)
         init = None if state is None else state["ssm"]
 
-        kernel = _chunk_scan_kernel() if (self.use_kernel and x.is_cuda) else None
+        kernel = self.pick_kernel(x, *SSD_KERNEL)  # CPU tensors too when asked (Triton interpreter)
+        self.record_path("scan", kernel, *SSD_KERNEL, "backbones.mamba2.ssd_chunked")
         if kernel is not None:
             A = -torch.exp(self.A_log.float())
             out = kernel(
@@ -386,7 +390,15 @@ class Mamba2Mixer(Mixer):
         if state is not None:
             state["ssm"].copy_(final)
         y = y.to(x.dtype).reshape(b, l, self.d_inner)
-        return self.out_proj(self.norm(y, z))
+        return self.out_proj(self._gated_norm(y, z))
+
+    def _gated_norm(self, y: Tensor, z: Tensor) -> Tensor:
+        kernel = self.pick_kernel(y, *NORM_KERNEL)
+        self.record_path("norm", kernel, *NORM_KERNEL, "backbones.mamba2.GatedRMSNorm")
+        if kernel is None:
+            return self.norm(y, z)
+        return kernel(y, self.norm.weight, None, z=z, eps=self.norm.eps, group_size=self.norm.group_size,
+                      norm_before_gate=False)
 
     def step(self, x: Tensor, state: State) -> Tensor:  # [b, d_model] -> [b, d_model]
         b = x.shape[0]
@@ -400,6 +412,17 @@ class Mamba2Mixer(Mixer):
         xs, Bm, Cm = torch.split(F.silu(xc), [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], -1)
 
         h = state["ssm"]  # [b, H, P, N]
+        kernel = self.pick_kernel(x, *STEP_KERNEL)
+        self.record_path("step", kernel, *STEP_KERNEL, "backbones.mamba2.Mamba2Mixer.step")
+        if kernel is not None:  # per-(head, channel) views of the per-head parameters, as mamba_ssm's step
+            P, N = self.headdim, self.d_state
+            y = kernel(
+                h, xs.view(b, self.nheads, P), dt[:, :, None].expand(-1, -1, P),
+                (-torch.exp(self.A_log.float()))[:, None, None].expand(-1, P, N),
+                Bm.view(b, self.ngroups, N), Cm.view(b, self.ngroups, N), D=self.D[:, None].expand(-1, P),
+                dt_bias=self.dt_bias[:, None].expand(-1, P), dt_softplus=True,
+            )  # [b, H, P], h updated in place
+            return self.out_proj(self._gated_norm(y.to(x.dtype).reshape(b, self.d_inner), z))
         sd = h.dtype
         g, hgp, n = self.ngroups, self.nheads // self.ngroups * self.headdim, self.d_state
         dt = F.softplus(dt.to(sd) + self.dt_bias.to(sd))  # [b, H]
@@ -411,7 +434,7 @@ class Mamba2Mixer(Mixer):
         y = torch.bmm(hv, Cm.to(sd).reshape(b * g, n, 1)).view(b, self.nheads, self.headdim)  # h C: [b, H, P]
         y = y + self.D.to(sd)[:, None] * xh
         y = y.to(x.dtype).reshape(b, self.d_inner)
-        return self.out_proj(self.norm(y, z))
+        return self.out_proj(self._gated_norm(y, z))
 
     def allocate_state(self, batch_size: int, max_len: int, device=None, dtype=None) -> State:
         dtype = dtype or self.in_proj.weight.dtype
@@ -440,7 +463,8 @@ class Mamba2(Backbone):
     """Mamba2 blocks only (the study's "Prefix Mamba"); pass mlp_ratio for an MLP sublayer.
 
     Knobs: d_state (64), d_conv (4), expand (2), headdim (16), ngroups (1), chunk_size (64),
-    use_kernel (True: mamba_ssm's Triton SSD kernel on CUDA when installed).
+    kernel ("auto": mamba_ssm's Triton SSD kernel on CUDA when it imports, else the PyTorch
+    ssd_chunked; "kernel": the Triton kernel or an error; "reference": ssd_chunked).
     """
 
     default_mlp_ratio = None

@@ -70,7 +70,7 @@ class SiMBA(Backbone):
     """Mamba2 mixer + channel mixer per block (the study's Prefix / Cross SiMBA).
 
     Knobs: the Mamba2 knobs (d_state, d_conv, expand, headdim, ngroups, chunk_size,
-    use_kernel), channel_mixer ("mlp" | "einfft"), einfft_blocks (4).
+    kernel), channel_mixer ("mlp" | "einfft"), einfft_blocks (4).
     """
 
     default_mlp_ratio = 2.0

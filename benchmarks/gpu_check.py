@@ -456,7 +456,7 @@ def _kernel_available(name: str) -> bool | None:
     if name == "mamba":
         from backbones import mamba
 
-        return getattr(mamba, "_cuda_scan", None) is not None
+        return mamba.kernel_available(*mamba.SCAN_KERNEL)
     if name in ("mamba2", "simba", "hybrid"):
         from backbones import mamba2
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from backbones.base import count_params
+from backbones.ops.dispatch import kernel_paths
 from ttm.config import RESUME_IGNORED, RunConfig
 from ttm.factory import build_model
 from ttm.flops import analytic_flops_per_token, count_train_step_flops
@@ -441,6 +442,7 @@ def make_summary(cfg, model, data, counters, budget, status, message, log_path, 
         "message": message,
         "backbone": cfg.model.backbone,
         "backbone_config": model.backbone.config(),
+        "kernel_paths": kernel_paths(model.backbone),  # which kernel/reference path each mixer ran
         "conditioning": cfg.model.conditioning,
         "pattern": cfg.model.pattern,
         "params": count_params(model),

@@ -1,0 +1,418 @@
+"""flash-linear-attention (`fla`) token mixers as backbones: `fla:GatedDeltaNet`, `fla:GLA`, ...
+
+One adapter turns an fla layer (`fla.layers.<Class>`) into a `Mixer`:
+
+    forward(x, state)   -> layer(x, past_key_values=cache, use_cache=state is not None)
+    decoding            -> through fla's own Cache (its recurrent and conv states)
+
+Paths (the `kernel` knob, see backbones.ops.dispatch): "kernel" runs the layer as fla
+ships it (Triton kernels: CUDA, or CPU tensors under TRITON_INTERPRET=1); "reference"
+runs the same layer and parameters with its Triton calls swapped for PyTorch while the
+call runs: the recurrences by `linear_recurrence` below (one loop over time, written from
+the papers' recurrences), the gates by fla's own naive references (`naive_kda_gate`), the
+short convolution and the norms by `F.conv1d` / `F.rms_norm`. "auto" = kernel on CUDA.
+
+fla is an optional extra (`pip install .[fla]`, see pyproject). Names are registered when
+fla imports; `unavailable()` says why a catalogue entry or fla layer is not offered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from backbones.base import Backbone, Mixer, State, register
+from backbones.ops.dispatch import KernelSwitch, check_mode, load_kernel
+
+# ----------------------------------------------------------------------------- reference recurrence
+
+
+def linear_recurrence(q, k, v, *, g=None, gk=None, beta=None, scale=None, initial_state=None,
+                      output_final_state=False, l2norm_qk=False, state_v_first=False):
+    """The gated (delta-rule) linear-attention recurrence, one token at a time, in float32.
+
+    q, k [B, T, Hk, K]; v [B, T, H, V] (H a multiple of Hk); g [B, T, H] (log decay per head)
+    or gk [B, T, H, K] (log decay per key channel); beta [B, T, H] (delta rule) or None.
+
+        S_t = diag(exp(gk_t)) S_{t-1}     (or exp(g_t) S_{t-1})      # S [K, V] per head
+        S_t = S_t + beta_t k_t (v_t - S_t^T k_t)^T   (delta rule)   or   S_t + k_t v_t^T
+        o_t = S_t^T q_t * scale                         (scale default K^-1/2)
+
+    Covers GLA, HGRN2 (gk), SimpleGLA (g), DeltaNet (beta), GatedDeltaNet (g, beta), KDA (gk,
+    beta). Returns o [B, T, H, V] in v's dtype and the final state [B, H, K, V] ([B, H, V, K]
+    when state_v_first) or None.
+    """
+    B, T, Hk, K = q.shape
+    H, V = v.shape[2], v.shape[3]
+    ct = torch.promote_types(v.dtype, torch.float32)
+    q, k = (t.to(ct).repeat_interleave(H // Hk, dim=2) for t in (q, k))
+    if l2norm_qk:
+        q, k = F.normalize(q, dim=-1, eps=1e-6), F.normalize(k, dim=-1, eps=1e-6)
+    q = q * (K**-0.5 if scale is None else scale)
+    vv = v.to(ct)
+    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(ct)
+    if initial_state is not None and state_v_first:
+        S = S.transpose(-1, -2)
+    outs = []
+    for t in range(T):
+        if gk is not None:
+            S = S * torch.exp(gk[:, t].to(ct))[..., None]
+        if g is not None:
+            S = S * torch.exp(g[:, t].to(ct))[..., None, None]
+        kt, vt = k[:, t], vv[:, t]  # [B, H, K], [B, H, V]
+        if beta is not None:
+            vt = beta[:, t].to(ct)[..., None] * (vt - (S * kt[..., None]).sum(-2))
+        S = S + kt[..., None] * vt[..., None, :]
+        outs.append((S * q[:, t, :, :, None]).sum(-2))  # [B, H, V]
+    o = torch.stack(outs, 1).to(v.dtype)
+    final = (S.transpose(-1, -2) if state_v_first else S) if output_final_state else None
+    return o, final
+
+
+def _no(flag: str, value: Any, op: str) -> None:
+    if value:
+        raise NotImplementedError(f"fla adapter: the PyTorch path of {op} does not implement {flag}={value!r}")
+
+
+def _common(kw: dict, op: str) -> dict:
+    for f in ("cu_seqlens", "cu_seqlens_cpu", "cp_context", "reverse", "gv", "return_intermediate_states"):
+        _no(f, kw.pop(f, None), op)
+    kw.pop("chunk_indices", None)
+    return dict(scale=kw.pop("scale", None), initial_state=kw.pop("initial_state", None),
+                output_final_state=kw.pop("output_final_state", False), state_v_first=kw.pop("state_v_first", False))
+
+
+def _beta(beta, kw, op):
+    if kw.pop("use_beta_sigmoid_in_kernel", False):
+        beta = beta.sigmoid()
+    if kw.pop("allow_neg_eigval", False):
+        beta = beta * 2
+    return beta
+
+
+def ref_gla(q, k, v, g=None, gk=None, **kw):
+    c = _common(kw, "gla")
+    return linear_recurrence(q, k, v, gk=g if gk is None else gk, **c)
+
+
+def ref_simple_gla(q, k, v, g=None, g_gamma=None, **kw):
+    c = _common(kw, "simple_gla")
+    if g is None and g_gamma is not None:
+        g = g_gamma.view(1, 1, -1).expand(q.shape[0], q.shape[1], -1)
+    return linear_recurrence(q, k, v, g=g, **c)
+
+
+def ref_delta_rule(q, k, v, beta=None, **kw):
+    c = _common(kw, "delta_rule")
+    l2 = kw.pop("use_qk_l2norm_in_kernel", False)
+    if beta is None:
+        beta = torch.ones(v.shape[:3], dtype=v.dtype, device=v.device)
+    return linear_recurrence(q, k, v, beta=beta, l2norm_qk=l2, **c)
+
+
+def ref_gated_delta_rule(q, k, v, g=None, beta=None, gk=None, A_log=None, dt_bias=None, **kw):
+    from fla.ops.gated_delta_rule.gate import naive_gdn_gate  # fla's own torch reference
+
+    c = _common(kw, "gated_delta_rule")
+    if kw.pop("use_gate_in_kernel", False):
+        g = naive_gdn_gate(g, A_log, dt_bias)
+    l2 = kw.pop("use_qk_l2norm_in_kernel", False)
+    beta = _beta(beta, kw, "gated_delta_rule")
+    return linear_recurrence(q, k, v, g=g, gk=gk, beta=beta, l2norm_qk=l2, **c)
+
+
+def ref_kda(q, k, v, g, beta, A_log=None, dt_bias=None, **kw):
+    from fla.ops.kda.gate import naive_kda_gate, naive_kda_lowerbound_gate  # fla's own torch references
+
+    c = _common(kw, "kda")
+    l2 = kw.pop("use_qk_l2norm_in_kernel", False)
+    lower = kw.pop("lower_bound", None)
+    kw.pop("safe_gate", None), kw.pop("disable_recompute", None), kw.pop("use_graph", None), kw.pop("max_num_seqs", None)
+    if kw.pop("use_gate_in_kernel", False):
+        g = (naive_kda_gate(g, A_log, dt_bias) if lower is None
+             else naive_kda_lowerbound_gate(g, A_log, dt_bias, lower_bound=lower))
+    beta = _beta(beta, kw, "kda")
+    return linear_recurrence(q, k, v, gk=g, beta=beta, l2norm_qk=l2, **c)
+
+
+# fla op (module path, name) -> PyTorch reference with the same call signature
+_OP_REFS = {
+    ("fla.ops.gla", "chunk_gla"): ref_gla,
+    ("fla.ops.gla", "fused_chunk_gla"): ref_gla,
+    ("fla.ops.gla", "fused_recurrent_gla"): ref_gla,
+    ("fla.ops.simple_gla", "chunk_simple_gla"): ref_simple_gla,
+    ("fla.ops.simple_gla", "fused_recurrent_simple_gla"): ref_simple_gla,
+    ("fla.ops.delta_rule", "chunk_delta_rule"): ref_delta_rule,
+    ("fla.ops.delta_rule", "fused_recurrent_delta_rule"): ref_delta_rule,
+    ("fla.ops.gated_delta_rule", "chunk_gated_delta_rule"): ref_gated_delta_rule,
+    ("fla.ops.gated_delta_rule", "fused_recurrent_gated_delta_rule"): ref_gated_delta_rule,
+    ("fla.ops.kda", "chunk_kda"): ref_kda,
+    ("fla.ops.kda", "fused_recurrent_kda"): ref_kda,
+    ("fla.modules.convolution", "causal_conv1d"): lambda *a, **kw: ref_causal_conv1d(*a, **kw),
+    ("fla.modules.activations", "swish"): F.silu,
+    ("fla.modules.layernorm", "rms_norm_linear"): lambda x, nw, nb, lw, lb, residual=None, eps=1e-5, **kw: (
+        _no("residual", residual is not None, "rms_norm_linear")
+        or F.linear(F.rms_norm(x, (x.shape[-1],), nw, eps) + (0 if nb is None else nb), lw, lb)),
+}
+
+
+# ----------------------------------------------------------------------------- reference modules
+
+
+def ref_causal_conv1d(x, weight, bias=None, residual=None, initial_state=None, output_final_state=False,
+                      activation=None, cu_seqlens=None, **kw):
+    """fla's causal_conv1d in PyTorch: x [B, T, D], weight [D, W]; state [B, D, W] = the last W inputs."""
+    _no("cu_seqlens", cu_seqlens, "causal_conv1d")
+    B, T, D = x.shape
+    W = weight.shape[-1]
+    left = x.new_zeros(B, D, W - 1) if initial_state is None else initial_state[..., 1:].to(x.dtype)
+    xt = torch.cat([left, x.transpose(1, 2)], -1)  # [B, D, W - 1 + T]
+    y = F.conv1d(xt, weight[:, None], bias, groups=D).transpose(1, 2)
+    if activation in ("silu", "swish"):
+        y = F.silu(y)
+    if residual is not None:
+        y = y + residual
+    final = xt[..., -W:] if output_final_state else None
+    return y, final
+
+
+def _short_conv_ref(self, x, residual=None, mask=None, cache=None, output_final_state=False, cu_seqlens=None, **kw):
+    """fla ShortConvolution in PyTorch (its cache [B, D, W] is updated in place when decoding)."""
+    if mask is not None:
+        x = x * mask[..., None]
+    y, final = ref_causal_conv1d(x, self.weight[:, 0], self.bias, residual, cache,
+                                 output_final_state or cache is not None, self.activation, cu_seqlens)
+    if cache is not None and not torch.is_grad_enabled():
+        cache.copy_(final)
+    return y, final
+
+
+def _rms_norm_gated_ref(self, x, g, residual=None, prenorm=False, residual_in_fp32=False):
+    _no("residual", residual is not None, "FusedRMSNormGated")
+    y = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
+    if self.weight is not None:
+        y = y * self.weight.float()
+    if getattr(self, "bias", None) is not None:
+        y = y + self.bias.float()
+    gate = torch.sigmoid(g.float()) if self.activation == "sigmoid" else F.silu(g.float())
+    return (y * gate).to(x.dtype)
+
+
+def _rms_norm_ref(self, x, residual=None, prenorm=False, residual_in_fp32=False):
+    _no("residual", residual is not None, "RMSNorm")
+    y = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
+    if self.weight is not None:
+        y = y * self.weight.float()
+    if self.bias is not None:
+        y = y + self.bias.float()
+    return y.to(x.dtype)
+
+
+_MODULE_REFS = {  # fla module class (module path, name) -> PyTorch forward
+    ("fla.modules", "ShortConvolution"): _short_conv_ref,
+    ("fla.modules", "FusedRMSNormGated"): _rms_norm_gated_ref,
+    ("fla.modules", "RMSNorm"): _rms_norm_ref,
+}
+
+
+@contextlib.contextmanager
+def torch_path(layer: torch.nn.Module):
+    """While inside, `layer` computes with PyTorch only: fla ops named in its module are
+    swapped for their references and fla norm/conv submodules get PyTorch forwards.
+    Raises NotImplementedError naming an fla op or module that has no reference."""
+    mod = importlib.import_module(type(layer).__module__)
+    ops = {id(load_kernel(m, n)): ref for (m, n), ref in _OP_REFS.items() if _importable(m, n)}
+    classes = {load_kernel(m, n): fwd for (m, n), fwd in _MODULE_REFS.items() if _importable(m, n)}
+    saved = {name: obj for name, obj in vars(mod).items() if id(obj) in ops}
+    patched = []
+    try:
+        for name, obj in saved.items():
+            setattr(mod, name, ops[id(obj)])
+        for sub in layer.modules():
+            fwd = classes.get(type(sub))
+            if fwd is not None:
+                sub.forward = fwd.__get__(sub)
+                patched.append(sub)
+        yield
+    finally:
+        for name, obj in saved.items():
+            setattr(mod, name, obj)
+        for sub in patched:
+            del sub.forward
+
+
+def _importable(module: str, name: str) -> bool:
+    try:
+        load_kernel(module, name)
+    except RuntimeError:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------- catalogue
+
+#: fla layer -> (class in fla.layers[.module], constructor kwargs given d_model D and heads H)
+CATALOGUE: dict[str, tuple[str, Any]] = {
+    "GatedDeltaNet": ("GatedDeltaNet", lambda D, H: dict(head_dim=D // H, expand_v=1, num_heads=H)),
+    "GLA": ("GatedLinearAttention", lambda D, H: dict(expand_k=0.5, expand_v=1.0, num_heads=H)),
+    "HGRN2": ("HGRN2Attention", lambda D, H: dict(num_heads=H, expand_ratio=D // H)),
+    "DeltaNet": ("DeltaNet", lambda D, H: dict(num_heads=H)),
+    "KDA": ("KimiDeltaAttention", lambda D, H: dict(head_dim=D // H, expand_v=1, num_heads=H)),
+    "SimpleGLA": ("simple_gla.SimpleGatedLinearAttention", lambda D, H: dict(num_heads=H)),
+}
+#: layers of fla.layers not in the catalogue, with the reason
+NOT_ADAPTED = {
+    "RWKV7Attention": "its ops (chunk_rwkv7, fused_addcmul_rwkv7, fused_k_rwkv7, token_shift, GroupNorm) "
+                      "have no PyTorch path in the adapter yet",
+    "RWKV6Attention": "chunk_rwkv6 and its LoRA/token-shift kernels have no PyTorch path in the adapter yet",
+    "MultiScaleRetention": "its RotaryEmbedding and retention ops have no PyTorch path in the adapter yet",
+    "HGRNAttention": "chunk_hgrn has no PyTorch path in the adapter yet",
+    "LinearAttention": "its feature maps and chunk_linear_attn normalisation have no PyTorch path yet",
+    "Mamba2": "the suite's own `mamba2` backbone covers it",
+    "Mamba3": "the suite's own `mamba3` backbone covers it",
+}
+
+
+def fla_missing() -> str | None:
+    """Why fla cannot be used here, or None."""
+    for pkg, pip in (("fla", "fla-core==0.6.0"), ("fla.layers", "flash-linear-attention==0.6.0")):
+        try:
+            if importlib.util.find_spec(pkg) is None:
+                return f"{pkg} is not installed (pip install --no-deps {pip}, or pip install .[fla])"
+        except ModuleNotFoundError:
+            return f"{pkg} is not installed (pip install --no-deps {pip}, or pip install .[fla])"
+    return None
+
+
+def unavailable() -> dict[str, str]:
+    """{fla layer: why it is not a backbone here}."""
+    missing = fla_missing()
+    if missing is not None:
+        return {f"fla:{name}": missing for name in CATALOGUE}
+    import fla.layers
+
+    out = {}
+    for cls in getattr(fla.layers, "__all__", []):
+        if cls in NOT_ADAPTED:
+            out[f"fla:{cls}"] = NOT_ADAPTED[cls]
+        elif cls not in {c.rsplit(".", 1)[-1] for c, _ in CATALOGUE.values()}:
+            out[f"fla:{cls}"] = "not in the adapter's catalogue (no PyTorch path checked for its ops)"
+    return out
+
+
+class FlaMixer(KernelSwitch, Mixer):
+    """An fla token-mixing layer as a Mixer. State: {"cache": fla Cache} (its recurrent and
+    conv states, allocated up front so the state size is known before decoding)."""
+
+    constant_state = True
+
+    def __init__(self, d_model: int, layer: str, n_heads: int = 4, kernel: str = "auto",
+                 layer_kwargs: dict[str, Any] | None = None):
+        super().__init__()
+        if layer not in CATALOGUE:
+            raise ValueError(f"fla: unknown layer {layer!r}; the catalogue has {', '.join(CATALOGUE)}")
+        why = fla_missing()
+        if why is not None:
+            raise RuntimeError(f"fla:{layer}: {why}")
+        self.layer_name, self.kernel = layer, check_mode(f"fla:{layer}", kernel)
+        cls_name, defaults = CATALOGUE[layer]
+        self.cls_path = f"fla.layers.{cls_name}"
+        self._where = self.cls_path.rsplit(".", 1)  # (module, class)
+        kw = {**defaults(d_model, n_heads), **(layer_kwargs or {})}
+        self.layer = load_kernel(*self._where)(hidden_size=d_model, layer_idx=0, **kw)
+
+    def _run(self, x: Tensor, cache) -> Tensor:
+        use_kernel = self.kernel == "kernel" or (self.kernel == "auto" and x.is_cuda)
+        self.record_path("layer", load_kernel(*self._where) if use_kernel else None, *self._where,
+                         f"{self.cls_path} + backbones.fla.torch_path")
+        ctx = contextlib.nullcontext() if use_kernel else torch_path(self.layer)
+        with ctx:
+            out = self.layer(x, past_key_values=cache, use_cache=cache is not None)
+        return out[0]
+
+    def forward(self, x: Tensor, state: State | None = None) -> Tensor:
+        return self._run(x, None if state is None else state["cache"])
+
+    def allocate_state(self, batch_size: int, max_len: int, device=None, dtype=None) -> State:
+        """An fla Cache holding zero states: the shapes come from one zero token through the
+        layer on a throwaway cache (PyTorch path); the new cache has seen no tokens."""
+        from fla.models.utils import Cache
+
+        p = next(self.parameters())
+        device, dtype = device or p.device, dtype or p.dtype
+        probe = Cache()
+        with torch.no_grad(), torch_path(self.layer), torch.device(p.device):  # shapes only; may be asked for meta
+            self.layer(torch.zeros(batch_size, 1, self.layer.hidden_size, dtype=p.dtype),
+                       past_key_values=probe, use_cache=True)
+        zeros = {k: _zeros_like(v, device, dtype) for k, v in probe[0].items() if v is not None and k != "attn_state"}
+        cache = Cache()
+        cache.update(layer_idx=0, offset=0, **zeros)
+        return {"cache": cache}
+
+    def state_numel(self, state: State) -> int:
+        return sum(t.numel() for t in _tensors(state["cache"][0]))
+
+
+def _zeros_like(v, device, dtype):
+    """Zeros shaped like a cache entry; recurrent states stay in at least float32."""
+    if torch.is_tensor(v):
+        dt = torch.promote_types(dtype, torch.float32) if v.dtype == torch.float32 else dtype
+        return torch.zeros(v.shape, device=device, dtype=dt)
+    return type(v)(_zeros_like(t, device, dtype) for t in v)
+
+
+def _tensors(obj):
+    if torch.is_tensor(obj):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+class FlaBackbone(Backbone):
+    """Base of the `fla:<Layer>` backbones (one subclass per catalogue entry)."""
+
+    layer: str = "?"
+    default_mlp_ratio = 2.0  # fla's models interleave their mixers with an MLP
+    size_knob = ("mlp_ratio", 0.25, 16.0, 0)
+
+    def make_mixer(self, layer_idx: int) -> Mixer:
+        unknown = sorted(set(self.mixer_kwargs) - {"kernel", "layer_kwargs"})
+        if unknown:
+            raise ValueError(f"{self.name}: unknown knob(s) {', '.join(unknown)}; expected kernel, layer_kwargs")
+        return FlaMixer(self.d_model, self.layer, n_heads=self.n_heads, **self.mixer_kwargs)
+
+    def scan_flops_per_token(self, seq_len: int) -> int:
+        """The recurrence per token: state decay, (delta) update and read-out, ~6 K V per head."""
+        n = 0
+        for b in self.blocks:
+            lay = b.mixer.layer
+            H = getattr(lay, "num_v_heads", None) or getattr(lay, "num_heads", 1)
+            K = getattr(lay, "head_k_dim", None) or getattr(lay, "head_qk_dim", None) or getattr(lay, "head_dim", 1)
+            V = getattr(lay, "head_v_dim", None) or K
+            n += 6 * H * int(K) * int(V)
+        return n
+
+
+def _register_catalogue() -> None:
+    if fla_missing() is not None:
+        return
+    for name in CATALOGUE:
+        cls = type(f"Fla{name}", (FlaBackbone,), {"layer": name, "__doc__": f"fla.layers {CATALOGUE[name][0]} "
+                   f"(flash-linear-attention) as a mixer; knobs: kernel, layer_kwargs.",
+                   "__module__": __name__})
+        register(f"fla:{name}")(cls)
+        globals()[cls.__name__] = cls  # importable by dotted path too
+
+
+_register_catalogue()
+

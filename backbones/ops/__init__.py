@@ -1,0 +1,9 @@
+"""Sequence-mixing ops apart from the modules that use them (as in mamba_ssm's ops/).
+
+    dispatch        the kernel | reference knob, kernel loading, the record of the path that ran
+    selective_scan  Mamba1's selective scan: sequential reference, numba CPU kernel, chunked PyTorch
+    mamba3          Mamba-3's SISO scan: sequential reference and chunked PyTorch form
+
+Each kernel has a pure reference beside it; the Triton kernels from mamba_ssm and fla are
+checked against these references under TRITON_INTERPRET=1 (tests/test_kernels_interp.py).
+"""

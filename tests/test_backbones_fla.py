@@ -1,0 +1,52 @@
+"""The fla adapter: registration, reasons for the layers it does not offer, errors, and the
+PyTorch recurrence against a closed form. (Contract checks: test_backbones_contract runs
+every registered `fla:*`; kernels: test_kernels_interp.)"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from backbones import fla
+from backbones.base import registered
+
+pytestmark = pytest.mark.skipif(fla.fla_missing() is not None, reason=f"fla: {fla.fla_missing()}")
+
+
+def test_six_catalogue_layers_are_registered_and_the_rest_say_why_not():
+    names = {n for n in registered() if n.startswith("fla:")}
+    assert names == {f"fla:{n}" for n in fla.CATALOGUE} and len(names) >= 6
+    why = fla.unavailable()
+    assert "chunk_rwkv7" in why["fla:RWKV7Attention"]
+    assert not names & set(why)
+
+
+def test_unknown_layer_and_missing_fla_are_clear_errors(monkeypatch):
+    with pytest.raises(ValueError, match="unknown layer 'RWKV9'"):
+        fla.FlaMixer(32, "RWKV9")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n.startswith("fla") else real(n, *a))
+    with pytest.raises(RuntimeError, match=r"fla:GLA: fla is not installed \(pip install"):
+        fla.FlaMixer(32, "GLA")
+
+
+def test_linear_recurrence_closed_form_without_decay():
+    """No gate, no delta rule: o_t = sum_{s<=t} (q_t . k_s) v_s * scale (causal linear attention)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 7, 3, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    o, S = fla.linear_recurrence(q, k, v, scale=0.5, output_final_state=True)
+    att = torch.einsum("bthk,bshk->bhts", q, k).tril() * 0.5
+    assert torch.allclose(o, torch.einsum("bhts,bshv->bthv", att, v))
+    assert torch.allclose(S, torch.einsum("bshk,bshv->bhkv", k, v))
+
+
+def test_reference_path_is_recorded_and_restores_the_fla_module():
+    import fla.layers.gated_deltanet as gdn
+
+    before = dict(vars(gdn))
+    m = fla.FlaMixer(32, "GatedDeltaNet", n_heads=2, kernel="reference")
+    m(torch.randn(1, 5, 32))
+    assert dict(vars(gdn)) == before and not any("forward" in vars(sub) for sub in m.modules())
+    assert m.kernel_path == {"layer": "reference: fla.layers.GatedDeltaNet + backbones.fla.torch_path"}
