@@ -428,9 +428,15 @@ class Mamba2Mixer(KernelSwitch, Mixer):
         dt = F.softplus(dt.to(sd) + self.dt_bias.to(sd))  # [b, H]
         dA = torch.exp(dt * -torch.exp(self.A_log.to(sd)))  # [b, H]
         xh = xs.to(sd).view(b, self.nheads, self.headdim)  # [b, H, P]
-        hv = h.view(b * g, hgp, n)  # heads of a group share B and C
-        h.mul_(dA[:, :, None, None])
-        hv.baddbmm_((dt[:, :, None] * xh).reshape(b * g, hgp, 1), Bm.to(sd).reshape(b * g, 1, n))  # += x dt B^T
+        u = (dt[:, :, None] * xh).reshape(b * g, hgp, 1)  # heads of a group share B and C
+        Bn = Bm.to(sd).reshape(b * g, 1, n)
+        if torch.is_grad_enabled():  # differentiable: a new state (in-place updates would break autograd)
+            hv = torch.baddbmm((h * dA[:, :, None, None]).reshape(b * g, hgp, n), u, Bn)
+            state["ssm"] = hv.view_as(h)
+        else:  # decoding: update the preallocated state in place, no temporaries
+            hv = h.view(b * g, hgp, n)
+            h.mul_(dA[:, :, None, None])
+            hv.baddbmm_(u, Bn)  # += x dt B^T
         y = torch.bmm(hv, Cm.to(sd).reshape(b * g, n, 1)).view(b, self.nheads, self.headdim)  # h C: [b, H, P]
         y = y + self.D.to(sd)[:, None] * xh
         y = y.to(x.dtype).reshape(b, self.d_inner)
