@@ -19,6 +19,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
+class _Heads(_Strict):
+    """A model section with `d_model` and `n_heads`: d_model must split into the heads."""
+
+    @model_validator(mode="after")
+    def _heads(self):
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        return self
+
+
 class DataConfig(_Strict):
     preset: str = "tiny"  # embedded dataset preset (ignored when `manifest` is set)
     manifest: str | None = None  # an existing manifest.jsonl (e.g. from `ttm-bench data import`)
@@ -39,7 +49,7 @@ class TextConfig(_Strict):
     max_length: int = Field(32, ge=1)
 
 
-class DiffusionConfig(_Strict):
+class DiffusionConfig(_Heads):
     """Stage 2 of a two-stage model: diffusion over the codec latent, conditioned on the
     stage-1 tokens (first `model.first_k` codebooks) and the text."""
 
@@ -60,14 +70,8 @@ class DiffusionConfig(_Strict):
     target: Literal["residual", "full"] = "residual"  # residual: latent(all) - latent(first k); full: latent(all)
     stage2_only: bool = False  # set in RUN/stage2/config.yaml: this run trains the diffusion stage alone
 
-    @model_validator(mode="after")
-    def _heads(self):
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        return self
 
-
-class ModelConfig(_Strict):
+class ModelConfig(_Heads):
     kind: Literal["lm", "two_stage"] = "lm"  # two_stage: first_k LM (stage 1) + latent diffusion
     backbone: str = "transformer"
     conditioning: Literal["prefix", "cross"] = "prefix"
@@ -93,12 +97,6 @@ class ModelConfig(_Strict):
         if self.kind == "two_stage":
             return "diffusion" if self.diffusion.stage2_only else "two_stage"
         return "lm"
-
-    @model_validator(mode="after")
-    def _heads(self):
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        return self
 
 
 class Budget(_Strict):

@@ -10,24 +10,14 @@ with `@register("name")` (eval.embedders.base), so adding an embedder touches on
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
 from eval.embedders.base import REGISTRY, Embedder, register
+from eval.plugins import load_package_modules
 
 __all__ = ["Embedder", "get_embedder", "list_embedders", "register"]
 
-_loaded = False
-
 
 def _load_all() -> None:
-    global _loaded
-    if _loaded:
-        return
-    for mod in pkgutil.iter_modules(__path__):
-        if mod.name != "base":
-            importlib.import_module(f"{__name__}.{mod.name}")
-    _loaded = True
+    load_package_modules(__name__, __path__)
 
 
 def list_embedders() -> list[str]:

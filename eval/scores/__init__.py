@@ -11,24 +11,14 @@ Every module of this package is imported on first use; a module registers its cl
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
+from eval.plugins import load_package_modules
 from eval.scores.base import REGISTRY, Inputs, Metric, register
 
 __all__ = ["Inputs", "Metric", "get_metric", "list_metrics", "register"]
 
-_loaded = False
-
 
 def _load_all() -> None:
-    global _loaded
-    if _loaded:
-        return
-    for mod in pkgutil.iter_modules(__path__):
-        if mod.name != "base":
-            importlib.import_module(f"{__name__}.{mod.name}")
-    _loaded = True
+    load_package_modules(__name__, __path__)
 
 
 def list_metrics() -> list[str]:
