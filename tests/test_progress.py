@@ -29,3 +29,14 @@ def test_terminal_gets_a_tqdm_bar():
     for _ in bar(range(3), file=buf, desc="tty", mininterval=0):
         pass
     assert "\r" in buf.getvalue() and "[" not in buf.getvalue().split("tty")[0]
+
+
+def test_cursor_moves_of_nested_bars_stay_out_of_log_lines(monkeypatch):
+    monkeypatch.setenv("TTM_PROGRESS_INTERVAL", "0")
+    buf = io.StringIO()
+    outer = bar(range(2), file=buf, desc="outer")
+    for _ in outer:
+        for _ in bar(range(3), file=buf, desc="inner"):
+            pass
+    assert "\x1b" not in buf.getvalue()
+    assert all(re.match(r"\[\d\d:\d\d:\d\d\] (outer|inner): ", x) for x in buf.getvalue().splitlines())

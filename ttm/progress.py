@@ -8,6 +8,7 @@ every `TTM_PROGRESS_INTERVAL` seconds (default 30) and once when it closes.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from typing import Any, TextIO
@@ -15,6 +16,7 @@ from typing import Any, TextIO
 from tqdm import tqdm
 
 DEFAULT_INTERVAL_S = 30.0
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 class _TimestampedLines:
@@ -24,7 +26,7 @@ class _TimestampedLines:
         self.stream = stream
 
     def write(self, s: str) -> int:
-        text = s.replace("\r", "").strip()
+        text = _ANSI.sub("", s).replace("\r", "").strip()  # nested bars move the cursor: not in a file
         if text:
             self.stream.write(f"[{time.strftime('%H:%M:%S')}] {text}\n")
         return len(s)
