@@ -40,3 +40,14 @@ def test_cursor_moves_of_nested_bars_stay_out_of_log_lines(monkeypatch):
             pass
     assert "\x1b" not in buf.getvalue()
     assert all(re.match(r"\[\d\d:\d\d:\d\d\] (outer|inner): ", x) for x in buf.getvalue().splitlines())
+
+
+def test_explicit_refreshes_wait_out_the_interval(monkeypatch):
+    monkeypatch.setenv("TTM_PROGRESS_INTERVAL", "3600")
+    buf = io.StringIO()
+    b = bar(total=100, file=buf, desc="train")
+    for i in range(100):
+        b.update(1)
+        b.set_postfix(loss=f"{i:.3f}")  # refreshes on every call in plain tqdm
+    b.close()
+    assert len(buf.getvalue().splitlines()) <= 2  # the first line and the closing one

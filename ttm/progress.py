@@ -35,6 +35,20 @@ class _TimestampedLines:
         self.stream.flush()
 
 
+class _LogBar(tqdm):
+    """A tqdm whose explicit refreshes (set_postfix, bar.n = ...; refresh()) also wait out
+    `mininterval`, so a log gets one line per interval whatever the caller does."""
+
+    _last_line = 0.0
+
+    def refresh(self, nolock=False, lock_args=None):
+        now = time.time()
+        if now - self._last_line < self.mininterval:
+            return None
+        self._last_line = now
+        return super().refresh(nolock=nolock, lock_args=lock_args)
+
+
 def is_tty(stream: TextIO) -> bool:
     try:
         return stream.isatty()
@@ -49,5 +63,5 @@ def bar(iterable: Any = None, *, file: TextIO | None = None, **kw: Any) -> tqdm:
         return tqdm(iterable, file=stream, **kw)
     interval = float(os.environ.get("TTM_PROGRESS_INTERVAL", DEFAULT_INTERVAL_S))
     kw["leave"] = True  # in a log the closing line is the one a reader wants
-    return tqdm(iterable, file=_TimestampedLines(stream), mininterval=interval, maxinterval=max(interval, 10.0),
+    return _LogBar(iterable, file=_TimestampedLines(stream), mininterval=interval, maxinterval=max(interval, 10.0),
                 bar_format="{l_bar}{r_bar}", **kw)
