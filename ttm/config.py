@@ -80,7 +80,9 @@ class ModelConfig(_Strict):
     target_params: int | None = Field(None, ge=1)  # total trainable params to match (sizes `size_by`)
     size_by: Literal["n_layers", "d_model"] = "n_layers"
     backbone_kwargs: dict[str, Any] = Field(default_factory=dict)
-    positions: Literal["auto", "sinusoidal", "none"] = "auto"
+    # absolute positions (ttm/positions.py): auto (attention: sinusoidal, SSMs: none), none, sinusoidal,
+    # study (the reference study's sinusoid, added over [text; audio] in prefix models, SSMs included)
+    positions: Literal["auto", "none", "sinusoidal", "study"] = "auto"
     dropout: float = Field(0.0, ge=0, lt=1)
     caption_dropout: float = Field(0.1, ge=0, lt=1)  # for classifier-free guidance
     label_smoothing: float = Field(0.0, ge=0, lt=1)

@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from backbones.base import Backbone, count_params, sinusoidal_positions
+from backbones.base import Backbone, count_params
 from ttm.patterns import Pattern
+from ttm.positions import position_table, resolve_positions
 
 
 def text_memory(proj: nn.Module, null: Tensor, text_emb: Tensor, text_mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -69,7 +70,8 @@ class TTMLM(nn.Module):
         self.backbone, self.pattern, self.conditioning = backbone, pattern, conditioning
         self.caption_dropout, self.label_smoothing = caption_dropout, label_smoothing
         D, card, Ko = backbone.d_model, pattern.cardinality, pattern.n_out
-        self.use_positions = positions == "sinusoidal" or (positions == "auto" and backbone.needs_positions)
+        self.positions = resolve_positions(positions, backbone.needs_positions)  # none / sinusoidal / study
+        self.use_positions = self.positions != "none"
         parts = LMParts(Ko, card, text_dim, D)
         self.text_proj, self.null_text, self.emb, self.heads = parts.text_proj, parts.null_text, parts.emb, parts.heads
 
@@ -86,7 +88,7 @@ class TTMLM(nn.Module):
         return sum(e(tokens[:, k]) for k, e in enumerate(self.emb))
 
     def _pos(self, n: int, offset: int, ref: Tensor) -> Tensor:
-        return sinusoidal_positions(n, ref.shape[-1], offset, device=ref.device).to(ref.dtype)
+        return position_table(self.positions, n, ref.shape[-1], offset, device=ref.device).to(ref.dtype)
 
     def logits(self, h: Tensor) -> Tensor:
         """`[B, S, D] -> [B, K', S, card]`."""
