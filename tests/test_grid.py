@@ -91,6 +91,8 @@ def fake_cell(config: dict, run_dir: Path) -> dict:
         "tokens": steps * 64,
         "flops": rows[-1]["flops"],
         "val_loss": vl,
+        "val_info_gain": 0.5 - q,  # FAKE text information gain and its interval over clips
+        "val_info_gain_ci": [0.4 - q, 0.6 - q],
         "train_time_s": steps * 0.01,
         "budget": {"kind": "steps", "limit": steps, "used": steps, "binding": "steps"},
         "metrics": {

@@ -82,6 +82,22 @@ def test_ssm_positions_are_a_knob(positions, want):
     assert torch.equal(a, b)
 
 
+def test_clip_nll_matches_the_loss_and_is_text_blind_when_the_text_cannot_matter():
+    lm = make_lm("prefix").eval()
+    te, tm = text()
+    codes = torch.randint(0, 16, (2, 3, 10))
+    lengths = torch.tensor([10, 10])
+    nll = lm.clip_nll(codes, lengths, te, tm)  # [B, K']
+    _, per_k = lm.loss(codes, lengths, te, tm)  # equal lengths: the token mean is the clip mean
+    assert nll.shape == (2, 3) and torch.allclose(nll.mean(0), per_k, atol=1e-5)
+    # a text projection that outputs the null vector whatever the text: no information gain at all
+    with torch.no_grad():
+        lm.text_proj[0].weight.zero_()
+        lm.null_text.copy_(lm.text_proj[1].bias)
+        lm.text_proj[1].weight.zero_()
+    assert torch.allclose(lm.clip_nll(codes, lengths, te, torch.zeros_like(tm)), lm.clip_nll(codes, lengths, te, tm))
+
+
 def test_generation_seeded_and_length():
     lm = make_lm().eval()
     te, tm = text()
