@@ -251,6 +251,8 @@ def test_rerun_adopts_cells_named_by_the_old_hash(tmp_path):
                        "axes": {"model.backbone": ["transformer", "simba"]}})
     grid = tmp_path / "g"
     cells = expand(spec)
+    # the cell's name, the run's summary (config_hash of the run config, named) and duplicates: one hash
+    assert all(config_hash(c.run_config()) == config_from_dict(c.run_config()).hash() == c.hash for c in cells)
     olds = []
     for c in cells:  # what the old runner left: <slug>-<json_hash(raw config)>
         legacy = json_hash(c.config, compact=True)
