@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import json
+import re
 import sys
 import time
 import traceback
@@ -12,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from ablations.spec import Cell
+from ablations.spec import Cell, config_hash
 from ttm.rundir import RunDir
 from ttm.util import atomic_write_json, atomic_write_text
 
@@ -81,6 +83,49 @@ def metric_of(summary: dict, metric: str) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
+# ----------------------------------------------------------------------------- renamed cells
+
+
+def _recorded_config(run_dir: Path) -> dict | None:
+    """The config a cell directory was run with: cell.json's `config`, else cell.yaml."""
+    try:
+        c = json.loads((run_dir / "cell.json").read_text()).get("config")
+        if isinstance(c, dict):
+            return c
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        c = yaml.safe_load((run_dir / "cell.yaml").read_text())
+        return c if isinstance(c, dict) else None
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def adopt_renamed(cell: Cell, cells_dir: Path) -> Path | None:
+    """Hash migration: a directory of this cell under an older name (same slug, another hash: the
+    hash was once taken on the raw config) whose recorded config has this cell's config hash is
+    renamed to the cell's name, so a rerun keeps its work (finished, or resumable from a checkpoint).
+    Returns the old path, or None. A finished directory is preferred over an unfinished one."""
+    if (cells_dir / cell.name).exists() or not cells_dir.is_dir():
+        return None
+    slug = cell.name.rsplit("-", 1)[0]
+    same = re.compile(re.escape(slug) + r"-[0-9a-f]{10}")
+    found = [
+        d for d in sorted(cells_dir.iterdir())
+        if d.is_dir() and same.fullmatch(d.name) and (c := _recorded_config(d)) is not None
+        and config_hash({k: v for k, v in c.items() if k != "name"}) == cell.hash
+    ]
+    if not found:
+        return None
+    old = max(found, key=summary_complete)  # a finished one first
+    old.rename(cells_dir / cell.name)
+    rd = RunDir(cells_dir / cell.name)
+    summary = rd.read_summary()
+    if summary is not None and "config_hash" in summary:
+        rd.write_summary({**summary, "config_hash": cell.hash, "renamed_from": old.name})
+    return old
+
+
 # ----------------------------------------------------------------------------- one cell
 
 
@@ -94,8 +139,11 @@ def say(msg: str) -> None:
 def run_one(cell: Cell, grid_dir: Path, fn: CellFn, tag: str = "") -> tuple[dict, bool]:
     """Run (or record) one cell in `grid_dir/cells/<name>`. Returns (summary, ran)."""
     run_dir = Path(grid_dir) / "cells" / cell.name
+    old = adopt_renamed(cell, run_dir.parent)
+    if old is not None:
+        say(f"{tag}{cell.name}: adopted {old.name} (same config, named by the old config hash)")
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / "cell.json", cell.manifest())
+    atomic_write_json(run_dir / "cell.json", {**cell.manifest(), **({"renamed_from": old.name} if old else {})})
     if summary_complete(run_dir):
         say(f"{tag}{cell.name}: already complete, recorded")
         return read_summary(run_dir), False

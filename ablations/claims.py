@@ -9,14 +9,15 @@ from pathlib import Path
 from typing import Any
 
 from ablations.cells import CellFn, headline, metric_of, run_one, say
-from ablations.spec import Cell, GridSpec, config_hash
+from ablations.spec import Cell, GridSpec
 from ablations.storage import Heartbeat, fail_trial, reap, retry_trial, worker_identity
+from ttm.util import json_hash
 
 # ----------------------------------------------------------------------------- grid mode
 
 
 def _study_name(spec: GridSpec, preset: str | None, cells: list[Cell], mode: str) -> str:
-    digest = config_hash({"cells": [c.hash for c in cells]})
+    digest = json_hash({"cells": [c.hash for c in cells]}, compact=True)
     return f"{spec.name}:{preset or '-'}:{mode}:{digest}"
 
 

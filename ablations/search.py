@@ -13,13 +13,13 @@ from ablations.cells import CellFn, metric_of, run_one, say
 from ablations.claims import complete_trial, fail_with, mark_claim
 from ablations.spec import (
     GridSpec,
-    config_hash,
     expand_groups,
     make_cell,
     preset_parts,
     resolve_base,
 )
 from ablations.storage import Heartbeat, fail_trial, reap, worker_identity
+from ttm.util import json_hash
 
 # ----------------------------------------------------------------------------- search mode
 
@@ -53,7 +53,7 @@ def search_studies(storage, spec: GridSpec, preset: str | None, overrides: dict 
     out = []
     for labels, ov in expand_groups(spec, preset, overrides):
         gkey = "|".join(f"{a}={v}" for a, v in labels.items()) or "all"
-        digest = config_hash({"base": resolve_base(spec), "ov": ov, "search": spec.search.model_dump()})
+        digest = json_hash({"base": resolve_base(spec), "ov": ov, "search": spec.search.model_dump()}, compact=True)
         name = f"{spec.name}:{used or '-'}:search:{gkey}:{digest}"
         sampler = optuna.samplers.TPESampler(seed=spec.search.sampler_seed)
         study = optuna.create_study(

@@ -38,8 +38,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ttm.config import config_from_dict, read_yaml, read_yaml_mapping
-from ttm.util import deep_merge, json_hash, normalize
+from ttm.config import config_from_dict, config_hash, read_yaml, read_yaml_mapping
+from ttm.util import deep_merge, normalize
 
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _PRESET_RESERVED = ("axes", "seeds")
@@ -206,12 +206,7 @@ def load_spec(path: str | Path) -> GridSpec:
     return parse_spec(read_yaml(path, "grid spec"), str(path))
 
 
-# ----------------------------------------------------------------------------- nested dicts
-
-
-def config_hash(config: dict) -> str:
-    """Stable short hash of a nested config (key order does not matter)."""
-    return json_hash(config, compact=True)
+__all__ = ["config_hash"]  # the one config hash (ttm.config), re-exported for grid code
 
 
 # ----------------------------------------------------------------------------- expansion
@@ -223,7 +218,7 @@ class Cell:
 
     index: int
     name: str  # run-dir name: "<slug>-<hash>"
-    hash: str  # config_hash(config)
+    hash: str  # config_hash(config): of the validated config when it is a RunConfig
     seed: int
     axes: dict[str, str]  # axis -> value label
     overrides: dict[str, Any]  # dotted key -> value, applied on the base

@@ -29,6 +29,8 @@ SUMMARY_FIELDS = (
     "flops_per_step",
     "val_loss",
     "best_val_loss",
+    "val_info_gain",  # text information gain (nats/token): null-caption minus true-caption val loss
+    "val_info_gain_n",
     "train_time_s",
 )
 LOWER_IS_BETTER_PREFIXES = ("val_loss", "loss", "fd", "fad", "kl", "mmd")
@@ -139,6 +141,9 @@ def run_row(
         row["run_status"] = summary.get("status")
         for k in SUMMARY_FIELDS:
             row[k] = summary.get(k)
+        ci = summary.get("val_info_gain_ci")  # the interval over validation clips
+        if isinstance(ci, list) and len(ci) == 2:
+            row["val_info_gain.ci_low"], row["val_info_gain.ci_high"] = as_number(ci[0]), as_number(ci[1])
         b = summary.get("budget") or {}
         if isinstance(b, dict):
             for k in ("kind", "limit", "used", "binding"):

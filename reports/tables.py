@@ -63,7 +63,7 @@ def _source(g: pd.DataFrame, col: str) -> pd.DataFrame:
     return g[g["run_status"] == "ok"] if "run_status" in g else g.iloc[:0]
 
 
-def _cell(g: pd.DataFrame, col: str, kind: str = "num", ci: bool = True) -> str:
+def _cell(g: pd.DataFrame, col: str, kind: str = "num", ci: bool = True, one_seed_ci: str = "eval CI") -> str:
     done = _source(g, col)
     if col not in g or done[col].dropna().empty:
         return _reason(g, col)
@@ -76,7 +76,7 @@ def _cell(g: pd.DataFrame, col: str, kind: str = "num", ci: bool = True) -> str:
     lo_c, hi_c = f"{col}.ci_low", f"{col}.ci_high"
     if lo_c in done and hi_c in done and not done[lo_c].dropna().empty:
         lo1, hi1 = done[lo_c].dropna().iloc[0], done[hi_c].dropna().iloc[0]
-        return f"{fmt(m, kind)} [{fmt(lo1, kind)}, {fmt(hi1, kind)}] (eval CI, 1 seed)"
+        return f"{fmt(m, kind)} [{fmt(lo1, kind)}, {fmt(hi1, kind)}] ({one_seed_ci}, 1 seed)"
     return f"{fmt(m, kind)} (1 seed)"
 
 
@@ -93,6 +93,9 @@ def group_table(df: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     metrics = metric_names(df)
     headers = [a[5:] for a in axes] or ["run"]
     headers += ["seeds done", "params", "FLOPs", "steps", "binding budget", "train time (s)", "val loss"]
+    gain = "val_info_gain" in df and not df["val_info_gain"].dropna().empty
+    if gain:
+        headers.append("text info gain (nats/token)")
     for m in metrics:
         headers += [m, f"{m} noise floor", f"{m} resolvable diff"]
     rows = []
@@ -106,6 +109,8 @@ def group_table(df: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
         r.append(_budget(g))
         r.append(_cell(g, "train_time_s", ci=False))
         r.append(_cell(g, "val_loss"))
+        if gain:  # over seeds; with one seed, the interval over validation clips
+            r.append(_cell(g, "val_info_gain", one_seed_ci="clip CI"))
         for m in metrics:
             r.append(_cell(g, f"metric.{m}"))
             fl = metric_floor(g, m)

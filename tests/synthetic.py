@@ -24,9 +24,13 @@ class SyntheticCodec:
         return {"name": "synthetic", "K": 3, "card": 16}
 
 
-def synthetic_split(n: int, seed: int, T: int = 24, L: int = 6, Dt: int = 8) -> Split:
+def synthetic_split(n: int, seed: int, T: int = 24, L: int = 6, Dt: int = 8, task_seed: int | None = None) -> Split:
+    """`n` clips; with `task_seed`, the motifs and caption embeddings per label are those of that seed
+    (so splits drawn with different `seed` and one `task_seed` are clips of ONE task)."""
     g = torch.Generator().manual_seed(seed)
     label = torch.randint(0, 4, (n,), generator=g)
+    if task_seed is not None:
+        g = torch.Generator().manual_seed(task_seed)
     motif = torch.randint(0, 16, (4, 3, 4), generator=g)  # one motif per label
     codes = motif[label].repeat(1, 1, T // 4)  # [n, 3, T]
     text = torch.randn(4, L, Dt, generator=g)[label]
@@ -43,6 +47,37 @@ def synthetic_prepared(n_train: int = 64) -> Prepared:
         splits={"train": synthetic_split(n_train, 0), "valid": synthetic_split(16, 1)},
         token_dir=Path("synthetic"),
     )
+
+
+def noisy(split: Split, p: float, seed: int) -> Split:
+    """Each code replaced by a uniform random one with probability `p`: every clip differs."""
+    g = torch.Generator().manual_seed(seed)
+    swap = torch.rand(split.codes.shape, generator=g) < p
+    codes = torch.where(swap, torch.randint(0, 16, split.codes.shape, generator=g), split.codes)
+    return Split(codes, split.lengths, split.text_emb, split.text_mask, split.captions, split.attributes, split.ids)
+
+
+def text_task_prepared(n_train: int = 128, n_valid: int = 32, shuffle_train_text: bool = False,
+                       noise: float = 0.25) -> Prepared:
+    """A task where the caption determines the codes: train and valid clips share the motif and caption
+    of each label (a fraction `noise` of codes random, so that no two clips are alike).
+    `shuffle_train_text`: each training clip gets the caption of another label, in a balanced design
+    (the j-th clip of label l gets label (l + j) mod 4's caption), so that in the training set the
+    caption carries no information on the codes at all (a control model that cannot use the text)."""
+    train = noisy(synthetic_split(n_train, 0, task_seed=100), noise, 10)
+    if shuffle_train_text:
+        labels = [a["label"] for a in train.attributes]
+        table = {lab: train.text_emb[labels.index(lab)] for lab in set(labels)}  # label -> caption [L, Dt]
+        seen: dict[int, int] = {}
+        text = []
+        for lab in labels:
+            j = seen[lab] = seen.get(lab, -1) + 1
+            text.append(table[(lab + j) % 4])
+        train = Split(train.codes, train.lengths, torch.stack(text), train.text_mask, train.captions,
+                      train.attributes, train.ids)
+    return Prepared(manifest=Path("synthetic"), codec=SyntheticCodec(), text_dim=8,
+                    splits={"train": train, "valid": noisy(synthetic_split(n_valid, 1, task_seed=100), noise, 11)},
+                    token_dir=Path("synthetic"))
 
 
 def tiny_config(**overrides):

@@ -19,9 +19,12 @@ import yaml
 from ablations import cells as grid_cells
 from ablations import claims, runner, storage
 from ablations.spec import config_hash, expand, load_spec, parse_spec
+from ttm.config import RunConfig, config_from_dict
+from ttm.util import json_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
+GOLDEN_DEFAULT_HASH = "03cd28c35c"  # config_hash of the default RunConfig
 
 
 # ----------------------------------------------------------------------------- the FAKE cell (tests only)
@@ -88,6 +91,8 @@ def fake_cell(config: dict, run_dir: Path) -> dict:
         "tokens": steps * 64,
         "flops": rows[-1]["flops"],
         "val_loss": vl,
+        "val_info_gain": 0.5 - q,  # FAKE text information gain and its interval over clips
+        "val_info_gain_ci": [0.4 - q, 0.6 - q],
         "train_time_s": steps * 0.01,
         "budget": {"kind": "steps", "limit": steps, "used": steps, "binding": "steps"},
         "metrics": {
@@ -191,8 +196,82 @@ def test_config_hash_is_stable():
     b = {"seed": 1, "model": {"d_model": 64, "backbone": "mamba"}}
     assert config_hash(a) == config_hash(b)
     assert config_hash(a) != config_hash({**a, "seed": 2})
-    # golden value: changing the hashing orphans every finished cell of existing grids
+    # golden values: changing the hashing renames every cell of existing grids (a rerun adopts the
+    # old directories, see test_rerun_adopts_cells_named_by_the_old_hash, but other tools may not).
+    # A config that is not a RunConfig (a user's cell function's own keys) is hashed raw, as before:
     assert config_hash({"a": 1}) == "9f89c740ce"
+    # a RunConfig is hashed validated (changed deliberately from the raw hash, issue 13):
+    assert config_hash({}) == config_hash(RunConfig()) == RunConfig().hash() == GOLDEN_DEFAULT_HASH
+
+
+def test_config_hash_is_taken_on_the_validated_config():
+    a = {"model": {"backbone": "mamba", "d_model": 64}, "seed": 1}
+    spelled = {**a, "model": {**a["model"], "dropout": 0.0, "positions": "auto"}, "train": {"lr": 1e-3}}
+    assert config_hash(spelled) == config_hash(a) == config_from_dict(a).hash()
+    # location and name are not settings
+    assert config_hash({**a, "data": {"root": "/elsewhere"}, "name": "x"}) == config_hash(a)
+    assert config_hash({**a, "data": {"seed": 3}}) != config_hash(a)
+    # a config with keys of its own falls back to the raw hash (minus location/name)
+    raw = {**a, "fake": {"sleep": 0}}
+    assert config_hash(raw) == json_hash(raw, compact=True)
+    assert config_hash({**raw, "model": {**raw["model"], "dropout": 0.0}}) != config_hash(raw)
+
+
+@pytest.mark.slow
+def test_grid_rerun_after_the_hash_change_retrains_nothing(tmp_path):
+    """A grid finished under the old hashing (cells named by the raw-config hash, its Optuna study
+    named after them): a rerun adopts every cell, runs none, and reports them all complete."""
+    spec = write_spec(tmp_path / "s.yaml", base={"model.d_model": 32, "train.steps": 40})
+    grid = runner.run_grid(spec, tmp_path / "g", cell_fn=fake_cell, report=False, progress=False)
+    cells = expand(load_spec(spec))
+    for c in cells:  # turn the grid into what the old runner left
+        legacy = f"{c.name.rsplit('-', 1)[0]}-{json_hash(c.config, compact=True)}"
+        (grid / "cells" / c.name).rename(grid / "cells" / legacy)
+    (grid / "grid.db").unlink()  # the old study had other cell hashes in its name
+    before = calls(grid)
+    runner.run_grid(spec, grid, cell_fn=fake_cell, report=False, progress=False)
+    assert calls(grid) == before  # nothing ran again
+    assert sorted(p.name for p in (grid / "cells").iterdir()) == sorted(c.name for c in cells)
+    import pandas as pd
+
+    assert set(pd.read_csv(grid / "results.csv")["status"]) == {"complete"}
+
+
+def test_cells_spelling_out_a_default_are_duplicates(tmp_path):
+    spec = parse_spec({"name": "d", "axes": {"arch": [
+        {"label": "a", "model.backbone": "transformer"}, {"label": "b", "model.conditioning": "prefix"}]}})
+    with pytest.raises(ValueError, match="resolve to the same config"):
+        expand(spec)
+
+
+def test_rerun_adopts_cells_named_by_the_old_hash(tmp_path):
+    """Hash migration: a finished cell directory named by the old (raw-config) hash with the same
+    config is renamed to the new name and recorded, not run again; one with another config is not."""
+    spec = parse_spec({"name": "m", "base": {"model.d_model": 32, "train.steps": 20},
+                       "axes": {"model.backbone": ["transformer", "simba"]}})
+    grid = tmp_path / "g"
+    cells = expand(spec)
+    # the cell's name, the run's summary (config_hash of the run config, named) and duplicates: one hash
+    assert all(config_hash(c.run_config()) == config_from_dict(c.run_config()).hash() == c.hash for c in cells)
+    olds = []
+    for c in cells:  # what the old runner left: <slug>-<json_hash(raw config)>
+        legacy = json_hash(c.config, compact=True)
+        assert legacy != c.hash
+        old = grid / "cells" / f"{c.name.rsplit('-', 1)[0]}-{legacy}"
+        config = c.config if c.config["model"]["backbone"] == "transformer" else {**c.config, "seed": 5}
+        old.mkdir(parents=True)
+        fake_cell({**config, "name": old.name}, old)
+        (old / "cell.json").write_text(json.dumps({**c.manifest(), "name": old.name, "hash": legacy,
+                                                   "config": config}))
+        olds.append(old)
+    (grid / "calls.txt").unlink()
+    _, ran = grid_cells.run_one(cells[0], grid, fake_cell)  # same config: adopted
+    assert not ran and not olds[0].exists() and (grid / "cells" / cells[0].name).is_dir()
+    assert json.loads((grid / "cells" / cells[0].name / "cell.json").read_text())["renamed_from"] == olds[0].name
+    assert not (grid / "calls.txt").exists()
+    _, ran = grid_cells.run_one(cells[1], grid, fake_cell)  # another config: run anew
+    assert ran and olds[1].exists()
+    assert calls(grid) == [cells[1].name]
 
 
 def test_expand_axes_bundles_seeds_presets(tmp_path):

@@ -4,12 +4,13 @@ import torch
 from backbones.base import build_backbone
 from ttm.lm import TTMLM, lm_extra_params
 from ttm.patterns import Pattern
+from ttm.positions import position_table, resolve_positions, study_positions
 
 
-def make_lm(cond="prefix", backbone="transformer", pattern="delay", K=3, card=16, Dt=12):
+def make_lm(cond="prefix", backbone="transformer", pattern="delay", K=3, card=16, Dt=12, positions="auto"):
     torch.manual_seed(0)
     bb = build_backbone(backbone, d_model=32, n_layers=2, cross_attention=cond == "cross")
-    return TTMLM(bb, Pattern(pattern, K, card, k=1), text_dim=Dt, conditioning=cond)
+    return TTMLM(bb, Pattern(pattern, K, card, k=1), text_dim=Dt, conditioning=cond, positions=positions)
 
 
 def text(B=2, L=5, Dt=12):
@@ -50,6 +51,51 @@ def test_recurrent_generation_equals_full_recompute(cond):
     b = lm.generate(te, tm, 9, cfg_scale=2.5, greedy=True, recurrent=False)
     assert a.shape == (2, 3, 9) and torch.equal(a, b)
     assert int(a.max()) < 16  # the special token is never emitted as a code
+
+
+def test_study_positions_closed_form():
+    d, p = 16, 7
+    t = study_positions(p + 1, d)
+    assert t.shape == (p + 1, d)
+    assert torch.allclose(t[0], torch.cat([torch.ones(8), torch.zeros(8)]))  # position 0: cos 1, sin 0
+    ang = p / 10000.0 ** (torch.arange(8) / 7)  # frequency i: 10000^(-i / (d/2 - 1))
+    assert torch.allclose(t[p], torch.cat([ang.cos(), ang.sin()]), atol=1e-6)
+    assert torch.allclose(position_table("study", 3, d, offset=p - 2), t[p - 2 :])  # rows by offset
+    with pytest.raises(ValueError, match="model.positions"):
+        resolve_positions("learned", True)
+
+
+@pytest.mark.parametrize(("positions", "want"), [("auto", "none"), ("none", "none"), ("sinusoidal", "sinusoidal"),
+                                                 ("study", "study")])
+def test_ssm_positions_are_a_knob(positions, want):
+    """`auto` gives an SSM no positions; `study` adds the study's sinusoid over [text; audio], and
+    changes the logits; recurrent decoding adds the same rows as the parallel pass."""
+    lm = make_lm("prefix", backbone="mamba2", positions=positions).eval()
+    assert lm.positions == want
+    te, tm = text()
+    seq = torch.randint(0, 16, (2, 3, 6))
+    if want != "none":
+        off = make_lm("prefix", backbone="mamba2", positions="none").eval()
+        assert not torch.allclose(lm(seq, te, tm), off(seq, te, tm), atol=1e-3)
+    a = lm.generate(te, tm, 7, cfg_scale=2.5, greedy=True)
+    b = lm.generate(te, tm, 7, cfg_scale=2.5, greedy=True, recurrent=False)
+    assert torch.equal(a, b)
+
+
+def test_clip_nll_matches_the_loss_and_is_text_blind_when_the_text_cannot_matter():
+    lm = make_lm("prefix").eval()
+    te, tm = text()
+    codes = torch.randint(0, 16, (2, 3, 10))
+    lengths = torch.tensor([10, 10])
+    nll = lm.clip_nll(codes, lengths, te, tm)  # [B, K']
+    _, per_k = lm.loss(codes, lengths, te, tm)  # equal lengths: the token mean is the clip mean
+    assert nll.shape == (2, 3) and torch.allclose(nll.mean(0), per_k, atol=1e-5)
+    # a text projection that outputs the null vector whatever the text: no information gain at all
+    with torch.no_grad():
+        lm.text_proj[0].weight.zero_()
+        lm.null_text.copy_(lm.text_proj[1].bias)
+        lm.text_proj[1].weight.zero_()
+    assert torch.allclose(lm.clip_nll(codes, lengths, te, torch.zeros_like(tm)), lm.clip_nll(codes, lengths, te, tm))
 
 
 def test_generation_seeded_and_length():

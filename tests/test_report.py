@@ -109,6 +109,8 @@ def test_comparison_table(grid):
     assert r[col["fd_probe"]] == f"{fmt(m)} [{fmt(lo)}, {fmt(hi)}]"
     assert r[col["fd_probe noise floor"]] == "4.5"
     assert r[col["clap"]] == "n/a (FAKE: CLAP weights not available)"
+    m, lo, hi, _ = mean_ci([0.5 - (0.01 * s - 0.032) for s in (0, 1)])  # FAKE info gain 0.5 - q
+    assert r[col["text info gain (nats/token)"]] == f"{fmt(m)} [{fmt(lo)}, {fmt(hi)}]"
     assert r[col["binding budget"]].startswith("steps (40/40 steps)")
     assert r[col["params"]] == fmt(1000 * 32 + 500, "count")
     # the crashed cells have no numbers, only the reason
@@ -190,6 +192,8 @@ def test_demo_dir_with_runs_and_single_run(tmp_path):
     assert "val loss" in headers and all(r[headers.index("val loss")].endswith("(1 seed)") for r in rows)
     # one seed: the metric shows the evaluation's own CI, labelled
     assert all(r[headers.index("fd_probe")].endswith("(eval CI, 1 seed)") for r in rows)
+    # the information gain with one seed: its interval over validation clips
+    assert all(r[headers.index("text info gain (nats/token)")].endswith("(clip CI, 1 seed)") for r in rows)
     assert out.read_text().count("<audio ") == 4
     single = build_report(root / "runs" / "simba")
     assert single.exists() and "n/a (" in (root / "runs" / "simba" / "report.md").read_text()

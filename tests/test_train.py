@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.synthetic import synthetic_prepared, tiny_config
+from tests.synthetic import synthetic_prepared, text_task_prepared, tiny_config
 from ttm.config import load_config
 from ttm.rundir import read_log
-from ttm.train import run
+from ttm.train import run, t_interval
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -201,3 +201,47 @@ def test_model_kind_is_read_in_one_place():
     with pytest.raises(ValueError, match="ttm.runs.train"):
         run(cfg(**{"model.kind": "two_stage"}), Path("/nonexistent/never-written"), data=synthetic_prepared(),
             progress=False)
+
+
+# ----------------------------------------------------------------------------- text information gain
+
+
+def test_t_interval_covers_the_mean():
+    """Coverage of the 95% interval used for the information gain, on data with a known mean: 32
+    clips of a skewed gain (gamma, shape 2). Measured: 95.2%. (Heavier skew undercovers: lognormal
+    with sigma 1 gives 88% at n 32, a known limit of the t-interval.)"""
+    gamma = torch.distributions.Gamma(torch.tensor(2.0), torch.tensor(40.0))  # mean 0.05
+    torch.manual_seed(0)
+    hits = 0
+    for _ in range(1000):
+        x = gamma.sample((32,)) - 0.02
+        lo, hi = t_interval(x)
+        hits += lo <= 0.05 - 0.02 <= hi
+    assert 0.925 <= hits / 1000 <= 0.975
+    assert t_interval(torch.ones(1)) is None
+
+
+def _gain_run(path, shuffled: bool) -> list[dict]:
+    cfg = tiny_config(**{"train.steps": 120, "train.eval_every": 10, "train.val_batches": 4, "train.ckpt_every": 1000})
+    s = run(cfg, path, data=text_task_prepared(shuffle_train_text=shuffled), progress=False)
+    rows = [r for r in read_log(path / "log.jsonl") if "val_loss" in r]
+    assert s["val_info_gain"] == rows[-1]["val_info_gain"] and s["val_info_gain_ci"] == rows[-1]["val_info_gain_ci"]
+    assert len(s["val_info_gain_per_codebook"]) == 3 and s["val_info_gain_n"] == 32
+    return rows
+
+
+def test_text_information_gain_rises_when_text_determines_the_codes(tmp_path):
+    """The caption determines each clip's motif: the gain (null-caption loss minus true-caption loss)
+    rises well above 0 with training (measured: 0.007 at step 10, 0.056 [0.045, 0.067] nats/token at
+    step 120). A control trained on captions that carry no information (a balanced caption/label
+    design) stays near 0: +0.003 [0.001, 0.006]; the clip interval does not cover what differs between
+    two fits (the null branch is trained on 10% of the clips: with caption dropout 0.5 the control
+    reads -0.004), so the control is held to a small fraction of the real gain, not to its interval."""
+    real = _gain_run(tmp_path / "real", shuffled=False)
+    lo, hi = real[-1]["val_info_gain_ci"]
+    assert 0 < lo <= real[-1]["val_info_gain"] <= hi
+    assert real[-1]["val_info_gain"] > 4 * real[0]["val_info_gain"]
+    ctrl = _gain_run(tmp_path / "ctrl", shuffled=True)
+    assert abs(ctrl[-1]["val_info_gain"]) < 0.15 * real[-1]["val_info_gain"]
+    assert ctrl[-1]["val_info_gain_ci"][1] < lo  # the control is clearly below the real gain
+    assert sum(r["val_info_gain_ci"][0] <= 0 for r in ctrl) >= len(ctrl) // 3  # often within its interval of 0

@@ -5,6 +5,7 @@ Unknown keys and wrong types are errors naming the key and the file.
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -83,7 +84,9 @@ class ModelConfig(_Heads):
     target_params: int | None = Field(None, ge=1)  # total trainable params to match (sizes `size_by`)
     size_by: Literal["n_layers", "d_model"] = "n_layers"
     backbone_kwargs: dict[str, Any] = Field(default_factory=dict)
-    positions: Literal["auto", "sinusoidal", "none"] = "auto"
+    # absolute positions (ttm/positions.py): auto (attention: sinusoidal, SSMs: none), none, sinusoidal,
+    # study (the reference study's sinusoid, added over [text; audio] in prefix models, SSMs included)
+    positions: Literal["auto", "none", "sinusoidal", "study"] = "auto"
     dropout: float = Field(0.0, ge=0, lt=1)
     caption_dropout: float = Field(0.1, ge=0, lt=1)  # for classifier-free guidance
     label_smoothing: float = Field(0.0, ge=0, lt=1)
@@ -162,11 +165,32 @@ class RunConfig(_Strict):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
-    def hash(self, exclude: tuple[str, ...] = ()) -> str:
-        d = self.to_dict()
-        for k in exclude:
-            pop_dotted(d, k)
-        return json_hash(d)
+    def hash(self) -> str:
+        """The run's config hash (see `config_hash`)."""
+        return config_hash(self)
+
+
+# keys that say where a run's inputs live or what it is called, not what it computes: left out of the
+# config hash, so moving a dataset (or naming a run) renames no run or grid cell
+LOCATION_KEYS = ("name", "data.root")
+
+
+def config_hash(config: RunConfig | dict[str, Any]) -> str:
+    """THE config hash of a run: grid cell names, duplicate-cell detection, the summary's
+    `config_hash` and the train CLI's default run directory all use it.
+
+    Computed on the validated config (a dict is validated first), so spelling out a default gives
+    the same hash as leaving it out; LOCATION_KEYS are left out. A dict that is not a RunConfig
+    (a user's cell function with its own keys) is hashed as it is (minus LOCATION_KEYS)."""
+    if isinstance(config, dict):
+        try:
+            config = RunConfig.model_validate(config)
+        except ValidationError:
+            pass
+    d = config.to_dict() if isinstance(config, RunConfig) else copy.deepcopy(config)
+    for k in LOCATION_KEYS:
+        pop_dotted(d, k)
+    return json_hash(d, compact=True)
 
 
 # keys that may differ on resume without changing the result (logging, the budget itself)

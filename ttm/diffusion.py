@@ -33,10 +33,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from backbones.base import count_params, sinusoidal_positions
+from backbones.base import count_params
 from backbones.bidirectional import Bidirectional, size_bidirectional
 from ttm.lm import text_memory
 from ttm.patterns import Pattern
+from ttm.positions import position_table, resolve_positions
 
 SCHEDULE_S = 0.008  # cosine schedule offset (Nichol & Dhariwal 2021)
 SAMPLERS = ("ddim", "ancestral")
@@ -136,7 +137,8 @@ class LatentDiffusion(nn.Module):
         self.latent_dim, self.target, self.cond_dropout = latent_dim, target, cond_dropout
         self.sampler, self.sample_steps, self.cfg_scale = sampler, sample_steps, cfg_scale
         D = denoiser.d_model
-        self.use_positions = positions == "sinusoidal" or (positions == "auto" and denoiser.needs_positions)
+        self.positions = resolve_positions(positions, denoiser.needs_positions)  # none / sinusoidal / study
+        self.use_positions = self.positions != "none"
         p = DiffusionParts(latent_dim, text_dim, D, first_k, cardinality)
         self.in_proj, self.emb, self.time_mlp = p.in_proj, p.emb, p.time_mlp
         self.text_proj, self.null_text, self.heads = p.text_proj, p.null_text, p.heads
@@ -225,7 +227,7 @@ class LatentDiffusion(nn.Module):
         x = x + sum(e(stage1_codes[:, k]) for k, e in enumerate(self.emb))
         x = x + self.time_mlp(timestep_embedding(t, x.shape[-1]).to(x.dtype))[:, None]
         if self.use_positions:
-            x = x + sinusoidal_positions(x.shape[1], x.shape[-1], device=x.device).to(x.dtype)
+            x = x + position_table(self.positions, x.shape[1], x.shape[-1], device=x.device).to(x.dtype)
         h = self.backbone(x, mem, mem_mask, lengths=lengths)  # [B, T, D]
         return self.heads[0](h).transpose(1, 2)  # [B, Dl, T]
 

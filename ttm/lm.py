@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from backbones.base import Backbone, count_params, sinusoidal_positions
+from backbones.base import Backbone, count_params
 from ttm.patterns import Pattern
+from ttm.positions import position_table, resolve_positions
 
 
 def text_memory(proj: nn.Module, null: Tensor, text_emb: Tensor, text_mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -69,7 +70,8 @@ class TTMLM(nn.Module):
         self.backbone, self.pattern, self.conditioning = backbone, pattern, conditioning
         self.caption_dropout, self.label_smoothing = caption_dropout, label_smoothing
         D, card, Ko = backbone.d_model, pattern.cardinality, pattern.n_out
-        self.use_positions = positions == "sinusoidal" or (positions == "auto" and backbone.needs_positions)
+        self.positions = resolve_positions(positions, backbone.needs_positions)  # none / sinusoidal / study
+        self.use_positions = self.positions != "none"
         parts = LMParts(Ko, card, text_dim, D)
         self.text_proj, self.null_text, self.emb, self.heads = parts.text_proj, parts.null_text, parts.emb, parts.heads
 
@@ -86,7 +88,7 @@ class TTMLM(nn.Module):
         return sum(e(tokens[:, k]) for k, e in enumerate(self.emb))
 
     def _pos(self, n: int, offset: int, ref: Tensor) -> Tensor:
-        return sinusoidal_positions(n, ref.shape[-1], offset, device=ref.device).to(ref.dtype)
+        return position_table(self.positions, n, ref.shape[-1], offset, device=ref.device).to(ref.dtype)
 
     def logits(self, h: Tensor) -> Tensor:
         """`[B, S, D] -> [B, K', S, card]`."""
@@ -124,14 +126,9 @@ class TTMLM(nn.Module):
         if self.training and self.caption_dropout > 0:
             drop = torch.rand(B, generator=generator, device="cpu").to(codes.device) < self.caption_dropout
             text_mask = text_mask & ~drop[:, None]
-        seq = self.pattern.build(codes)  # [B, K', S]
-        valid = self.pattern.valid_mask(lengths, seq.shape[-1])  # [B, K', S]
-        seq = seq.masked_fill(~valid, self.pattern.special)  # padding past a clip's end is never input
-        seq_in = torch.cat([self.start_tokens(B, codes.device), seq[..., :-1]], dim=-1)
-        logits = (forward or self)(seq_in, text_emb, text_mask)  # [B, K', S, card]
-        target = seq.masked_fill(~valid, -100)
+        logits, target = self._teacher_forced(codes, lengths, text_emb, text_mask, forward)
         per_k = []
-        for k in range(seq.shape[1]):
+        for k in range(target.shape[1]):
             per_k.append(
                 F.cross_entropy(
                     logits[:, k].reshape(-1, logits.shape[-1]).float(),
@@ -142,6 +139,27 @@ class TTMLM(nn.Module):
             )
         per_k = torch.stack(per_k)
         return per_k.mean(), per_k
+
+    def _teacher_forced(self, codes: Tensor, lengths: Tensor, text_emb: Tensor, text_mask: Tensor,
+                        forward=None) -> tuple[Tensor, Tensor]:
+        """(logits [B, K', S, card], targets [B, K', S] with -100 where nothing is predicted)."""
+        B = codes.shape[0]
+        seq = self.pattern.build(codes)  # [B, K', S]
+        valid = self.pattern.valid_mask(lengths, seq.shape[-1])  # [B, K', S]
+        seq = seq.masked_fill(~valid, self.pattern.special)  # padding past a clip's end is never input
+        seq_in = torch.cat([self.start_tokens(B, codes.device), seq[..., :-1]], dim=-1)
+        logits = (forward or self)(seq_in, text_emb, text_mask)  # [B, K', S, card]
+        return logits, seq.masked_fill(~valid, -100)
+
+    def clip_nll(self, codes: Tensor, lengths: Tensor, text_emb: Tensor, text_mask: Tensor) -> Tensor:
+        """Per clip and codebook, the mean negative log-likelihood per predicted token (nats, no
+        label smoothing, no caption dropout) -> `[B, K']`. With an all-False `text_mask` it is the
+        loss under the null caption (the text information gain compares the two)."""
+        logits, target = self._teacher_forced(codes, lengths, text_emb, text_mask)
+        nll = F.cross_entropy(logits.float().flatten(0, 2), target.flatten(), ignore_index=-100,
+                              reduction="none").view(target.shape)  # [B, K', S]
+        n = (target != -100).sum(-1)  # [B, K']
+        return nll.sum(-1) / n.clamp(min=1)
 
     # ------------------------------------------------------------------ sampling
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ttm import prepare as prep  # a module reference: tests substitute its data products
-from ttm.config import RESUME_IGNORED, RunConfig, load_config
+from ttm.config import RunConfig, load_config
 from ttm.factory import build_model
 from ttm.lm import TTMLM
 from ttm.prepare import Prepared
@@ -131,7 +131,7 @@ def train_cli(argv: list[str]) -> int:
                     help="resume a run under a changed budget (the LR schedule is re-laid over it)")
     a = ap.parse_args(argv)
     cfg = load_config(a.config, a.set)
-    out = Path(a.out or f"runs/{cfg.name or cfg.model.backbone}-{cfg.hash(RESUME_IGNORED)}")
+    out = Path(a.out or f"runs/{cfg.name or cfg.model.backbone}-{cfg.hash()}")
     if a.nproc > 1 and "WORLD_SIZE" not in os.environ:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}",
                "-m", "ttm.runs", *argv_without_nproc(argv)]

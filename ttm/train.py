@@ -160,20 +160,58 @@ def _without(d: dict, keys) -> dict:
 # ----------------------------------------------------------------------------- validation
 
 
+def t_interval(x: torch.Tensor, level: float = 0.95) -> tuple[float, float] | None:
+    """Student-t interval of the mean of `x [N]` (None when N < 2)."""
+    from scipy.stats import t
+
+    n = x.numel()
+    if n < 2:
+        return None
+    m, se = float(x.double().mean()), float(x.double().std(unbiased=True)) / math.sqrt(n)
+    h = float(t.ppf(0.5 + level / 2, n - 1)) * se
+    return m - h, m + h
+
+
+INFO_GAIN_FIELDS = ("val_info_gain", "val_info_gain_per_codebook", "val_info_gain_ci", "val_info_gain_n")
+
+
+def info_gain_fields(gain: torch.Tensor) -> dict:
+    """Log fields of the text information gain from per-clip gains `[N, K']` (nats per token):
+    the mean over clips (of the mean over codebooks), per codebook, and a 95% t-interval over clips."""
+    per_clip = gain.double().mean(-1)  # [N]
+    ci = t_interval(per_clip)
+    return {
+        "val_info_gain": float(per_clip.mean()),
+        "val_info_gain_per_codebook": gain.double().mean(0).tolist(),
+        "val_info_gain_ci": list(ci) if ci else None,
+        "val_info_gain_n": int(gain.shape[0]),
+    }
+
+
 @torch.no_grad()
-def validate(model: TTMLM, split: Split, cfg: RunConfig, device) -> tuple[float, list[float]]:
+def validate(model: nn.Module, split: Split, cfg: RunConfig, device) -> dict:
+    """Validation log fields: `val_loss`, `val_loss_per_codebook` and, for an LM, the text information
+    gain: per clip, the loss under the null caption minus the loss under the true caption (nats per
+    token, no label smoothing), averaged over clips (`val_info_gain`, `_per_codebook`, `_ci`, `_n`)."""
     was = model.training
     model.eval()
-    losses = []
+    losses, gains = [], []
     bs = cfg.train.batch_size
     n = min(len(split), bs * cfg.train.val_batches)
     for i in range(0, n, bs):
         idx = list(range(i, min(n, i + bs)))
-        _, per_k = model.loss(*batch_of(split, idx, device))
+        codes, lengths, te, tm = batch = batch_of(split, idx, device)
+        _, per_k = model.loss(*batch)
         losses.append(per_k.float().cpu() * len(idx))
+        if isinstance(model, TTMLM):
+            null = model.clip_nll(codes, lengths, te, torch.zeros_like(tm))  # [B, K']
+            gains.append((null - model.clip_nll(*batch)).float().cpu())
     model.train(was)
     per_k = (torch.stack(losses).sum(0) / n).tolist()
-    return float(sum(per_k) / len(per_k)), per_k
+    out = {"val_loss": float(sum(per_k) / len(per_k)), "val_loss_per_codebook": per_k}
+    if gains:
+        out.update(info_gain_fields(torch.cat(gains)))
+    return out
 
 
 # ----------------------------------------------------------------------------- the run
@@ -362,9 +400,10 @@ def _run(cfg: RunConfig, rd: RunDir, data: Prepared | None, progress: bool, exte
             if step % cfg.train.log_every == 0 or step == 1 or last:
                 row = _log_row(step, per_k, sched, counters)
             if valid is not None and len(valid) and (step % cfg.train.eval_every == 0 or last):
-                vl, vk = validate(_eval_model(model, ema), valid, cfg, device)
+                val = validate(_eval_model(model, ema), valid, cfg, device)
+                vl = val["val_loss"]
                 row = row or _log_row(step, per_k, sched, counters)
-                row.update(val_loss=vl, val_loss_per_codebook=vk)
+                row.update(val)
                 if not math.isfinite(vl):
                     status, message = "diverged", f"validation loss is {vl} at step {step}; stopped"
                 best_val = vl if best_val is None or vl < best_val else best_val
@@ -460,6 +499,7 @@ def make_summary(cfg, model, data, counters, budget, status, message, log_path, 
         "val_loss": vals[-1]["val_loss"] if vals else None,
         "val_loss_per_codebook": vals[-1]["val_loss_per_codebook"] if vals else None,
         "best_val_loss": min((r["val_loss"] for r in vals), default=None),
+        **{k: vals[-1].get(k) if vals else None for k in INFO_GAIN_FIELDS},
         "flops_to_reach": reach,
         "train_time_s": counters["train_time"],
         "frames_per_clip": T,

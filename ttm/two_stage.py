@@ -136,6 +136,9 @@ def combine_summaries(cfg: RunConfig, s1: dict, s2: dict | None) -> dict:
         "val_loss": None,
         "val_loss_stage1": s1.get("val_loss"),
         "val_loss_stage2": None if s2 is None else s2.get("val_loss"),
+        # how much stage 1 (the LM) uses the text
+        **{k: s1.get(k) for k in ("val_info_gain", "val_info_gain_per_codebook", "val_info_gain_ci",
+                                  "val_info_gain_n")},
         "train_time_s": total("train_time_s"),
         "frames_per_clip": s1.get("frames_per_clip"),
         "codec": s1.get("codec"),
