@@ -51,3 +51,12 @@ def test_explicit_refreshes_wait_out_the_interval(monkeypatch):
         b.set_postfix(loss=f"{i:.3f}")  # refreshes on every call in plain tqdm
     b.close()
     assert len(buf.getvalue().splitlines()) <= 2  # the first line and the closing one
+
+
+def test_a_disabled_bar_in_a_log_is_silent():
+    buf = io.StringIO()
+    b = bar(range(5), file=buf, desc="off", disable=True)
+    for _ in b:
+        b.set_postfix(x=1)
+    b.close()
+    assert buf.getvalue() == ""

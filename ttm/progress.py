@@ -43,7 +43,7 @@ class _LogBar(tqdm):
 
     def refresh(self, nolock=False, lock_args=None):
         now = time.time()
-        if now - self._last_line < self.mininterval:
+        if now - self._last_line < getattr(self, "mininterval", 0.0):  # (unset on a disabled bar)
             return None
         self._last_line = now
         return super().refresh(nolock=nolock, lock_args=lock_args)
