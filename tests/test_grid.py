@@ -24,7 +24,7 @@ from ttm.util import json_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
-GOLDEN_DEFAULT_HASH = "03cd28c35c"  # config_hash of the default RunConfig
+GOLDEN_DEFAULT_HASH = "71eaed72a1"  # config_hash of the default RunConfig (changes with any default)
 
 
 # ----------------------------------------------------------------------------- the FAKE cell (tests only)

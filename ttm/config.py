@@ -147,7 +147,8 @@ class GenerateConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    metrics: list[str] = Field(default_factory=lambda: ["fd_probe", "adherence"])
+    # the embedded evaluator's four families (FD, KL, CLAP-style, adherence): all offline
+    metrics: list[str] = Field(default_factory=lambda: ["fd_probe", "kl_probe", "clap_probe", "adherence"])
     probe_path: str | None = None
 
 
