@@ -88,7 +88,7 @@ def tiny_two_stage_config(**overrides):
 def make_model(data=None, merge="sum", denoiser="transformer", target="residual", **over):
     torch.manual_seed(0)
     data = data or latent_prepared()
-    cfg = tiny_two_stage_config(**{"model.diffusion.stage2_only": True, "model.diffusion.bidirectional": merge,
+    cfg = tiny_two_stage_config(**{"model.kind": "diffusion", "model.diffusion.bidirectional": merge,
                                    "model.diffusion.denoiser": denoiser, "model.diffusion.target": target, **over})
     return build_latent_diffusion(cfg, data.codec, data.text_dim, data.splits["train"]), data
 
@@ -178,7 +178,7 @@ def test_latent_statistics_normalise_the_residual():
 
 def test_sizing_matches_target_params():
     data = latent_prepared()
-    cfg = tiny_two_stage_config(**{"model.diffusion.stage2_only": True, "model.diffusion.target_params": 120_000})
+    cfg = tiny_two_stage_config(**{"model.kind": "diffusion", "model.diffusion.target_params": 120_000})
     kw = denoiser_kwargs(cfg, 8, 16, 8)
     model = build_latent_diffusion(cfg, data.codec, 8)
     assert model.backbone.fwd.n_layers == kw["n_layers"] > 2
@@ -189,7 +189,7 @@ def test_errors_name_the_problem():
     from tests.synthetic import synthetic_prepared
 
     data = synthetic_prepared()
-    cfg = tiny_two_stage_config(**{"model.diffusion.stage2_only": True})
+    cfg = tiny_two_stage_config(**{"model.kind": "diffusion"})
     with pytest.raises(ValueError, match="continuous latents"):
         build_latent_diffusion(cfg, data.codec, 8)
     with pytest.raises(ValueError, match="first_k=3 leaves no codebooks"):

@@ -24,7 +24,7 @@ from ttm.util import json_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
-GOLDEN_DEFAULT_HASH = "71eaed72a1"  # config_hash of the default RunConfig (changes with any default)
+GOLDEN_DEFAULT_HASH = "8ceafdebe2"  # config_hash of the default RunConfig (changes with any default)
 
 
 # ----------------------------------------------------------------------------- the FAKE cell (tests only)

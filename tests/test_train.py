@@ -195,9 +195,9 @@ def test_run_dir_state_follows_its_files(tmp_path):
 def test_model_kind_is_read_in_one_place():
     from tests.synthetic import tiny_config as cfg
 
-    assert cfg().model.run_kind == "lm"
-    assert cfg(**{"model.kind": "two_stage"}).model.run_kind == "two_stage"
-    assert cfg(**{"model.kind": "two_stage", "model.diffusion.stage2_only": True}).model.run_kind == "diffusion"
+    assert cfg().model.kind == "lm"
+    assert cfg(**{"model.kind": "two_stage"}).model.kind == "two_stage"
+    assert cfg(**{"model.kind": "two_stage", "model.diffusion.stage2_only": True}).model.kind == "diffusion"
     with pytest.raises(ValueError, match="ttm.runs.train"):
         run(cfg(**{"model.kind": "two_stage"}), Path("/nonexistent/never-written"), data=synthetic_prepared(),
             progress=False)

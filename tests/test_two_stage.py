@@ -69,7 +69,7 @@ def test_stage_configs_split_budget_and_params():
                                    "model.diffusion.stage2_fraction": 0.25})
     c1, c2 = stage_configs(cfg)
     assert (c1.model.kind, c1.model.pattern, c1.model.first_k) == ("lm", "first_k", 1)
-    assert c2.model.kind == "two_stage" and c2.model.diffusion.stage2_only
+    assert c2.model.kind == "diffusion"
     assert c1.train.budget.limit + c2.train.budget.limit == 9 and c1.train.budget.limit == 7
     assert (c1.model.target_params, c2.model.diffusion.target_params) == (75_000, 25_000)
     flops = tiny_two_stage_config(**{"train.budget": {"kind": "flops", "limit": 1e12}})
@@ -87,7 +87,7 @@ def test_build_model_refuses_a_whole_two_stage_config():
     with pytest.raises(ValueError, match="run_two_stage"):
         build_model(tiny_two_stage_config(), 3, 16, 8)
     with pytest.raises(ValueError, match="needs the prepared data"):
-        build_model(tiny_two_stage_config(**{"model.diffusion.stage2_only": True}), 3, 16, 8)
+        build_model(tiny_two_stage_config(**{"model.kind": "diffusion"}), 3, 16, 8)
 
 
 def test_codec_without_latents_fails_before_training(tmp_path):
@@ -115,7 +115,7 @@ def test_two_stage_run_dir_and_summary(trained_run):
     assert s["stages"]["stage2"]["backbone_config"]["bidirectional"] == "sum"
     assert s["val_loss"] is None and s["val_loss_stage2"] is not None
     c1, c2 = (load_config(trained_run / st / "config.yaml") for st in ("stage1", "stage2"))
-    assert c1.model.pattern == "first_k" and c2.model.diffusion.stage2_only
+    assert c1.model.pattern == "first_k" and c2.model.kind == "diffusion"
     assert load_config(trained_run / "config.yaml").model.kind == "two_stage"
     for st in ("stage1", "stage2"):
         assert (trained_run / st / "checkpoint.pt").exists() and read_log(trained_run / st / "log.jsonl")

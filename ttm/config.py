@@ -69,11 +69,12 @@ class DiffusionConfig(_Heads):
     cond_dropout: float = Field(0.1, ge=0, lt=1)
     stage2_fraction: float = Field(0.5, gt=0, lt=1)  # share of the budget (and of model.target_params) for stage 2
     target: Literal["residual", "full"] = "residual"  # residual: latent(all) - latent(first k); full: latent(all)
-    stage2_only: bool = False  # set in RUN/stage2/config.yaml: this run trains the diffusion stage alone
 
 
 class ModelConfig(_Heads):
-    kind: Literal["lm", "two_stage"] = "lm"  # two_stage: first_k LM (stage 1) + latent diffusion
+    # what one run trains (ttm/runs.py dispatches on it): lm, two_stage (a first_k LM as stage 1 +
+    # latent diffusion as stage 2, two runs under RUN/stage1, RUN/stage2), or diffusion (stage 2 alone)
+    kind: Literal["lm", "two_stage", "diffusion"] = "lm"
     backbone: str = "transformer"
     conditioning: Literal["prefix", "cross"] = "prefix"
     pattern: Literal["delay", "parallel", "first_k"] = "delay"
@@ -92,14 +93,17 @@ class ModelConfig(_Heads):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
 
-    @property
-    def run_kind(self) -> Literal["lm", "two_stage", "diffusion"]:
-        """What one run of this config trains: an LM, both stages of a two-stage model, or
-        its stage 2 alone (the stored form `kind: two_stage` + `diffusion.stage2_only` is kept
-        so that existing runs resume). ttm/runs.py dispatches on it."""
-        if self.kind == "two_stage":
-            return "diffusion" if self.diffusion.stage2_only else "two_stage"
-        return "lm"
+    @model_validator(mode="before")
+    @classmethod
+    def _stage2_only(cls, d: Any) -> Any:
+        """Configs written before `kind: diffusion` spelled stage 2 as `kind: two_stage` +
+        `diffusion.stage2_only: true`: read them as `kind: diffusion` (their runs still resume)."""
+        diff = d.get("diffusion") if isinstance(d, dict) else None
+        if isinstance(diff, dict) and "stage2_only" in diff:
+            d = {**d, "diffusion": {k: v for k, v in diff.items() if k != "stage2_only"}}
+            if diff["stage2_only"]:
+                d["kind"] = "diffusion"
+        return d
 
 
 class Budget(_Strict):

@@ -42,10 +42,9 @@ def backbone_kwargs(cfg: RunConfig, n_out: int, cardinality: int, text_dim: int)
 
 
 def build_model(cfg: RunConfig, n_codebooks: int, cardinality: int, text_dim: int, data: Prepared | None = None):
-    """model.kind "lm": the TTMLM. A stage-2 config (model.kind "two_stage" with
-    model.diffusion.stage2_only): the LatentDiffusion, which needs `data` (its codec, and the
-    train split for the latent statistics)."""
-    kind = cfg.model.run_kind
+    """model.kind "lm": the TTMLM; "diffusion" (stage 2 of a two-stage model): the LatentDiffusion,
+    which needs `data` (its codec, and the train split for the latent statistics)."""
+    kind = cfg.model.kind
     if kind == "two_stage":
         raise ValueError("model.kind=two_stage trains two models: use ttm.two_stage.run_two_stage "
                          "(ttm-bench train and ttm.runs.train dispatch to it)")

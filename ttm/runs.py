@@ -1,4 +1,4 @@
-"""Runs of any model kind: the one place that dispatches on `model.run_kind`.
+"""Runs of any model kind: the one place that dispatches on `model.kind`.
 
     kind        trains                             generates with
     lm          ttm.train.run (one TTMLM)          ttm.sample.generate_clips
@@ -48,7 +48,7 @@ def train(cfg: RunConfig, run_dir: str | Path, data: Prepared | None = None, pro
           extend: bool = False) -> dict:
     """Train (or resume) a run of any kind into `run_dir`; returns its summary. `extend`: allow
     resuming under a changed budget (see ttm.train.run)."""
-    if cfg.model.run_kind == "two_stage":
+    if cfg.model.kind == "two_stage":
         return run_two_stage(cfg, run_dir, data=data, progress=progress, extend=extend)
     return train_one(cfg, Path(run_dir), data=data, progress=progress, extend=extend)
 
@@ -91,7 +91,7 @@ def generate(run_dir: str | Path, prompts: list[dict], out_dir: str | Path, data
     if cfg is None:
         raise FileNotFoundError(f"{rd.path}: no {rd.config_file.name} (is this a trained run directory?)")
     options = {k: v for k, v in options.items() if v is not None}
-    kind = cfg.model.run_kind
+    kind = cfg.model.kind
     allowed = SAMPLING + (DIFFUSION_SAMPLING if kind == "two_stage" else ())
     unknown = sorted(set(options) - set(allowed))
     if unknown:

@@ -21,7 +21,7 @@ from torch import nn
 
 from backbones.base import count_params
 from backbones.ops.dispatch import kernel_paths
-from ttm.config import RESUME_IGNORED, RunConfig
+from ttm.config import RESUME_IGNORED, RunConfig, config_from_dict
 from ttm.factory import build_model
 from ttm.flops import analytic_flops_per_token, count_train_step_flops
 from ttm.lm import TTMLM
@@ -121,7 +121,7 @@ def maybe_init_distributed(device: torch.device) -> None:
 
 
 def check_resume_compatible(cfg: RunConfig, ckpt: dict, run_dir: Path) -> None:
-    a = _without(ckpt["config"], RESUME_IGNORED)
+    a = _without(config_from_dict(ckpt["config"], str(RunDir(run_dir).checkpoint_file)).to_dict(), RESUME_IGNORED)
     b = _without(cfg.to_dict(), RESUME_IGNORED)
     diffs = diff_keys(a, b)
     if diffs:
@@ -263,7 +263,7 @@ def run(cfg: RunConfig, run_dir: Path, data: Prepared | None = None, progress: b
     The run directory is locked while training. Resuming with a different budget is refused
     unless `extend` (the learning-rate schedule depends on the budget). SIGINT/SIGTERM finish the
     current step, write a checkpoint, then raise KeyboardInterrupt / ttm.util.Terminated."""
-    if cfg.model.run_kind == "two_stage":
+    if cfg.model.kind == "two_stage":
         raise ValueError("model.kind=two_stage trains two models: use ttm.runs.train "
                          "(ttm.two_stage.run_two_stage), not ttm.train.run")
     rd = RunDir(run_dir)

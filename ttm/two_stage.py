@@ -2,7 +2,7 @@
 
     RUN/config.yaml      the two-stage config (model.kind: two_stage)
     RUN/stage1/          a normal LM run: pattern first_k, k = model.first_k
-    RUN/stage2/          the LatentDiffusion run (model.diffusion.stage2_only: true)
+    RUN/stage2/          the LatentDiffusion run (model.kind: diffusion)
     RUN/summary.json     both stages: params, FLOPs, tokens, steps and time summed, each reported
     RUN/samples/         (generation) WAVs + samples.jsonl, as ttm/sample.py writes them
 
@@ -50,7 +50,7 @@ def _set_budget(d: dict, cfg: RunConfig, stage: int) -> None:
 
 def stage_configs(cfg: RunConfig) -> tuple[RunConfig, RunConfig]:
     """The stage-1 (LM, first_k) and stage-2 (diffusion only) run configs of a two-stage config."""
-    if cfg.model.run_kind != "two_stage":
+    if cfg.model.kind != "two_stage":
         raise ValueError("stage_configs: expected a config with model.kind=two_stage (not a stage-2 config)")
     f = cfg.model.diffusion.stage2_fraction
     total = cfg.model.target_params
@@ -67,7 +67,7 @@ def stage_configs(cfg: RunConfig) -> tuple[RunConfig, RunConfig]:
     s2["name"] = f"{cfg.name}-stage2" if cfg.name else None
     s2["model"]["backbone"] = cfg.model.diffusion.denoiser  # the summary's "backbone" is what stage 2 trains
     s2["model"]["target_params"] = None
-    s2["model"]["diffusion"]["stage2_only"] = True
+    s2["model"]["kind"] = "diffusion"
     if total:
         s2["model"]["diffusion"]["target_params"] = round(total * f)
     _set_budget(s2, cfg, 2)
@@ -155,7 +155,7 @@ def load_two_stage(run_dir: str | Path, device: str = "cpu", data=None):
     """-> (cfg, stage-1 TTMLM, stage-2 LatentDiffusion, Prepared), weights loaded (EMA when present), eval mode."""
     rd = RunDir(run_dir)
     cfg = rd.read_config() if rd.config_file.is_file() else None
-    if cfg is None or cfg.model.run_kind != "two_stage":
+    if cfg is None or cfg.model.kind != "two_stage":
         raise FileNotFoundError(f"{rd.path}: not a two-stage run directory (config.yaml with model.kind: two_stage)")
     for st in STAGES:
         if not rd.stage(st).config_file.exists():
