@@ -260,6 +260,49 @@ def ssd_flops_per_token(seq_len: int, chunk_size: int, nheads: int, headdim: int
     return int(2 * Q * G * N + Q * H + 2 * Q * H * P + 4 * H * P * N + 2 * H * P * N / Q + 3 * H * P)
 
 
+# ----------------------------------------------------------------------------- conv
+
+
+class _CausalConvSiLU(torch.autograd.Function):
+    """silu(causal depthwise conv1d(x) + bias) in the channels-last layout of in_proj's output:
+    x [b, l, c], weight [c, K], bias [c] -> [b, l, c], with zero history before t = 0.
+
+    y_t = silu(bias + sum_k w_k x_{t-K+1+k}) as K shifted multiply-adds, so no transpose or
+    channels-first copy is made; the backward is written out (silu', then K shifted
+    multiply-adds for dx and K channel sums for dw) instead of the grouped-conv backward,
+    which is slow for depthwise weights on CPU. `F.conv1d` is the reference (tests)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        l, K = x.shape[1], weight.shape[1]
+        xp = F.pad(x, (0, 0, K - 1, 0))  # [b, K-1+l, c]
+        wt = weight.t().contiguous()  # [K, c]
+        pre = torch.addcmul(bias, xp[:, :l], wt[0])  # [b, l, c]
+        for k in range(1, K):
+            pre.addcmul_(xp[:, k : k + l], wt[k])
+        ctx.save_for_backward(xp, wt, pre)
+        return F.silu(pre)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        xp, wt, pre = ctx.saved_tensors
+        K, l = wt.shape[0], pre.shape[1]
+        gp = torch.ops.aten.silu_backward(g.contiguous(), pre)  # [b, l, c]: gradient of the pre-activation
+        gpad = F.pad(gp, (0, 0, 0, K - 1))  # [b, l+K-1, c]
+        gx = gp * wt[K - 1]  # x_s feeds y_{s+K-1-k} through tap k
+        for k in range(K - 1):
+            gx.addcmul_(gpad[:, K - 1 - k : K - 1 - k + l], wt[k])
+        gw = torch.stack([(gp * xp[:, k : k + l]).sum((0, 1)) for k in range(K)], 1)  # [c, K]
+        return gx, gw, gp.sum((0, 1))
+
+
+def causal_conv_silu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """silu(causal depthwise conv(x)): x [b, l, c], weight [c, 1, K] (nn.Conv1d's), bias [c];
+    computed in x's dtype, as F.conv1d under autocast."""
+    return _CausalConvSiLU.apply(x, weight[:, 0].to(x.dtype), bias.to(x.dtype))
+
+
 # ----------------------------------------------------------------------------- mixer
 
 
@@ -285,6 +328,7 @@ class Mamba2Mixer(KernelSwitch, Mixer):
 
     constant_state = True
     fused_ssd = True  # the pure path's scan: ssd_chunked(fused=True); False runs the autograd reference
+    fused_conv = True  # the conv without a state: causal_conv_silu; False runs F.conv1d (the reference)
 
     def __init__(
         self,
@@ -356,13 +400,16 @@ class Mamba2Mixer(KernelSwitch, Mixer):
         z, xBC, dt = self._split(self.in_proj(x))  # [b, l, d_inner], [b, l, conv_dim], [b, l, h]
 
         # causal depthwise conv, continuing from the state's window when given
-        xt = xBC.transpose(1, 2)  # [b, conv_dim, l]
-        if state is None:
-            xt = F.pad(xt, (self.d_conv - 1, 0))
+        if state is None and self.fused_conv:
+            xBC = causal_conv_silu(xBC, self.conv1d.weight, self.conv1d.bias)  # [b, l, conv_dim]
         else:
-            xt = torch.cat([state["conv"].to(xt.dtype), xt], dim=-1)  # [b, conv_dim, d_conv-1+l]
-            state["conv"].copy_(xt[:, :, xt.shape[-1] - (self.d_conv - 1) :])
-        xBC = F.silu(F.conv1d(xt, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)).transpose(1, 2)
+            xt = xBC.transpose(1, 2)  # [b, conv_dim, l]
+            if state is None:
+                xt = F.pad(xt, (self.d_conv - 1, 0))
+            else:
+                xt = torch.cat([state["conv"].to(xt.dtype), xt], dim=-1)  # [b, conv_dim, d_conv-1+l]
+                state["conv"].copy_(xt[:, :, xt.shape[-1] - (self.d_conv - 1) :])
+            xBC = F.silu(F.conv1d(xt, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)).transpose(1, 2)
         xs, Bm, Cm = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], -1)
         xs = xs.reshape(b, l, self.nheads, self.headdim)
         Bm = Bm.reshape(b, l, self.ngroups, self.d_state)

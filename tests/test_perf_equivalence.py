@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from backbones.mamba2 import Mamba2Mixer, pure_chunk_size, ssd_chunked
+from backbones.mamba2 import Mamba2Mixer, causal_conv_silu, pure_chunk_size, ssd_chunked
 
 
 def _ssd_inputs(b, l, h, p, g, n, dtype, seed=0):
@@ -61,6 +61,39 @@ def test_mamba2_mixer_fused_equals_reference_grads():
         (gx,) = torch.autograd.grad((y**2).sum(), x, retain_graph=True)
         (y**2).sum().backward()
         outs.append([y, gx] + [p.grad.clone() for p in m.parameters()])
+    for a, r in zip(*outs, strict=True):
+        assert (a - r).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("b,l,c,K", [(2, 23, 5, 4), (1, 2, 3, 4), (3, 7, 4, 1), (2, 9, 6, 2)])
+def test_causal_conv_silu_equals_conv1d_fwd_bwd(b, l, c, K):
+    gen = torch.Generator().manual_seed(0)
+    kw = {"dtype": torch.float64, "generator": gen}
+    x = torch.randn(b, l, c, **kw).transpose(0, 1).contiguous().transpose(0, 1)  # a strided view, as from a split
+    w, bias, gy = torch.randn(c, 1, K, **kw), torch.randn(c, **kw), torch.randn(b, l, c, **kw)
+    ins = [t.requires_grad_() for t in (x, w, bias)]
+
+    def ref(x, w, bias):  # [b, l, c] -> [b, l, c], zero history
+        return F.silu(F.conv1d(F.pad(x.transpose(1, 2), (K - 1, 0)), w, bias, groups=c)).transpose(1, 2)
+
+    fast, slow = causal_conv_silu(*ins), ref(*ins)
+    assert (fast - slow).abs().max() < 1e-12
+    for a, r in zip(torch.autograd.grad(fast, ins, gy), torch.autograd.grad(slow, ins, gy), strict=True):
+        assert (a - r).abs().max() < 1e-10
+
+
+def test_mamba2_mixer_fused_conv_equals_conv1d_grads():
+    torch.manual_seed(0)
+    m = Mamba2Mixer(32, d_state=12, headdim=8, ngroups=2, chunk_size=16).double()
+    x = torch.randn(3, 41, 32, dtype=torch.float64, requires_grad=True)
+    outs = []
+    for fused in (True, False):
+        m.fused_conv = fused
+        m.zero_grad()
+        y = m(x)
+        (y * y.detach().cos()).sum().backward()
+        outs.append([y, x.grad.clone()] + [p.grad.clone() for p in m.parameters()])
+        x.grad = None
     for a, r in zip(*outs, strict=True):
         assert (a - r).abs().max() < 1e-10
 
