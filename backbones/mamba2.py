@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.flop_counter import FlopCounterMode
 
 from backbones.base import Backbone, Mixer, State, register
 from backbones.ops.dispatch import KernelSwitch, check_mode, kernel_available, load_kernel
@@ -497,8 +499,40 @@ class Mamba2Mixer(KernelSwitch, Mixer):
                                dtype=self._ssm_dtype(dtype)),
         }
 
+    def _scan_kernel(self):
+        """The SSD kernel a training forward runs on this mixer's device, or None (ssd_chunked)."""
+        return self.pick_kernel(self.in_proj.weight, *SSD_KERNEL)
+
+    def scan_chunk_size(self) -> int:
+        """The chunk length the training scan runs with: `chunk_size` in the kernel, the
+        (shorter) `pure_chunk_size` in ssd_chunked."""
+        if self._scan_kernel() is not None:
+            return self.chunk_size
+        return pure_chunk_size(self.chunk_size, self.headdim, self.d_state)
+
     def scan_flops_per_token(self, seq_len: int) -> int:
-        return ssd_flops_per_token(seq_len, self.chunk_size, self.nheads, self.headdim, self.d_state, self.ngroups)
+        return ssd_flops_per_token(seq_len, self.scan_chunk_size(), self.nheads, self.headdim, self.d_state,
+                                   self.ngroups)
+
+    def scan_flops_counted(self, batch: int, seq_len: int) -> int:
+        """The matmuls of ssd_chunked (forward, and the gradients of every input as in training),
+        counted on fake tensors of the training shapes (no data, no compute); 0 for the Triton kernel."""
+        if self._scan_kernel() is not None:
+            return 0
+        b, l, h, p, g, n = batch, seq_len, self.nheads, self.headdim, self.ngroups, self.d_state
+        with FakeTensorMode(), FlopCounterMode(display=False) as fc:
+            ins = [torch.empty(*s, requires_grad=True) for s in ((b, l, h, p), (b, l, h), (h,), (b, l, g, n),
+                                                                 (b, l, g, n), (h,))]
+            y, _ = ssd_chunked(*ins[:5], self.scan_chunk_size(), ins[5], fused=self.fused_ssd)
+            torch.autograd.grad(y, ins, torch.empty_like(y))
+        return int(fc.get_total_flops())
+
+    def train_flops_uncounted(self, batch: int, seq_len: int) -> int:
+        """causal_conv_silu's taps (the counter saw F.conv1d's): 2 K FLOPs per channel and
+        token forward, as much again for each of the input and weight gradients."""
+        if not self.fused_conv:
+            return 0
+        return 3 * 2 * batch * seq_len * self.conv_dim * self.d_conv
 
 
 def mamba2_mixer_kwargs(backbone: str, mixer_kwargs: dict[str, Any], own: tuple[str, ...] = ()) -> dict[str, Any]:
