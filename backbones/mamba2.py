@@ -58,6 +58,11 @@ def segsum(x: Tensor) -> Tensor:
     return out.masked_fill(~keep.tril(0), -math.inf)
 
 
+#: log of (a margin above) the smallest normal number of the SSM's dtypes: the lowest decay exponent kept
+_DECAY_FLOOR = {torch.float32: math.log(torch.finfo(torch.float32).tiny) + 8.0,
+                torch.float64: math.log(torch.finfo(torch.float64).tiny) + 8.0}
+
+
 class _ChunkDiag(torch.autograd.Function):
     """Within-chunk SSD output y = (CB * L) @ xdt with L[i, j] = exp(Acs[i] - Acs[j]) for
     i >= j (0 above the diagonal), for every (batch, head, chunk).
@@ -72,14 +77,15 @@ class _ChunkDiag(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, CB: Tensor, Acs: Tensor, xdt: Tensor) -> Tensor:
-        q = Acs.shape[-1]
         Acs = Acs.contiguous()  # else L inherits a permuted layout and every matmul on it copies
         with torch.autocast(Acs.device.type, enabled=False):  # the SSM's dtype (>= fp32), fwd and bwd alike
             CB, xdt = CB.to(Acs.dtype), xdt.to(Acs.dtype)
-            L = Acs[..., :, None] - Acs[..., None, :]  # [..., hg, q, q]
-            upper = torch.ones(q, q, dtype=torch.bool, device=Acs.device).triu(1)
-            L.masked_fill_(upper, -math.inf).exp_()
-            S = L * CB
+            # the causal mask goes on CB (shared by the heads, hg times smaller than L); L's upper
+            # triangle is clamped to exp(0) instead of masked to exp(-inf) (exp is slower at -inf),
+            # and decays below the smallest normal number are clamped there (denormals are slow);
+            # both are exact to float tolerance: the decays clamped are < 1e-34 (float32)
+            L = (Acs[..., :, None] - Acs[..., None, :]).clamp_(_DECAY_FLOOR.get(Acs.dtype, -math.inf), 0.0).exp_()  # [..., hg, q, q]
+            S = L * CB.tril()
             y = S @ xdt  # [..., hg, q, p]
         ctx.save_for_backward(L, S, xdt, y)
         return y
@@ -90,7 +96,7 @@ class _ChunkDiag(torch.autograd.Function):
         L, S, xdt, y = ctx.saved_tensors
         gy = gy.to(S.dtype)
         gxdt = S.transpose(-1, -2) @ gy  # [..., hg, q, p]
-        gCB = (gy @ xdt.transpose(-1, -2)).mul_(L).sum(-3, keepdim=True)  # [..., 1, q, q]
+        gCB = (gy @ xdt.transpose(-1, -2)).mul_(L).sum(-3, keepdim=True).tril_()  # [..., 1, q, q]
         gAcs = (gy * y).sum(-1) - (xdt * gxdt).sum(-1)  # [..., hg, q]
         return gCB, gAcs, gxdt
 
@@ -291,10 +297,11 @@ class _CausalConvSiLU(torch.autograd.Function):
         xp, wt, pre = ctx.saved_tensors
         K, l = wt.shape[0], pre.shape[1]
         gp = torch.ops.aten.silu_backward(g.contiguous(), pre)  # [b, l, c]: gradient of the pre-activation
-        gpad = F.pad(gp, (0, 0, 0, K - 1))  # [b, l+K-1, c]
-        gx = gp * wt[K - 1]  # x_s feeds y_{s+K-1-k} through tap k
+        gx = gp * wt[K - 1]  # x_s feeds y_{s+K-1-k} through tap k (when s+K-1-k < l)
         for k in range(K - 1):
-            gx.addcmul_(gpad[:, K - 1 - k : K - 1 - k + l], wt[k])
+            shift = K - 1 - k
+            if shift < l:
+                gx[:, : l - shift].addcmul_(gp[:, shift:], wt[k])
         gw = torch.stack([(gp * xp[:, k : k + l]).sum((0, 1)) for k in range(K)], 1)  # [c, K]
         return gx, gw, gp.sum((0, 1))
 
