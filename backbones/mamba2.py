@@ -325,6 +325,8 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, y: Tensor, z: Tensor) -> Tensor:
         y = y * F.silu(z)
+        if self.group_size == y.shape[-1]:  # one group: the weight goes into rms_norm (one pass less)
+            return F.rms_norm(y, (self.group_size,), self.weight, eps=self.eps)
         shape = y.shape
         y = y.reshape(*shape[:-1], shape[-1] // self.group_size, self.group_size)
         y = F.rms_norm(y, (self.group_size,), eps=self.eps)

@@ -82,6 +82,28 @@ def test_fused_ssd_with_decays_past_the_dtype_range_equals_reference(dtype, tol)
         assert (a - r).abs().max().item() <= tol * max(1.0, r.abs().max().item()), name
 
 
+def test_gated_rmsnorm_one_group_equals_grouped_form_fwd_bwd():
+    from backbones.mamba2 import GatedRMSNorm
+
+    torch.manual_seed(0)
+    norm = GatedRMSNorm(12, 12).double()
+    with torch.no_grad():
+        norm.weight.normal_()
+    y, z = (torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True) for _ in range(2))
+
+    def grouped(y, z):  # the general path: normalise [..., groups, group_size], then scale
+        u = y * F.silu(z)
+        u = F.rms_norm(u.reshape(3, 5, 1, 12), (12,), eps=norm.eps)
+        return u.reshape(3, 5, 12) * norm.weight
+
+    fast, ref = norm(y, z), grouped(y, z)
+    assert (fast - ref).abs().max() < 1e-12
+    gy = torch.randn_like(fast)
+    for a, r in zip(torch.autograd.grad(fast, (y, z, norm.weight), gy),
+                    torch.autograd.grad(ref, (y, z, norm.weight), gy), strict=True):
+        assert (a - r).abs().max() < 1e-10
+
+
 @pytest.mark.parametrize("b,l,c,K", [(2, 23, 5, 4), (1, 2, 3, 4), (3, 7, 4, 1), (2, 9, 6, 2)])
 def test_causal_conv_silu_equals_conv1d_fwd_bwd(b, l, c, K):
     gen = torch.Generator().manual_seed(0)
