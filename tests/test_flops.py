@@ -122,3 +122,26 @@ def test_s5_train_step_flops_count_the_scan_once(use_package):
     assert got["counted"] == 3 * (lin + heads) + 2 * text
     assert got["scan"] == 3 * B * P * n * (8 * Ps * H + 28 * Ps + 15 * H)
     assert got["scan_seen"] == 3 * B * P * n * (4 if use_package else 8) * Ps * H
+
+
+def test_s4d_train_step_flops_count_the_kernel_once():
+    """S4D's convolution kernel is built by two batched products per channel that the counter
+    sees (once per step, not per clip); they are taken out, the analytic scan counts them."""
+    import math
+
+    from torch import nn
+
+    lm = tiny_lm("prefix", "s4d", d_state=8)
+    S = T + K - 1
+    P = S + L + 1
+    bb = lm.backbone
+    half = bb.blocks[0].mixer.n_modes
+    assert half == 4
+    m = math.isqrt(P - 1) + 1
+    nb = -(-P // m)
+    lin = sum(2 * B * P * mm.weight.numel() for mm in bb.modules() if isinstance(mm, nn.Linear))
+    heads, text = K * 2 * B * S * d * V, 2 * B * L * Dt * d
+    got = count_train_step_flops(lm, *batch())
+    assert got["counted"] == 3 * (lin + heads) + 2 * text
+    assert got["scan_seen"] == n * 3 * 2 * 2 * d * m * half * nb
+    assert got["scan"] == 3 * B * P * bb.scan_flops_per_token(P)
