@@ -79,7 +79,7 @@ class _ChunkDiag(torch.autograd.Function):
     def forward(ctx, CB: Tensor, Acs: Tensor, xdt: Tensor) -> Tensor:
         Acs = Acs.contiguous()  # else L inherits a permuted layout and every matmul on it copies
         with torch.autocast(Acs.device.type, enabled=False):  # the SSM's dtype (>= fp32), fwd and bwd alike
-            CB, xdt = CB.to(Acs.dtype), xdt.to(Acs.dtype)
+            CB, xdt = CB.to(Acs.dtype), xdt.to(Acs.dtype).contiguous()  # one copy, reused by both matmuls
             # the causal mask goes on CB (shared by the heads, hg times smaller than L); L's upper
             # triangle is clamped to exp(0) instead of masked to exp(-inf) (exp is slower at -inf),
             # and decays below the smallest normal number are clamped there (denormals are slow);
@@ -94,7 +94,7 @@ class _ChunkDiag(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, gy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         L, S, xdt, y = ctx.saved_tensors
-        gy = gy.to(S.dtype)
+        gy = gy.to(S.dtype).contiguous()  # a permuted view of y's gradient: one copy, not one per matmul
         gxdt = S.transpose(-1, -2) @ gy  # [..., hg, q, p]
         gCB = (gy @ xdt.transpose(-1, -2)).mul_(L).sum(-3, keepdim=True).tril_()  # [..., 1, q, q]
         gAcs = (gy * y).sum(-1) - (xdt * gxdt).sum(-1)  # [..., hg, q]
