@@ -104,6 +104,24 @@ def test_gated_rmsnorm_one_group_equals_grouped_form_fwd_bwd():
         assert (a - r).abs().max() < 1e-10
 
 
+def test_mamba1_mixer_fused_conv_equals_conv1d_grads():
+    from backbones.mamba import MambaMixer
+
+    torch.manual_seed(0)
+    m = MambaMixer(16, d_state=4, kernel="reference").double()
+    x = torch.randn(2, 23, 16, dtype=torch.float64, requires_grad=True)
+    outs = []
+    for fused in (True, False):
+        m.fused_conv = fused
+        m.zero_grad()
+        y = m(x)
+        (y * y.detach().cos()).sum().backward()
+        outs.append([y, x.grad.clone()] + [p.grad.clone() for p in m.parameters()])
+        x.grad = None
+    for a, r in zip(*outs, strict=True):
+        assert (a - r).abs().max() < 1e-10
+
+
 @pytest.mark.parametrize("b,l,c,K", [(2, 23, 5, 4), (1, 2, 3, 4), (3, 7, 4, 1), (2, 9, 6, 2)])
 def test_causal_conv_silu_equals_conv1d_fwd_bwd(b, l, c, K):
     gen = torch.Generator().manual_seed(0)
