@@ -115,7 +115,20 @@ class Mixer(nn.Module):
         return self.forward(x[:, None], state)[:, 0]
 
     def scan_flops_per_token(self, seq_len: int) -> int:
-        """FLOPs per token per layer that a matmul counter cannot see (scans, FFT convs)."""
+        """Analytic forward FLOPs per token per layer of the scan (recurrences, FFT convs, SSD):
+        the work beyond the weight matmuls and attention."""
+        return 0
+
+    def scan_flops_counted(self, batch: int, seq_len: int) -> int:
+        """FLOPs of one training forward+backward of this layer's scan over `[batch, seq_len]`
+        that torch's FLOP counter sees (matmuls inside the scan). `ttm.flops` takes them out
+        of its count and adds the scan analytically instead, so the scan counts once and the
+        same on every path (a Triton kernel is invisible to the counter, its reference is not)."""
+        return 0
+
+    def train_flops_uncounted(self, batch: int, seq_len: int) -> int:
+        """FLOPs of one training forward+backward of this layer outside the scan that torch's
+        FLOP counter cannot see (hand-written replacements of ops it counts, e.g. a conv)."""
         return 0
 
     def context_flops_per_token(self, context_len: float) -> float:
@@ -265,6 +278,12 @@ class Backbone(nn.Module):
 
     def scan_flops_per_token(self, seq_len: int) -> int:
         return sum(b.mixer.scan_flops_per_token(seq_len) for b in self.blocks)
+
+    def scan_flops_counted(self, batch: int, seq_len: int) -> int:
+        return sum(b.mixer.scan_flops_counted(batch, seq_len) for b in self.blocks)
+
+    def train_flops_uncounted(self, batch: int, seq_len: int) -> int:
+        return sum(b.mixer.train_flops_uncounted(batch, seq_len) for b in self.blocks)
 
     def flops_per_token(self, seq_len: int, memory_len: int = 0, mode: str = "train") -> int:
         """Analytic FLOPs per token: 2 * matmul params (x3 for training fwd+bwd) + attention + scans.

@@ -86,6 +86,12 @@ class Bidirectional(nn.Module):
     def scan_flops_per_token(self, seq_len: int) -> int:
         return self.fwd.scan_flops_per_token(seq_len) + self.bwd.scan_flops_per_token(seq_len)
 
+    def scan_flops_counted(self, batch: int, seq_len: int) -> int:
+        return self.fwd.scan_flops_counted(batch, seq_len) + self.bwd.scan_flops_counted(batch, seq_len)
+
+    def train_flops_uncounted(self, batch: int, seq_len: int) -> int:
+        return self.fwd.train_flops_uncounted(batch, seq_len) + self.bwd.train_flops_uncounted(batch, seq_len)
+
     def flops_per_token(self, seq_len: int, memory_len: int = 0, mode: str = "train") -> int:
         """Both directions (each direction's causal attention context is the mean, as for the
         causal backbone) plus the concat projection."""

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backbones.base import Backbone, Mixer, State, register
+from backbones.mamba2 import causal_conv_silu
 from backbones.ops.dispatch import KernelSwitch, check_mode, kernel_available, load_kernel
 from backbones.ops.selective_scan import _nb, selective_scan, selective_scan_ref  # noqa: F401 (re-exported)
 
@@ -32,6 +33,8 @@ CONV_KERNEL = ("causal_conv1d", "causal_conv1d_fn")
 
 class MambaMixer(KernelSwitch, Mixer):
     """The Mamba1 mixer. State: conv buffer `[B, d_inner, d_conv-1]` and SSM state `[B, d_inner, d_state]`."""
+
+    fused_conv = True  # conv without a state: causal_conv_silu (channels last); False: F.conv1d (reference)
 
     def __init__(
         self,
@@ -106,6 +109,9 @@ class MambaMixer(KernelSwitch, Mixer):
         if conv is not None:
             xc = conv(xi.contiguous(), w[:, 0], self.conv1d.bias, activation="silu")
             padded = F.pad(xi, (k, 0)) if state is not None else None
+        elif state is None and self.fused_conv and self.conv1d.bias is not None:
+            xc = causal_conv_silu(xi.transpose(1, 2), w, self.conv1d.bias).transpose(1, 2)  # [B, D, S] view
+            padded = None
         else:
             left = xi.new_zeros(Bsz, xi.shape[1], k) if state is None else state["conv"].to(xi.dtype)
             padded = torch.cat([left, xi], dim=-1)  # [B, D, k + S]
@@ -167,6 +173,15 @@ class MambaMixer(KernelSwitch, Mixer):
         read out 2 (mul by C, sum) = 7; per channel: dt*x 1, D skip 2, SiLU gate 5
         (sigmoid ~4 + mul), softplus 3 = 11."""
         return 7 * self.d_inner * self.d_state + 11 * self.d_inner
+
+    def train_flops_uncounted(self, batch: int, seq_len: int) -> int:
+        """The depthwise conv when it is not F.conv1d (causal_conv_silu, or causal_conv1d's CUDA
+        kernel): 2 K FLOPs per channel and token forward, as much again per gradient."""
+        w = self.in_proj.weight
+        kernel_conv = self._cuda_scan(w, None) is not None and kernel_available(*CONV_KERNEL)
+        if kernel_conv or (self.fused_conv and self.conv1d.bias is not None):
+            return 3 * 2 * batch * seq_len * self.d_inner * self.d_conv
+        return 0
 
 
 @register("mamba")

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.flop_counter import FlopCounterMode
 
 from backbones.base import Backbone, Mixer, State, register
 from backbones.ops.dispatch import KernelSwitch, check_mode, kernel_available, load_kernel
@@ -56,6 +58,11 @@ def segsum(x: Tensor) -> Tensor:
     return out.masked_fill(~keep.tril(0), -math.inf)
 
 
+#: log of (a margin above) the smallest normal number of the SSM's dtypes: the lowest decay exponent kept
+_DECAY_FLOOR = {torch.float32: math.log(torch.finfo(torch.float32).tiny) + 8.0,
+                torch.float64: math.log(torch.finfo(torch.float64).tiny) + 8.0}
+
+
 class _ChunkDiag(torch.autograd.Function):
     """Within-chunk SSD output y = (CB * L) @ xdt with L[i, j] = exp(Acs[i] - Acs[j]) for
     i >= j (0 above the diagonal), for every (batch, head, chunk).
@@ -70,14 +77,15 @@ class _ChunkDiag(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, CB: Tensor, Acs: Tensor, xdt: Tensor) -> Tensor:
-        q = Acs.shape[-1]
         Acs = Acs.contiguous()  # else L inherits a permuted layout and every matmul on it copies
         with torch.autocast(Acs.device.type, enabled=False):  # the SSM's dtype (>= fp32), fwd and bwd alike
-            CB, xdt = CB.to(Acs.dtype), xdt.to(Acs.dtype)
-            L = Acs[..., :, None] - Acs[..., None, :]  # [..., hg, q, q]
-            upper = torch.ones(q, q, dtype=torch.bool, device=Acs.device).triu(1)
-            L.masked_fill_(upper, -math.inf).exp_()
-            S = L * CB
+            CB, xdt = CB.to(Acs.dtype), xdt.to(Acs.dtype).contiguous()  # one copy, reused by both matmuls
+            # the causal mask goes on CB (shared by the heads, hg times smaller than L); L's upper
+            # triangle is clamped to exp(0) instead of masked to exp(-inf) (exp is slower at -inf),
+            # and decays below the smallest normal number are clamped there (denormals are slow);
+            # both are exact to float tolerance: the decays clamped are < 1e-34 (float32)
+            L = (Acs[..., :, None] - Acs[..., None, :]).clamp_(_DECAY_FLOOR.get(Acs.dtype, -math.inf), 0.0).exp_()  # [..., hg, q, q]
+            S = L * CB.tril()
             y = S @ xdt  # [..., hg, q, p]
         ctx.save_for_backward(L, S, xdt, y)
         return y
@@ -86,9 +94,9 @@ class _ChunkDiag(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, gy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         L, S, xdt, y = ctx.saved_tensors
-        gy = gy.to(S.dtype)
+        gy = gy.to(S.dtype).contiguous()  # a permuted view of y's gradient: one copy, not one per matmul
         gxdt = S.transpose(-1, -2) @ gy  # [..., hg, q, p]
-        gCB = (gy @ xdt.transpose(-1, -2)).mul_(L).sum(-3, keepdim=True)  # [..., 1, q, q]
+        gCB = (gy @ xdt.transpose(-1, -2)).mul_(L).sum(-3, keepdim=True).tril_()  # [..., 1, q, q]
         gAcs = (gy * y).sum(-1) - (xdt * gxdt).sum(-1)  # [..., hg, q]
         return gCB, gAcs, gxdt
 
@@ -260,6 +268,50 @@ def ssd_flops_per_token(seq_len: int, chunk_size: int, nheads: int, headdim: int
     return int(2 * Q * G * N + Q * H + 2 * Q * H * P + 4 * H * P * N + 2 * H * P * N / Q + 3 * H * P)
 
 
+# ----------------------------------------------------------------------------- conv
+
+
+class _CausalConvSiLU(torch.autograd.Function):
+    """silu(causal depthwise conv1d(x) + bias) in the channels-last layout of in_proj's output:
+    x [b, l, c], weight [c, K], bias [c] -> [b, l, c], with zero history before t = 0.
+
+    y_t = silu(bias + sum_k w_k x_{t-K+1+k}) as K shifted multiply-adds, so no transpose or
+    channels-first copy is made; the backward is written out (silu', then K shifted
+    multiply-adds for dx and K channel sums for dw) instead of the grouped-conv backward,
+    which is slow for depthwise weights on CPU. `F.conv1d` is the reference (tests)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        l, K = x.shape[1], weight.shape[1]
+        xp = F.pad(x, (0, 0, K - 1, 0))  # [b, K-1+l, c]
+        wt = weight.t().contiguous()  # [K, c]
+        pre = torch.addcmul(bias, xp[:, :l], wt[0])  # [b, l, c]
+        for k in range(1, K):
+            pre.addcmul_(xp[:, k : k + l], wt[k])
+        ctx.save_for_backward(xp, wt, pre)
+        return F.silu(pre)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        xp, wt, pre = ctx.saved_tensors
+        K, l = wt.shape[0], pre.shape[1]
+        gp = torch.ops.aten.silu_backward(g.contiguous(), pre)  # [b, l, c]: gradient of the pre-activation
+        gx = gp * wt[K - 1]  # x_s feeds y_{s+K-1-k} through tap k (when s+K-1-k < l)
+        for k in range(K - 1):
+            shift = K - 1 - k
+            if shift < l:
+                gx[:, : l - shift].addcmul_(gp[:, shift:], wt[k])
+        gw = torch.stack([(gp * xp[:, k : k + l]).sum((0, 1)) for k in range(K)], 1)  # [c, K]
+        return gx, gw, gp.sum((0, 1))
+
+
+def causal_conv_silu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """silu(causal depthwise conv(x)): x [b, l, c], weight [c, 1, K] (nn.Conv1d's), bias [c];
+    computed in x's dtype, as F.conv1d under autocast."""
+    return _CausalConvSiLU.apply(x, weight[:, 0].to(x.dtype), bias.to(x.dtype))
+
+
 # ----------------------------------------------------------------------------- mixer
 
 
@@ -273,6 +325,8 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, y: Tensor, z: Tensor) -> Tensor:
         y = y * F.silu(z)
+        if self.group_size == y.shape[-1]:  # one group: the weight goes into rms_norm (one pass less)
+            return F.rms_norm(y, (self.group_size,), self.weight, eps=self.eps)
         shape = y.shape
         y = y.reshape(*shape[:-1], shape[-1] // self.group_size, self.group_size)
         y = F.rms_norm(y, (self.group_size,), eps=self.eps)
@@ -285,6 +339,7 @@ class Mamba2Mixer(KernelSwitch, Mixer):
 
     constant_state = True
     fused_ssd = True  # the pure path's scan: ssd_chunked(fused=True); False runs the autograd reference
+    fused_conv = True  # the conv without a state: causal_conv_silu; False runs F.conv1d (the reference)
 
     def __init__(
         self,
@@ -356,13 +411,16 @@ class Mamba2Mixer(KernelSwitch, Mixer):
         z, xBC, dt = self._split(self.in_proj(x))  # [b, l, d_inner], [b, l, conv_dim], [b, l, h]
 
         # causal depthwise conv, continuing from the state's window when given
-        xt = xBC.transpose(1, 2)  # [b, conv_dim, l]
-        if state is None:
-            xt = F.pad(xt, (self.d_conv - 1, 0))
+        if state is None and self.fused_conv:
+            xBC = causal_conv_silu(xBC, self.conv1d.weight, self.conv1d.bias)  # [b, l, conv_dim]
         else:
-            xt = torch.cat([state["conv"].to(xt.dtype), xt], dim=-1)  # [b, conv_dim, d_conv-1+l]
-            state["conv"].copy_(xt[:, :, xt.shape[-1] - (self.d_conv - 1) :])
-        xBC = F.silu(F.conv1d(xt, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)).transpose(1, 2)
+            xt = xBC.transpose(1, 2)  # [b, conv_dim, l]
+            if state is None:
+                xt = F.pad(xt, (self.d_conv - 1, 0))
+            else:
+                xt = torch.cat([state["conv"].to(xt.dtype), xt], dim=-1)  # [b, conv_dim, d_conv-1+l]
+                state["conv"].copy_(xt[:, :, xt.shape[-1] - (self.d_conv - 1) :])
+            xBC = F.silu(F.conv1d(xt, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)).transpose(1, 2)
         xs, Bm, Cm = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], -1)
         xs = xs.reshape(b, l, self.nheads, self.headdim)
         Bm = Bm.reshape(b, l, self.ngroups, self.d_state)
@@ -450,8 +508,40 @@ class Mamba2Mixer(KernelSwitch, Mixer):
                                dtype=self._ssm_dtype(dtype)),
         }
 
+    def _scan_kernel(self):
+        """The SSD kernel a training forward runs on this mixer's device, or None (ssd_chunked)."""
+        return self.pick_kernel(self.in_proj.weight, *SSD_KERNEL)
+
+    def scan_chunk_size(self) -> int:
+        """The chunk length the training scan runs with: `chunk_size` in the kernel, the
+        (shorter) `pure_chunk_size` in ssd_chunked."""
+        if self._scan_kernel() is not None:
+            return self.chunk_size
+        return pure_chunk_size(self.chunk_size, self.headdim, self.d_state)
+
     def scan_flops_per_token(self, seq_len: int) -> int:
-        return ssd_flops_per_token(seq_len, self.chunk_size, self.nheads, self.headdim, self.d_state, self.ngroups)
+        return ssd_flops_per_token(seq_len, self.scan_chunk_size(), self.nheads, self.headdim, self.d_state,
+                                   self.ngroups)
+
+    def scan_flops_counted(self, batch: int, seq_len: int) -> int:
+        """The matmuls of ssd_chunked (forward, and the gradients of every input as in training),
+        counted on fake tensors of the training shapes (no data, no compute); 0 for the Triton kernel."""
+        if self._scan_kernel() is not None:
+            return 0
+        b, l, h, p, g, n = batch, seq_len, self.nheads, self.headdim, self.ngroups, self.d_state
+        with FakeTensorMode(), FlopCounterMode(display=False) as fc:
+            ins = [torch.empty(*s, requires_grad=True) for s in ((b, l, h, p), (b, l, h), (h,), (b, l, g, n),
+                                                                 (b, l, g, n), (h,))]
+            y, _ = ssd_chunked(*ins[:5], self.scan_chunk_size(), ins[5], fused=self.fused_ssd)
+            torch.autograd.grad(y, ins, torch.empty_like(y))
+        return int(fc.get_total_flops())
+
+    def train_flops_uncounted(self, batch: int, seq_len: int) -> int:
+        """causal_conv_silu's taps (the counter saw F.conv1d's): 2 K FLOPs per channel and
+        token forward, as much again for each of the input and weight gradients."""
+        if not self.fused_conv:
+            return 0
+        return 3 * 2 * batch * seq_len * self.conv_dim * self.d_conv
 
 
 def mamba2_mixer_kwargs(backbone: str, mixer_kwargs: dict[str, Any], own: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -108,8 +108,7 @@ class S4DMixer(Mixer):
         """The same K [H, L] without the [H, N/2, L] table of powers: with l = a + m b (m ~ sqrt(L)),
         dA^l = dA^a dA^(m b), so K[:, a + m b] = 2 Re(sum_n (W dA^a)_n (dA^(m b))_n) is one batched
         [m, N/2] @ [N/2, L/m] product per channel (elementwise work H N sqrt(L) instead of H N L)."""
-        m = max(1, math.isqrt(max(L - 1, 0)) + 1)
-        nb = -(-L // m)
+        m, nb = S4DMixer._blocks(L)
         re, im = dtA.real[:, :, None], dtA.imag[:, :, None]  # [H, N/2, 1]
         a = torch.arange(m, device=dtA.device, dtype=re.dtype)
         mb = torch.arange(nb, device=dtA.device, dtype=re.dtype) * m
@@ -197,6 +196,18 @@ class S4DMixer(Mixer):
         fft = (3 * 2.5 * n * math.log2(n) + 6 * (n // 2 + 1)) / L
         kernel = 14 * self.n_modes
         return int(self.d_model * (fft + kernel + 2 + 8 + (5 if self.glu else 0)))
+
+    @staticmethod
+    def _blocks(L: int) -> tuple[int, int]:
+        """`_kernel_blocked`'s split of L positions: m ~ sqrt(L) offsets times nb blocks."""
+        m = max(1, math.isqrt(max(L - 1, 0)) + 1)
+        return m, -(-L // m)
+
+    def scan_flops_counted(self, batch: int, seq_len: int) -> int:
+        """The counter sees `_kernel_blocked`'s two [m, N/2] @ [N/2, nb] products per channel
+        (once per step, whatever the batch), forward and both gradients."""
+        m, nb = self._blocks(seq_len)
+        return 3 * 2 * 2 * self.d_model * m * self.n_modes * nb
 
 
 @register("s4d")

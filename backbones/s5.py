@@ -184,12 +184,16 @@ class S5Mixer(Mixer):
         return {"ssm": torch.zeros(batch_size, self.d_state, 2, device=device, dtype=torch.float32)}
 
     def scan_flops_per_token(self, seq_len: int) -> int:
-        """Forward FLOPs per token the matmul counter misses (the package's complex matmuls
-        run through vmap and are not nn.Linear): B u (P x H complex by real: 4PH), C x
+        """Analytic forward FLOPs per token of the SSM: B u (P x H complex by real: 4PH), C x
         (H x P complex, real part: 4PH), the associative scan (~2 combines of a complex
         multiply + multiply-add per state per token: 2 * 14 P), D skip 2H, activation ~13H."""
         P, H = self.d_state, self.d_model
         return 8 * P * H + 28 * P + 15 * H
+
+    def scan_flops_counted(self, batch: int, seq_len: int) -> int:
+        """The counter sees B u and C x as matmuls (forward and both gradients): all 8PH per
+        token in the FFT scan, 4PH of them through the package (tests measure both)."""
+        return 3 * batch * seq_len * (4 if self.use_package else 8) * self.d_state * self.d_model
 
 
 @register("s5")

@@ -293,8 +293,8 @@ def ssm_train_step(
         info[name] = {
             "params": sum(p.numel() for p in lm.parameters() if p.requires_grad),
             "backbone": lm.backbone.config(),
-            # analytic (ttm.flops): the counter also sees the matmuls inside some scans that
-            # scan_flops_per_token counts again, which would inflate those backbones' MFU
+            # analytic (ttm.flops): the same definition on every device; the counted total
+            # (ttm.flops.count_train_step_flops, each scan once) is kept beside it
             "flops": batch
             * backbone_positions(lm, frames, L)
             * analytic_flops_per_token(lm, frames, L, "train"),

@@ -70,3 +70,78 @@ def test_mamba_train_step_flops_match_hand_count():
     got = count_train_step_flops(lm, *batch())
     assert got["counted"] == 3 * (lin + heads) + 2 * text + 3 * conv
     assert got["scan"] == 3 * B * P * n * (7 * d_inner * d_state + 11 * d_inner)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_mamba2_train_step_flops_count_the_scan_once(fast):
+    """Counted matmuls and conv outside the SSD plus the analytic SSD at the chunk the pure scan
+    runs; the SSD's own matmuls (which the counter sees on this path) are not added again, and
+    the fast and reference conv/scan paths give the same count."""
+    from torch import nn
+
+    from backbones.mamba2 import pure_chunk_size, ssd_flops_per_token
+
+    lm = tiny_lm("prefix", "mamba2", d_state=8, headdim=8, chunk_size=64)
+    for blk in lm.backbone.blocks:
+        blk.mixer.fused_conv = blk.mixer.fused_ssd = fast
+    S = T + K - 1
+    P = S + L + 1
+    bb = lm.backbone
+    d_inner, d_state, d_conv, H, hp = 2 * d, 8, 4, 2 * d // 8, 8
+    conv_dim = d_inner + 2 * d_state
+    lin = sum(2 * B * P * m.weight.numel() for m in bb.modules() if isinstance(m, nn.Linear))
+    conv = n * 2 * B * conv_dim * P * d_conv  # depthwise: one MAC per channel per tap
+    heads, text = K * 2 * B * S * d * V, 2 * B * L * Dt * d
+    Q = pure_chunk_size(64, hp, d_state)
+    assert Q == 8 and bb.blocks[0].mixer.scan_chunk_size() == Q
+    per_token = 2 * Q * d_state + Q * H + 2 * Q * H * hp + 4 * H * hp * d_state + 2 * H * hp * d_state / Q + 3 * H * hp
+    assert ssd_flops_per_token(P, Q, H, hp, d_state, 1) == int(per_token)
+    got = count_train_step_flops(lm, *batch())
+    assert got["counted"] == 3 * (lin + heads) + 2 * text + 3 * conv
+    assert got["scan"] == 3 * B * P * n * int(per_token)
+    assert got["scan_seen"] > 0  # the pure scan's matmuls, which the counter saw and which were taken out
+    assert got["total"] == got["counted"] + got["scan"]
+
+
+@pytest.mark.parametrize("use_package", [False, True])
+def test_s5_train_step_flops_count_the_scan_once(use_package):
+    """S5's B u and C x are counted once, in the analytic scan, on both paths (the counter sees
+    all of them in the FFT scan and half of them through the package)."""
+    from torch import nn
+
+    lm = tiny_lm("prefix", "s5", d_state=4)
+    for blk in lm.backbone.blocks:
+        blk.mixer.use_package = use_package
+    S = T + K - 1
+    P = S + L + 1
+    bb = lm.backbone
+    Ps, H = 4, d
+    lin = sum(2 * B * P * m.weight.numel() for m in bb.modules() if isinstance(m, nn.Linear))
+    heads, text = K * 2 * B * S * d * V, 2 * B * L * Dt * d
+    got = count_train_step_flops(lm, *batch())
+    assert got["counted"] == 3 * (lin + heads) + 2 * text
+    assert got["scan"] == 3 * B * P * n * (8 * Ps * H + 28 * Ps + 15 * H)
+    assert got["scan_seen"] == 3 * B * P * n * (4 if use_package else 8) * Ps * H
+
+
+def test_s4d_train_step_flops_count_the_kernel_once():
+    """S4D's convolution kernel is built by two batched products per channel that the counter
+    sees (once per step, not per clip); they are taken out, the analytic scan counts them."""
+    import math
+
+    from torch import nn
+
+    lm = tiny_lm("prefix", "s4d", d_state=8)
+    S = T + K - 1
+    P = S + L + 1
+    bb = lm.backbone
+    half = bb.blocks[0].mixer.n_modes
+    assert half == 4
+    m = math.isqrt(P - 1) + 1
+    nb = -(-P // m)
+    lin = sum(2 * B * P * mm.weight.numel() for mm in bb.modules() if isinstance(mm, nn.Linear))
+    heads, text = K * 2 * B * S * d * V, 2 * B * L * Dt * d
+    got = count_train_step_flops(lm, *batch())
+    assert got["counted"] == 3 * (lin + heads) + 2 * text
+    assert got["scan_seen"] == n * 3 * 2 * 2 * d * m * half * nb
+    assert got["scan"] == 3 * B * P * bb.scan_flops_per_token(P)

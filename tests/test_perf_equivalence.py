@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from backbones.mamba2 import Mamba2Mixer, pure_chunk_size, ssd_chunked
+from backbones.mamba2 import Mamba2Mixer, causal_conv_silu, pure_chunk_size, ssd_chunked
 
 
 def _ssd_inputs(b, l, h, p, g, n, dtype, seed=0):
@@ -61,6 +61,96 @@ def test_mamba2_mixer_fused_equals_reference_grads():
         (gx,) = torch.autograd.grad((y**2).sum(), x, retain_graph=True)
         (y**2).sum().backward()
         outs.append([y, gx] + [p.grad.clone() for p in m.parameters()])
+    for a, r in zip(*outs, strict=True):
+        assert (a - r).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-4)])
+def test_fused_ssd_with_decays_past_the_dtype_range_equals_reference(dtype, tol):
+    """Decays below the dtype's smallest normal number (clamped to it in the fused scan) change
+    nothing. In float32, dA's gradient (a sum over every token of differences of large terms)
+    is compared in float64 only."""
+    ins = _ssd_inputs(2, 40, 4, 3, 1, 5, dtype, seed=3)
+    with torch.no_grad():
+        ins[1].mul_(50.0)  # dt * A down to about -1000 per step: past exp's float64 range within a chunk
+    fast = _ssd_fwd_bwd(ins, 16, True, True)
+    ref = _ssd_fwd_bwd(ins, 16, False, True)
+    for name, a, r in zip(["y", "final", "dx", "ddt", "dA", "dB", "dC", "dD", "dh0"], fast, ref, strict=True):
+        assert torch.isfinite(a).all(), name
+        if name in ("ddt", "dA") and dtype == torch.float32:
+            continue
+        assert (a - r).abs().max().item() <= tol * max(1.0, r.abs().max().item()), name
+
+
+def test_gated_rmsnorm_one_group_equals_grouped_form_fwd_bwd():
+    from backbones.mamba2 import GatedRMSNorm
+
+    torch.manual_seed(0)
+    norm = GatedRMSNorm(12, 12).double()
+    with torch.no_grad():
+        norm.weight.normal_()
+    y, z = (torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True) for _ in range(2))
+
+    def grouped(y, z):  # the general path: normalise [..., groups, group_size], then scale
+        u = y * F.silu(z)
+        u = F.rms_norm(u.reshape(3, 5, 1, 12), (12,), eps=norm.eps)
+        return u.reshape(3, 5, 12) * norm.weight
+
+    fast, ref = norm(y, z), grouped(y, z)
+    assert (fast - ref).abs().max() < 1e-12
+    gy = torch.randn_like(fast)
+    for a, r in zip(torch.autograd.grad(fast, (y, z, norm.weight), gy),
+                    torch.autograd.grad(ref, (y, z, norm.weight), gy), strict=True):
+        assert (a - r).abs().max() < 1e-10
+
+
+def test_mamba1_mixer_fused_conv_equals_conv1d_grads():
+    from backbones.mamba import MambaMixer
+
+    torch.manual_seed(0)
+    m = MambaMixer(16, d_state=4, kernel="reference").double()
+    x = torch.randn(2, 23, 16, dtype=torch.float64, requires_grad=True)
+    outs = []
+    for fused in (True, False):
+        m.fused_conv = fused
+        m.zero_grad()
+        y = m(x)
+        (y * y.detach().cos()).sum().backward()
+        outs.append([y, x.grad.clone()] + [p.grad.clone() for p in m.parameters()])
+        x.grad = None
+    for a, r in zip(*outs, strict=True):
+        assert (a - r).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("b,l,c,K", [(2, 23, 5, 4), (1, 2, 3, 4), (3, 7, 4, 1), (2, 9, 6, 2)])
+def test_causal_conv_silu_equals_conv1d_fwd_bwd(b, l, c, K):
+    gen = torch.Generator().manual_seed(0)
+    kw = {"dtype": torch.float64, "generator": gen}
+    x = torch.randn(b, l, c, **kw).transpose(0, 1).contiguous().transpose(0, 1)  # a strided view, as from a split
+    w, bias, gy = torch.randn(c, 1, K, **kw), torch.randn(c, **kw), torch.randn(b, l, c, **kw)
+    ins = [t.requires_grad_() for t in (x, w, bias)]
+
+    def ref(x, w, bias):  # [b, l, c] -> [b, l, c], zero history
+        return F.silu(F.conv1d(F.pad(x.transpose(1, 2), (K - 1, 0)), w, bias, groups=c)).transpose(1, 2)
+
+    fast, slow = causal_conv_silu(*ins), ref(*ins)
+    assert (fast - slow).abs().max() < 1e-12
+    for a, r in zip(torch.autograd.grad(fast, ins, gy), torch.autograd.grad(slow, ins, gy), strict=True):
+        assert (a - r).abs().max() < 1e-10
+
+
+def test_mamba2_mixer_fused_conv_equals_conv1d_grads():
+    torch.manual_seed(0)
+    m = Mamba2Mixer(32, d_state=12, headdim=8, ngroups=2, chunk_size=16).double()
+    x = torch.randn(3, 41, 32, dtype=torch.float64, requires_grad=True)
+    outs = []
+    for fused in (True, False):
+        m.fused_conv = fused
+        m.zero_grad()
+        y = m(x)
+        (y * y.detach().cos()).sum().backward()
+        outs.append([y, x.grad.clone()] + [p.grad.clone() for p in m.parameters()])
+        x.grad = None
     for a, r in zip(*outs, strict=True):
         assert (a - r).abs().max() < 1e-10
 

@@ -1,5 +1,6 @@
-"""FLOP accounting: matmuls counted by `torch.utils.flop_counter`, plus each backbone's
-analytic scan FLOPs (element-wise recurrences and FFT convolutions a counter cannot see).
+"""FLOP accounting: matmuls counted by `torch.utils.flop_counter` outside the scans, plus each
+backbone's analytic scan FLOPs (recurrences, FFT convolutions, chunked SSD), so that a scan is
+counted once whether or not the counter can see into it.
 
 A training step costs forward + backward; the backward of the scan is taken as 2x its
 forward (the usual 3x rule), the matmul backward is counted exactly.
@@ -52,7 +53,14 @@ def backbone_positions(model: TTMLM, n_frames: int, text_len: int) -> int:
 
 
 def count_train_step_flops(model: TTMLM, codes, lengths, text_emb, text_mask) -> dict[str, int]:
-    """FLOPs of one forward+backward on this batch: counted matmuls + analytic scans.
+    """FLOPs of one forward+backward on this batch, each counted once:
+
+        counted  torch's counter (matmuls, convs, attention) outside the scans, plus what
+                 it cannot see outside them (`train_flops_uncounted`: a hand-written conv)
+        scan     the scans, analytic (3 x `scan_flops_per_token`); what the counter saw
+                 inside them (`scan_flops_counted`: the matmuls of a pure-PyTorch scan,
+                 reported as `scan_seen`) is taken out of `counted`
+        total    counted + scan
 
     RNG state and gradients are left as they were.
     """
@@ -65,8 +73,11 @@ def count_train_step_flops(model: TTMLM, codes, lengths, text_emb, text_mask) ->
     counted = int(fc.get_total_flops())
     B, T = codes.shape[0], codes.shape[-1]
     pos = backbone_positions(model, T, text_emb.shape[1])
-    scan = 3 * B * pos * model.backbone.scan_flops_per_token(pos)
-    return {"counted": counted, "scan": int(scan), "total": counted + int(scan)}
+    bb = model.backbone
+    seen = bb.scan_flops_counted(B, pos)
+    counted += bb.train_flops_uncounted(B, pos) - seen
+    scan = 3 * B * pos * bb.scan_flops_per_token(pos)
+    return {"counted": counted, "scan": int(scan), "scan_seen": int(seen), "total": counted + int(scan)}
 
 
 def analytic_flops_per_token(model: TTMLM, n_frames: int, text_len: int, mode: str = "train") -> int:
