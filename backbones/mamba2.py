@@ -101,6 +101,17 @@ class _ChunkDiag(torch.autograd.Function):
         return gCB, gAcs, gxdt
 
 
+def _pad_to_chunks(x: Tensor, dt: Tensor, B: Tensor, C: Tensor, chunk_size: int):
+    """Zero-pad the time axis to whole chunks: (x, dt, B, C, chunk q, number of chunks c)."""
+    l = x.shape[1]
+    q = min(chunk_size, l)
+    pad = (-l) % q
+    if pad:
+        x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
+        dt = F.pad(dt, (0, 0, 0, pad))
+    return x, dt, B, C, q, (l + pad) // q
+
+
 def _ssd_fused(
     x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, D: Tensor | None,
     initial_state: Tensor | None,
@@ -116,13 +127,8 @@ def _ssd_fused(
     b, l, h, p = x.shape
     g, n = B.shape[-2:]
     hg = h // g
-    q = min(chunk_size, l)
-    pad = (-l) % q
     x0 = x
-    if pad:
-        x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
-        dt = F.pad(dt, (0, 0, 0, pad))
-    c = (l + pad) // q
+    x, dt, B, C, q, c = _pad_to_chunks(x, dt, B, C, chunk_size)
     Acs = (dt * A).view(b, c, q, h).cumsum(2)  # [b, c, q, h]
     xdt = (x * dt[..., None]).view(b, c, q, h, p)  # [b, c, q, h, p]
     Bt = B.view(b, c, q, g, n).permute(0, 1, 3, 4, 2)  # [b, c, g, n, q]
@@ -191,13 +197,8 @@ def ssd_chunked(
     b, l, h, p = x.shape
     g, n = B.shape[-2:]
     hg = h // g
-    q = min(chunk_size, l)
-    pad = (-l) % q
     x0 = x
-    if pad:
-        x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
-        dt = F.pad(dt, (0, 0, 0, pad))
-    c = (l + pad) // q
+    x, dt, B, C, q, c = _pad_to_chunks(x, dt, B, C, chunk_size)
     x = x.reshape(b, c, q, h, p)
     B = B.reshape(b, c, q, g, n)
     C = C.reshape(b, c, q, g, n)

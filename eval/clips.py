@@ -13,7 +13,6 @@ it, never by caption text (captions repeat).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import numpy as np
 import soundfile as sf
 
 from ttm.data.manifest import read_manifest, resolve_audio, split_entries
+from ttm.util import read_jsonl_objects
 
 AUDIO_EXTS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
 SILENT_PEAK = 1e-4  # -80 dBFS, after the down-mix to mono
@@ -54,14 +54,8 @@ def read_generated(folder: Path) -> list[Clip]:
         for p in _audio_files(folder):
             clips.append(Clip(path=p, file=str(p.relative_to(folder)), id=str(p.relative_to(folder))))
     else:
-        for lineno, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{meta}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("file"), str):
+        for lineno, obj in read_jsonl_objects(meta):
+            if not isinstance(obj.get("file"), str):
                 raise ValueError(f"{meta}:{lineno}: field 'file': expected the audio file name relative to {folder}")
             p = folder / obj["file"]
             if not p.is_file():

@@ -180,3 +180,24 @@ def stop_on_signals():
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+# ----------------------------------------------------------------------------- JSON lines
+
+
+def read_jsonl_objects(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file; a line that is not a JSON
+    object is a ValueError naming the file and the line."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")  # noqa: TRY004
+            out.append((lineno, obj))
+    return out

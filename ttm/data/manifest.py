@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ttm.util import atomic_write_text
+from ttm.util import atomic_write_text, read_jsonl_objects
 
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
 Split = Literal["train", "valid", "test"]
@@ -53,24 +53,15 @@ def read_manifest(path: str | os.PathLike) -> list[Entry]:
         raise FileNotFoundError(f"{path}: manifest not found")
     entries: list[Entry] = []
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")  # noqa: TRY004
-            try:
-                entry = Entry.model_validate(obj)
-            except ValidationError as e:
-                raise ValueError(f"{path}:{lineno}: {_describe(e)}") from None
-            if entry.id in seen:
-                raise ValueError(f"{path}:{lineno}: field 'id': duplicate id {entry.id!r} (first on line {seen[entry.id]})")
-            seen[entry.id] = lineno
-            entries.append(entry)
+    for lineno, obj in read_jsonl_objects(path):
+        try:
+            entry = Entry.model_validate(obj)
+        except ValidationError as e:
+            raise ValueError(f"{path}:{lineno}: {_describe(e)}") from None
+        if entry.id in seen:
+            raise ValueError(f"{path}:{lineno}: field 'id': duplicate id {entry.id!r} (first on line {seen[entry.id]})")
+        seen[entry.id] = lineno
+        entries.append(entry)
     return entries
 
 
