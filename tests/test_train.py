@@ -245,3 +245,26 @@ def test_text_information_gain_rises_when_text_determines_the_codes(tmp_path):
     assert abs(ctrl[-1]["val_info_gain"]) < 0.15 * real[-1]["val_info_gain"]
     assert ctrl[-1]["val_info_gain_ci"][1] < lo  # the control is clearly below the real gain
     assert sum(r["val_info_gain_ci"][0] <= 0 for r in ctrl) >= len(ctrl) // 3  # often within its interval of 0
+
+
+def test_weight_decay_is_chosen_by_shape_and_module_tags():
+    """Matrices decay; vectors, token tables and SSM dynamics (tagged by their modules) do not,
+    for every built-in backbone in both conditioning modes."""
+    from backbones.base import build_backbone, registered
+    from ttm.lm import TTMLM
+    from ttm.patterns import Pattern
+    from ttm.train import param_groups
+
+    dynamics = ("A_log", "A", "D", "dt_bias", "log_dt", "Lambda_re", "Lambda_im", "null_text")
+    for name in (n for n in registered() if not n.startswith("fla:")):
+        for cross in (False, True):
+            bb = build_backbone(name, d_model=32, n_layers=1, n_heads=4, cross_attention=cross)
+            m = TTMLM(bb, Pattern("delay", 2, 16), 8, conditioning="cross" if cross else "prefix")
+            names = {id(p): n for n, p in m.named_parameters()}
+            decay, no_decay = (g["params"] for g in param_groups(m, 0.1))
+            assert len(decay) + len(no_decay) == len(names)
+            for p in decay:
+                n = names[id(p)]
+                assert p.dim() >= 2 and "norm" not in n and not n.startswith("emb.") \
+                    and n.rsplit(".", 1)[-1] not in dynamics, (name, n)
+            assert any(names[id(p)].startswith("emb.") for p in no_decay)

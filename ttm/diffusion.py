@@ -95,6 +95,8 @@ class DiffusionParts(nn.Module):
         D = d_model
         self.in_proj = nn.Linear(latent_dim, D)
         self.emb = nn.ModuleList(nn.Embedding(cardinality, D) for _ in range(first_k))
+        for e in self.emb:
+            e.weight._no_weight_decay = True  # token tables are not decayed (ttm.train.param_groups)
         self.time_mlp = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D))
         self.text_proj = nn.Sequential(nn.Linear(text_dim, D), nn.LayerNorm(D))
         self.null_text = nn.Parameter(torch.randn(D) * 0.02)

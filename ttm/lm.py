@@ -48,6 +48,8 @@ class LMParts(nn.Module):
         self.text_proj = nn.Sequential(nn.Linear(text_dim, D), nn.LayerNorm(D))
         self.null_text = nn.Parameter(torch.randn(D) * 0.02)
         self.emb = nn.ModuleList(nn.Embedding(cardinality + 1, D) for _ in range(n_out))  # +1: special token
+        for e in self.emb:
+            e.weight._no_weight_decay = True  # token tables are not decayed (ttm.train.param_groups)
         self.heads = nn.ModuleList(nn.Linear(D, cardinality, bias=False) for _ in range(n_out))
 
 

@@ -35,19 +35,13 @@ from ttm.util import atomic_write_text, diff_keys, pop_dotted, stop_on_signals
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on norms, biases, embeddings, SSM A/D/dt and other 1-d/log parameters."""
+    """Weight decay by shape, as nanoGPT: matrices decay; vectors (norms, biases, SSM A/D/dt) do not,
+    nor any parameter its module tags `_no_weight_decay` (token embeddings, SSM dynamics)."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if not p.requires_grad:
             continue
-        leaf = name.rsplit(".", 1)[-1]
-        skip = (
-            p.dim() < 2
-            or "norm" in name
-            or name.startswith("emb.")
-            or leaf in ("A_log", "A", "D", "dt_bias", "log_dt", "Lambda_re", "Lambda_im", "null_text")
-            or getattr(p, "_no_weight_decay", False)
-        )
+        skip = p.dim() < 2 or getattr(p, "_no_weight_decay", False)
         (no_decay if skip else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
