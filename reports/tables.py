@@ -32,8 +32,8 @@ def fmt(x: float | None, kind: str = "num") -> str:
         return "n/a"
     if kind == "count":
         for unit, s in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-            if abs(x) >= 0.9995 * unit:  # 999,793 reads "1.00M", not "1e+03k"
-                return f"{x / unit:.3g}{s}" if abs(x) >= unit else f"{x / unit:.2f}{s}"
+            if abs(x) >= 0.9995 * unit:  # 999,793 and 1,000,564 both read "1.00M" (three digits)
+                return f"{x / unit:#.3g}".rstrip(".") + s
         return f"{x:.0f}"
     if kind == "sci":
         return f"{x:.3g}"

@@ -79,7 +79,7 @@ def test_mean_ci_closed_form():
     m, lo, hi, n = mean_ci([5.0, float("nan"), None])
     assert m == 5.0 and n == 1 and math.isnan(lo)
     assert mean_ci([]) is None
-    assert fmt(None) == "n/a" and fmt(1.5e6, "count") == "1.5M"
+    assert fmt(None) == "n/a" and fmt(1.5e6, "count") == "1.50M" and fmt(1_000_564, "count") == fmt(999_793, "count") == "1.00M"
 
 
 def test_comparison_table(grid):
