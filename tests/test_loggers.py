@@ -29,3 +29,27 @@ def test_tensorboard_curves_read_back(tmp_path):
 def test_unknown_logger_is_named(tmp_path):
     with pytest.raises(ValueError, match="train.loggers: unknown logger 'mlflow'"):
         open_loggers(["mlflow"], tmp_path, {})
+
+
+def test_wandb_logger_runs_offline_and_logs_scalars(tmp_path, monkeypatch):
+    """With a stand-in `wandb` module (the package is optional): offline by default, flattened
+    finite scalars at the step, finish on close."""
+    import sys
+    import types
+
+    calls = []
+    run = types.SimpleNamespace(log=lambda d, step: calls.append(("log", step, d)),
+                                finish=lambda: calls.append(("finish",)))
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: calls.append(("init", kw)) or run
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    (lg,) = open_loggers(["wandb"], tmp_path / "run", {"seed": 0})
+    lg.log(10, {"step": 10, "loss": 2.0, "val_loss_per_codebook": [1.0, float("inf")]})
+    lg.close()
+    import os
+
+    assert os.environ["WANDB_MODE"] == "offline"
+    assert calls[0][0] == "init" and calls[0][1]["config"] == {"seed": 0}
+    assert calls[1] == ("log", 10, {"loss": 2.0, "val_loss_per_codebook/0": 1.0})
+    assert calls[2] == ("finish",)
