@@ -49,7 +49,7 @@ def test_wandb_logger_runs_offline_and_logs_scalars(tmp_path, monkeypatch):
     lg.close()
     import os
 
-    assert os.environ["WANDB_MODE"] == "offline"
+    assert os.environ.pop("WANDB_MODE") == "offline"  # (set by the logger: not left for other tests)
     assert calls[0][0] == "init" and calls[0][1]["config"] == {"seed": 0}
     assert calls[1] == ("log", 10, {"loss": 2.0, "val_loss_per_codebook/0": 1.0})
     assert calls[2] == ("finish",)
