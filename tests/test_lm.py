@@ -143,3 +143,15 @@ def test_extra_param_formula():
     lm = make_lm("cross")
     total = sum(p.numel() for p in lm.parameters())
     assert total == lm.backbone.num_params() + lm_extra_params(3, 16, 12, 32)
+
+
+def test_validation_terms_equal_loss_and_clip_nll_from_one_pass():
+    torch.manual_seed(0)
+    lm = make_lm().eval()
+    lm.label_smoothing = 0.1
+    codes = torch.randint(0, 16, (2, 3, 9))
+    lengths = torch.tensor([9, 6])
+    emb, mask = text()
+    per_k, nll = lm.validation_terms(codes, lengths, emb, mask)
+    assert torch.allclose(per_k, lm.loss(codes, lengths, emb, mask)[1])
+    assert torch.allclose(nll, lm.clip_nll(codes, lengths, emb, mask))

@@ -129,18 +129,15 @@ class TTMLM(nn.Module):
             drop = torch.rand(B, generator=generator, device="cpu").to(codes.device) < self.caption_dropout
             text_mask = text_mask & ~drop[:, None]
         logits, target = self._teacher_forced(codes, lengths, text_emb, text_mask, forward)
-        per_k = []
-        for k in range(target.shape[1]):
-            per_k.append(
-                F.cross_entropy(
-                    logits[:, k].reshape(-1, logits.shape[-1]).float(),
-                    target[:, k].reshape(-1),
-                    ignore_index=-100,
-                    label_smoothing=self.label_smoothing,
-                )
-            )
-        per_k = torch.stack(per_k)
+        per_k = self._per_codebook_loss(logits, target)
         return per_k.mean(), per_k
+
+    def _per_codebook_loss(self, logits: Tensor, target: Tensor) -> Tensor:  # -> [K']
+        return torch.stack([
+            F.cross_entropy(logits[:, k].reshape(-1, logits.shape[-1]).float(), target[:, k].reshape(-1),
+                            ignore_index=-100, label_smoothing=self.label_smoothing)
+            for k in range(target.shape[1])
+        ])
 
     def _teacher_forced(self, codes: Tensor, lengths: Tensor, text_emb: Tensor, text_mask: Tensor,
                         forward=None) -> tuple[Tensor, Tensor]:
@@ -157,11 +154,14 @@ class TTMLM(nn.Module):
         """Per clip and codebook, the mean negative log-likelihood per predicted token (nats, no
         label smoothing, no caption dropout) -> `[B, K']`. With an all-False `text_mask` it is the
         loss under the null caption (the text information gain compares the two)."""
+        return _clip_nll(*self._teacher_forced(codes, lengths, text_emb, text_mask))
+
+    def validation_terms(self, codes: Tensor, lengths: Tensor, text_emb: Tensor,
+                         text_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """One teacher-forced pass with the true caption: (`loss`'s per-codebook values `[K']`,
+        `clip_nll` `[B, K']`), for validation without running the model twice."""
         logits, target = self._teacher_forced(codes, lengths, text_emb, text_mask)
-        nll = F.cross_entropy(logits.float().flatten(0, 2), target.flatten(), ignore_index=-100,
-                              reduction="none").view(target.shape)  # [B, K', S]
-        n = (target != -100).sum(-1)  # [B, K']
-        return nll.sum(-1) / n.clamp(min=1)
+        return self._per_codebook_loss(logits, target), _clip_nll(logits, target)
 
     # ------------------------------------------------------------------ sampling
 
@@ -242,6 +242,14 @@ class TTMLM(nn.Module):
         if self.use_positions:
             x = x + self._pos(x.shape[1], 0, x)
         return self.backbone(x, mem, mem_mask)
+
+
+def _clip_nll(logits: Tensor, target: Tensor) -> Tensor:
+    """Mean NLL per predicted token, per clip and codebook: `[B, K', S, V], [B, K', S]` -> `[B, K']`."""
+    nll = F.cross_entropy(logits.float().flatten(0, 2), target.flatten(), ignore_index=-100,
+                          reduction="none").view(target.shape)  # [B, K', S]
+    n = (target != -100).sum(-1)  # [B, K']
+    return nll.sum(-1) / n.clamp(min=1)
 
 
 def _sampler(top_k: int, top_p: float, temperature: float, generator, greedy: bool) -> Callable[[Tensor], Tensor]:

@@ -195,11 +195,13 @@ def validate(model: nn.Module, split: Split, cfg: RunConfig, device) -> dict:
     for i in range(0, n, bs):
         idx = list(range(i, min(n, i + bs)))
         codes, lengths, te, tm = batch = batch_of(split, idx, device)
-        _, per_k = model.loss(*batch)
-        losses.append(per_k.float().cpu() * len(idx))
-        if isinstance(model, TTMLM):
+        if isinstance(model, TTMLM):  # the true caption once (loss and per-clip NLL), the null caption once
+            per_k, nll_true = model.validation_terms(*batch)
             null = model.clip_nll(codes, lengths, te, torch.zeros_like(tm))  # [B, K']
-            gains.append((null - model.clip_nll(*batch)).float().cpu())
+            gains.append((null - nll_true).float().cpu())
+        else:
+            _, per_k = model.loss(*batch)
+        losses.append(per_k.float().cpu() * len(idx))
     model.train(was)
     per_k = (torch.stack(losses).sum(0) / n).tolist()
     out = {"val_loss": float(sum(per_k) / len(per_k)), "val_loss_per_codebook": per_k}
