@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ttm.util import json_hash, pop_dotted
+from ttm.util import json_hash, pop_dotted, set_dotted
 
 
 class _Strict(BaseModel):
@@ -214,15 +214,6 @@ RESUME_IGNORED = (
 )
 
 
-def _set(d: dict, dotted: str, value: Any) -> None:
-    *head, last = dotted.split(".")
-    for h in head:
-        d = d.setdefault(h, {})
-        if not isinstance(d, dict):
-            raise ValueError(f"override {dotted!r}: {h!r} is not a section")
-    d[last] = value
-
-
 class _Loader(yaml.SafeLoader):
     """YAML with JSON's numbers: `1e-3` is the float 0.001 (plain YAML 1.1 reads it as a string)."""
 
@@ -253,10 +244,11 @@ def parse_assignments(items: list[str], flag: str = "--set") -> dict[str, Any]:
 
 
 def apply_overrides(d: dict, overrides: list[str] | dict[str, Any]) -> dict:
-    """`["train.steps=100", "model.backbone=mamba"]` (see parse_assignments) or a dict of dotted keys."""
+    """`["train.steps=100", "model.backbone=mamba"]` (see parse_assignments) or a dict of dotted keys,
+    applied as grid specs apply theirs (ttm.util.set_dotted: a mapping merges into its section)."""
     items = overrides if isinstance(overrides, dict) else parse_assignments(list(overrides))
     for k, v in items.items():
-        _set(d, k, v)
+        set_dotted(d, k, v)
     return d
 
 
