@@ -115,7 +115,8 @@ def render_prompts(
     generator) -> (wav [b, C, N], {stage: seconds})` -> WAVs + samples.jsonl. Returns the summed
     stage times and real-time factors (< 1: faster than real time)."""
 
-    out_dir = check_output_dir(out_dir)
+    out_dir = Path(out_dir)  # checked by the callers before any loading (ttm.runs.generate)
+    out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     times: dict[str, float] = {}
     bar = progress_bar(total=len(prompts), desc=desc, leave=False, file=sys.stderr, disable=not progress)
