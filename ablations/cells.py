@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import re
+import shutil
 import sys
 import time
 import traceback
@@ -124,6 +125,37 @@ def adopt_renamed(cell: Cell, cells_dir: Path) -> Path | None:
     if summary is not None and "config_hash" in summary:
         rd.write_summary({**summary, "config_hash": cell.hash, "renamed_from": old.name})
     return old
+
+
+def reuse_finished(cells: list[Cell], cells_dir: Path, sources: list[Path]) -> dict[str, str]:
+    """Copy finished cells from other grids (`sources`: grid dirs) whose recorded config has the same
+    config hash as a cell of this grid that has no directory yet, so they are recorded, not rerun
+    (grids that share cells, e.g. the zoo and the study's quarter size). Returns {cell: source dir}."""
+    found: dict[str, Path] = {}
+    for src in sources:
+        src_cells = Path(src) / "cells"
+        if not src_cells.is_dir():
+            raise ValueError(f"--reuse {src}: not a grid directory (no cells/ folder)")
+        for d in sorted(src_cells.iterdir()):
+            c = _recorded_config(d) if d.is_dir() else None
+            if c is not None and summary_complete(d):
+                found.setdefault(config_hash({k: v for k, v in c.items() if k != "name"}), d)
+    out: dict[str, str] = {}
+    for cell in cells:
+        dst = cells_dir / cell.name
+        src = found.get(cell.hash)
+        if src is None or dst.exists():
+            continue
+        cells_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cells_dir / f".{cell.name}.reuse"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(".lock"))
+        atomic_write_json(tmp / "cell.json", {**cell.manifest(), "reused_from": str(src)})
+        tmp.rename(dst)  # whole or not at all
+        rd = RunDir(dst)
+        rd.write_summary({**rd.read_summary(), "reused_from": str(src)})
+        out[cell.name] = str(src)
+    return out
 
 
 # ----------------------------------------------------------------------------- one cell

@@ -18,7 +18,7 @@ from ablations.runner import run_grid
 SPEC = Path(str(files("ablations") / "demo.yaml"))  # package data
 
 
-def run_demo(preset: str = "default", out: Path = Path("runs/demo"), workers: int = 1,
+def run_demo(preset: str = "default", out: Path = Path("runs/demo"), workers: int | None = None,
              progress: bool = True) -> Path:
     out = Path(out)
     t0 = time.perf_counter()
@@ -35,7 +35,9 @@ def cli(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="ttm-bench demo", description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="default", help="tiny (tests, ~minutes), small, default")
     ap.add_argument("--out", default="runs/demo")
-    ap.add_argument("--workers", type=int, default=1, help="cells trained in parallel processes")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="cells trained in parallel processes (default: one single-threaded worker per core "
+                    "on a machine with <= 4 cores)")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     report = run_demo(a.preset, Path(a.out), a.workers, progress=not a.no_progress)

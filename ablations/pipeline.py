@@ -17,6 +17,7 @@ from ttm import runs
 from ttm.config import RunConfig, config_from_dict
 from ttm.rundir import RunDir
 from ttm.sample import prompts_from_split
+from ttm.util import file_lock
 
 PROBE_METRICS = ("fd_probe", "adherence", "kl_probe", "clap_probe")
 
@@ -29,7 +30,8 @@ def probe_for(cfg: RunConfig, manifest: Path, progress: bool = True) -> Path | N
     if not any(m in PROBE_METRICS for m in cfg.eval.metrics):
         return None
     path = manifest.parent / "probe.pt"
-    train_probe(manifest, path, seed=cfg.data.seed, progress=progress)
+    with file_lock(manifest.parent / ".probe.lock"):  # parallel workers train it once
+        train_probe(manifest, path, seed=cfg.data.seed, progress=progress)
     return path
 
 

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ablations.cells import DEFAULT_CELL_FN, CellFn, load_cell_fn, resolve_cell_fn
+from ablations.cells import DEFAULT_CELL_FN, CellFn, load_cell_fn, resolve_cell_fn, reuse_finished
 from ablations.claims import _study_name, grid_status, grid_study, work_grid
 from ablations.launch import LAUNCHERS, SlurmOptions, run_jobs
 from ablations.search import search_best, search_studies, work_search
@@ -76,7 +76,9 @@ def _worker_main(
     heartbeat_s: int,
     tag: str,
     overrides: dict | None = None,
+    threads: int | None = None,
 ) -> dict[str, int]:
+    _set_threads(threads)
     spec = load_spec(spec_path)
     storage = open_storage(storage_url, heartbeat_s)
     fn = load_cell_fn(fn_ref)
@@ -94,6 +96,35 @@ def _worker_proc(args: tuple, q) -> None:
         q.put(("error", "interrupted"))
     except Exception as e:
         q.put(("error", f"{type(e).__name__}: {e}"))
+
+
+SMALL_MACHINE_CORES = 4
+
+
+def cores() -> int:
+    """CPU cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def default_layout(n_cells: int, n_cores: int | None = None) -> tuple[int, int]:
+    """(workers, torch threads per worker) of a local run when --workers is not given.
+
+    On a small machine (<= 4 cores) one single-threaded worker per core: at the demo's sizes a
+    training step does not scale to 2 threads (benchmarks/cases_grid.py, 2 cores: 2 workers x 1
+    thread ran the demo's cells 1.47x faster than 1 worker x 2 threads). Larger machines: one
+    worker with every thread (not measured here; pass --workers to choose)."""
+    n = n_cores or cores()
+    if n <= SMALL_MACHINE_CORES and n_cells > 1:
+        w = min(n, n_cells)
+        return w, max(1, n // w)
+    return 1, n
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)  # a cell's train.threads, when set, still wins
 
 
 def default_grid_dir(spec: GridSpec, preset: str | None) -> Path:
@@ -138,7 +169,7 @@ def run_grid(
     out_dir: str | Path | None = None,
     preset: str | None = None,
     storage: str | None = None,
-    workers: int = 1,
+    workers: int | None = 1,
     cell_fn: CellFn | str | None = None,
     report: bool = True,
     heartbeat_s: int = DEFAULT_HEARTBEAT_S,
@@ -146,12 +177,17 @@ def run_grid(
     overrides: dict[str, Any] | None = None,
     launcher: str = "local",
     slurm: SlurmOptions | None = None,
+    reuse: list[str | Path] | None = None,
 ) -> Path:
     """Run every cell of a grid (or the search) once; write results.csv/jsonl and the report.
 
     `overrides`: dotted config keys applied to every cell (over preset and axes), e.g. data.root.
     `launcher`: "local" (this process, or `workers` processes here) or "slurm"/"submitit-local"
     (`workers` jobs through submitit, see ablations/launch.py).
+
+    `reuse`: other grid dirs whose finished cells with the same config hash are copied, not rerun.
+    `workers` None: `default_layout` (one single-threaded worker per core on a small machine), or 1
+    when the cell function is an in-process callable that cannot be sent to another process.
 
     Returns the grid dir. Cells that failed are listed in `grid.json` (`failed`) and printed; a rerun
     retries them and skips finished cells.
@@ -164,24 +200,34 @@ def run_grid(
     used_preset = preset_parts(spec, preset)[0]
     grid_dir = Path(out_dir) if out_dir is not None else default_grid_dir(spec, used_preset)
     url = storage or f"sqlite:///{(grid_dir / 'grid.db').resolve()}"
-    if workers < 1:
+    if workers is not None and workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
     if launcher not in LAUNCHERS:
         raise ValueError(f"--launcher: expected one of {', '.join(LAUNCHERS)}, got {launcher!r}")
     fn_ref = resolve_cell_fn(cell_fn)
-    if (workers > 1 or launcher != "local") and callable(fn_ref):
+    picklable = True
+    if callable(fn_ref):
         import pickle
 
         try:
             pickle.dumps(fn_ref)
         except Exception:
-            raise ValueError(
-                "--workers > 1 runs cells in new processes: pass the cell function as "
-                "'module:function' (or a module-level function)"
-            ) from None
+            picklable = False
+    if ((workers or 1) > 1 or launcher != "local") and not picklable:
+        raise ValueError(
+            "--workers > 1 runs cells in new processes: pass the cell function as "
+            "'module:function' (or a module-level function)"
+        )
     cells = check_grid(spec, spec_path, preset, overrides, fn_ref)
+    threads = None  # torch's default
+    if workers is None:
+        n_units = len(cells) if spec.search is None else spec.search.n_trials
+        workers, threads = default_layout(n_units) if launcher == "local" and picklable else (1, None)
 
     grid_dir.mkdir(parents=True, exist_ok=True)
+    if reuse and spec.search is None:
+        for name, src in reuse_finished(cells, grid_dir / "cells", [Path(r) for r in reuse]).items():
+            print(f"{name}: reused from {src}")
     st = open_storage(url, heartbeat_s)  # creates the tables before any worker starts
     mode = "search" if spec.search is not None else "grid"
     if mode == "grid":
@@ -211,6 +257,8 @@ def run_grid(
             "mode": mode,
             "axes": list(preset_parts(spec, preset)[2]),
             "storage": redact(url),
+            "workers": workers,
+            "threads_per_worker": threads,
             "cells": [_cell_entry(c) for c in cells],
             "search": spec.search.model_dump() if spec.search else None,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -219,7 +267,7 @@ def run_grid(
     print(
         f"grid {spec.name} ({mode}{', preset ' + used_preset if used_preset else ''}): {total} "
         f"{'cells' if mode == 'grid' else 'trials'} in {grid_dir}, storage {redact(url)}, "
-        f"{workers} worker(s)"
+        f"{workers} worker(s)" + (f" x {threads} thread(s)" if threads else "")
     )
 
     bar = progress_bar(
@@ -239,6 +287,7 @@ def run_grid(
                 for i in range(workers)]
         results += run_jobs(_worker_main, args, launcher, grid_dir / "jobs", slurm, on_poll=tick)
     elif workers == 1:
+        _set_threads(threads)
         fn = load_cell_fn(fn_ref)
         if mode == "grid":
             counts = work_grid(st, study, cells, grid_dir, fn, heartbeat_s, on_progress=tick)
@@ -254,7 +303,8 @@ def run_grid(
             ctx.Process(
                 target=_worker_proc,
                 args=(
-                    (str(spec_path), str(grid_dir), preset, url, fn_ref, heartbeat_s, f"w{i} ", overrides),
+                    (str(spec_path), str(grid_dir), preset, url, fn_ref, heartbeat_s, f"w{i} ", overrides,
+                     threads),
                     q,
                 ),
             )
@@ -327,7 +377,9 @@ def cli(argv: list[str]) -> int:
         help="Optuna RDB URL shared by all workers (default sqlite:///GRID_DIR/grid.db; "
         "postgresql://user:pass@host/db for many machines)",
     )
-    ap.add_argument("--workers", type=int, default=1, help="worker processes here, or jobs with --launcher slurm")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="worker processes here, or jobs with --launcher slurm (default: one single-threaded "
+                    "worker per core on a machine with <= 4 cores, else 1)")
     ap.add_argument("--launcher", choices=LAUNCHERS, default="local",
                     help="local processes, SLURM jobs, or submitit's local executor (default local)")
     ap.add_argument("--slurm-partition", help="SLURM partition of the worker jobs")
@@ -353,6 +405,9 @@ def cli(argv: list[str]) -> int:
         metavar="KEY=VALUE",
         help="override a config key in every cell (value parsed as YAML); repeatable",
     )
+    ap.add_argument("--reuse", action="append", default=[], metavar="GRID_DIR",
+                    help="copy finished cells with the same config hash from another grid instead of "
+                    "rerunning them; repeatable")
     ap.add_argument("--dry-run", action="store_true", help="list the cells and exit")
     a = ap.parse_args(argv)
     overrides = parse_assignments(a.set)
@@ -381,6 +436,7 @@ def cli(argv: list[str]) -> int:
         launcher=a.launcher,
         slurm=SlurmOptions(partition=a.slurm_partition, gpus=a.slurm_gpus, cpus=a.slurm_cpus,
                            mem_gb=a.slurm_mem_gb, time_min=a.slurm_time, account=a.slurm_account),
+        reuse=a.reuse,
     )
     failed = json.loads((grid_dir / "grid.json").read_text()).get("failed") or {}
     return 1 if failed else 0

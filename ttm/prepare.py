@@ -18,7 +18,7 @@ from ttm.codecs.cli import fit_or_load_melrvq, tokenize_manifest
 from ttm.config import RunConfig
 from ttm.data.build import build_dataset
 from ttm.text import build_text_encoder, encode_captions
-from ttm.util import json_hash
+from ttm.util import file_lock, json_hash
 
 
 @dataclass
@@ -88,26 +88,29 @@ def build_text_encoder_for(cfg: RunConfig):
 
 
 def prepare(cfg: RunConfig, progress: bool = True, splits=("train", "valid", "test")) -> Prepared:
-    manifest = resolve_manifest(cfg, progress)
-    codec = load_codec_for(cfg, manifest)
-    token_dir = Path(tokenize_manifest(manifest, codec, manifest.parent / "tokens", progress=progress))
-    encoder = build_text_encoder_for(cfg)
-    out = {}
-    for split in splits:
-        f = token_dir / f"tokens_{split}.pt"
-        if not f.exists():
-            continue
-        d = torch.load(f, weights_only=True)
-        emb, mask = _text_cache(token_dir, split, list(d["captions"]), encoder, cfg.text.max_length)
-        out[split] = Split(
-            codes=d["codes"].long(),
-            lengths=d["lengths"].long(),
-            text_emb=emb,
-            text_mask=mask,
-            captions=list(d["captions"]),
-            attributes=list(d.get("attributes", [{}] * len(d["captions"]))),
-            ids=list(d.get("ids", [])),
-        )
+    # one builder at a time per data root: parallel grid workers wait for the first one's products
+    where = Path(cfg.data.manifest).parent if cfg.data.manifest else Path(cfg.data.root)
+    with file_lock(where / ".prepare.lock"):
+        manifest = resolve_manifest(cfg, progress)
+        codec = load_codec_for(cfg, manifest)
+        token_dir = Path(tokenize_manifest(manifest, codec, manifest.parent / "tokens", progress=progress))
+        encoder = build_text_encoder_for(cfg)
+        out = {}
+        for split in splits:
+            f = token_dir / f"tokens_{split}.pt"
+            if not f.exists():
+                continue
+            d = torch.load(f, weights_only=True)
+            emb, mask = _text_cache(token_dir, split, list(d["captions"]), encoder, cfg.text.max_length)
+            out[split] = Split(
+                codes=d["codes"].long(),
+                lengths=d["lengths"].long(),
+                text_emb=emb,
+                text_mask=mask,
+                captions=list(d["captions"]),
+                attributes=list(d.get("attributes", [{}] * len(d["captions"]))),
+                ids=list(d.get("ids", [])),
+            )
     if "train" not in out or len(out["train"]) == 0:
         raise ValueError(f"{manifest}: no training clips after tokenization (is there a 'train' split?)")
     return Prepared(manifest, codec, encoder.dim, out, token_dir)

@@ -6,6 +6,7 @@ Standard library only, so `reports/` and `ablations/` can use them without impor
 from __future__ import annotations
 
 import copy
+import fcntl
 import hashlib
 import json
 import os
@@ -15,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-# ----------------------------------------------------------------------------- atomic writes
+# ----------------------------------------------------------------------------- atomic writes and locks
 
 
 def _umask() -> int:
@@ -54,6 +55,18 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Non
 
 
 # ----------------------------------------------------------------------------- hashing
+
+
+@contextmanager
+def file_lock(path: str | os.PathLike):
+    """Hold an exclusive lock on `path` (created if missing) for the block, waiting for it if another
+    process holds it. The OS drops it when its holder dies. Used where parallel grid workers would
+    otherwise build the same shared product (a dataset, a codec, a probe) twice at once."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:  # closing the file releases the lock
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def json_hash(obj: Any, n: int = 10, algo: str = "sha1", compact: bool = False) -> str:
