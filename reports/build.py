@@ -17,13 +17,14 @@ import argparse
 import json
 from pathlib import Path
 
-from reports.listening import curves, listening
+from reports.listening import listening
 from reports.render import Doc, render_html, render_md
 from reports.results import (
     HIGHER_IS_BETTER_PREFIXES,
     LOWER_IS_BETTER_PREFIXES,
     as_number,
     collect,
+    curves,
     metric_names,
     read_json,
     write_results,

@@ -1,4 +1,4 @@
-"""Training curves and the listening table (clips embedded as base64 WAV)."""
+"""The listening table (clips embedded as base64 WAV)."""
 
 from __future__ import annotations
 
@@ -13,27 +13,7 @@ import pandas as pd
 from reports.results import as_number, read_jsonl
 from ttm.rundir import RunDir
 
-# ----------------------------------------------------------------------------- curves and audio
-
-
-def curves(df: pd.DataFrame, root: Path) -> pd.DataFrame:
-    """Validation rows of every run's log.jsonl: step, flops, val_loss, label, family, seed."""
-    out = []
-    for _, r in df.iterrows():
-        for row in read_jsonl(RunDir(Path(root) / r["run_dir"]).log_file):
-            if as_number(row.get("val_loss")) is None:
-                continue
-            out.append(
-                {
-                    "step": row.get("step"),
-                    "flops": as_number(row.get("flops")),
-                    "val_loss": row["val_loss"],
-                    "label": r["label"],
-                    "family": r.get("family"),
-                    "seed": r.get("seed"),
-                }
-            )
-    return pd.DataFrame(out, columns=["step", "flops", "val_loss", "label", "family", "seed"])
+# ----------------------------------------------------------------------------- audio
 
 
 @dataclass

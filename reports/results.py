@@ -233,12 +233,37 @@ def metric_names(df: pd.DataFrame) -> list[str]:
     return sorted({c.split(".")[1] for c in df.columns if c.startswith("metric.") and c.count(".") == 1})
 
 
+CURVE_COLUMNS = ["run", "step", "flops", "val_loss", "val_info_gain", "label", "family", "seed"]
+
+
+def curves(df: pd.DataFrame, root: Path) -> pd.DataFrame:
+    """Validation rows of every run's log.jsonl: step, flops, val_loss, text info gain, label, seed."""
+    out = []
+    for _, r in df.iterrows():
+        for row in read_jsonl(RunDir(Path(root) / r["run_dir"]).log_file):
+            if as_number(row.get("val_loss")) is None:
+                continue
+            out.append({
+                "run": r["run"],
+                "step": row.get("step"),
+                "flops": as_number(row.get("flops")),
+                "val_loss": row["val_loss"],
+                "val_info_gain": as_number(row.get("val_info_gain")),
+                "label": r["label"],
+                "family": r.get("family"),
+                "seed": r.get("seed"),
+            })
+    return pd.DataFrame(out, columns=CURVE_COLUMNS)
+
+
 def write_results(root: Path) -> tuple[Path, Path]:
-    """`results.csv` and `results.jsonl`: one flat row per cell/run, loadable with pandas."""
+    """`results.csv` and `results.jsonl`: one flat row per cell/run, loadable with pandas; and
+    `curves.csv`: the validation rows of every run's training log (loss and text info gain by step)."""
     root = Path(root)
     df = collect(root)
     csv_path, jsonl_path = root / "results.csv", root / "results.jsonl"
     atomic_write_text(csv_path, df.to_csv(index=False))
+    atomic_write_text(root / "curves.csv", curves(df, root).to_csv(index=False))
     recs = [
         {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
         for r in df.to_dict(orient="records")

@@ -724,3 +724,30 @@ def test_grid_datasets_live_under_the_grid_unless_data_root_is_set(tmp_path, mon
     assert seen.pop("root") == str((tmp_path / "grid" / "data").resolve())
     pipeline.pipeline_cell({"data": {"root": "/shared/datasets"}}, run_dir)
     assert seen.pop("root") == "/shared/datasets"
+
+
+def test_default_layout_is_one_single_threaded_worker_per_core_on_small_machines():
+    assert runner.default_layout(18, n_cores=2) == (2, 1)
+    assert runner.default_layout(3, n_cores=4) == (3, 1)
+    assert runner.default_layout(1, n_cores=2) == (1, 2)  # one cell: all the threads
+    assert runner.default_layout(18, n_cores=16) == (1, 16)  # larger machines: one worker
+
+
+def test_finished_cells_are_reused_from_another_grid_not_rerun(tmp_path):
+    """--reuse: a cell whose config hash matches a finished cell of another grid is copied (under this
+    grid's name), the others run."""
+    first = write_spec(tmp_path / "a.yaml", axes={"model.backbone": ["transformer", "simba"]}, seeds=[0])
+    ga = runner.run_grid(first, tmp_path / "a", cell_fn=fake_cell, report=False, progress=False)
+    second = write_spec(tmp_path / "b.yaml", name="b", axes={"model.backbone": ["simba", "mamba2"]}, seeds=[0])
+    gb = runner.run_grid(second, tmp_path / "b", cell_fn=fake_cell, report=False, progress=False, reuse=[ga])
+    ran = calls(gb)
+    assert len(ran) == 1 and ran[0].startswith("mamba2"), ran  # simba was copied
+    simba = next(c for c in expand(load_spec(second)) if c.axes["model.backbone"] == "simba")
+    summary = json.loads((gb / "cells" / simba.name / "summary.json").read_text())
+    assert summary["reused_from"].endswith(simba.name)  # same hash, so the same name in both grids
+    import pandas as pd
+
+    assert set(pd.read_csv(gb / "results.csv")["status"]) == {"complete"}
+    with pytest.raises(ValueError, match="not a grid directory"):
+        runner.run_grid(second, tmp_path / "c", cell_fn=fake_cell, report=False, progress=False,
+                        reuse=[tmp_path / "nothing"])

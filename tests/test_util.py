@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
+import time
 
 import numpy as np
 import torch
 
 from ttm.audio import atomic_torch_save, save_audio
-from ttm.util import atomic_write_json, atomic_write_text
+from ttm.util import atomic_write_json, atomic_write_text, file_lock
 
 
 def _mode(p) -> int:
@@ -43,3 +45,22 @@ def test_a_failed_torch_save_is_an_os_error_and_keeps_the_old_file(tmp_path, mon
     monkeypatch.undo()
     assert torch.equal(torch.load(tmp_path / "c.pt", weights_only=True)["w"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+def test_file_lock_makes_a_second_holder_wait(tmp_path):
+    """Two holders of one lock file (separate opens, as two processes have) never overlap."""
+    lock, events = tmp_path / "sub" / ".lock", []
+
+    def hold(tag: str, seconds: float) -> None:
+        with file_lock(lock):
+            events.append(f"{tag} in")
+            time.sleep(seconds)
+            events.append(f"{tag} out")
+
+    with file_lock(lock):
+        t = threading.Thread(target=hold, args=("second", 0.0))
+        t.start()
+        time.sleep(0.3)  # the second holder is waiting now
+        events.append("first out")
+    t.join(5)
+    assert events == ["first out", "second in", "second out"]
