@@ -27,6 +27,25 @@ def mean_ci(values) -> tuple[float, float, float, int] | None:
     return m, m - half, m + half, n
 
 
+def diff_ci(a, b, level: float = 0.95) -> tuple[float, float, float] | None:
+    """mean(a) - mean(b) with Welch's t-interval (independent runs, unequal variances); None when
+    either side has fewer than 2 finite values (no spread to build an interval from)."""
+    x = np.asarray([v for v in a if as_number(v) is not None], float)
+    y = np.asarray([v for v in b if as_number(v) is not None], float)
+    if len(x) < 2 or len(y) < 2:
+        return None
+    from scipy import stats
+
+    va, vb = x.var(ddof=1) / len(x), y.var(ddof=1) / len(y)
+    d = float(x.mean() - y.mean())
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return d, d, d
+    dof = (va + vb) ** 2 / (va**2 / (len(x) - 1) + vb**2 / (len(y) - 1))
+    half = float(stats.t.ppf(0.5 + level / 2, dof) * se)
+    return d, d - half, d + half
+
+
 def fmt(x: float | None, kind: str = "num") -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "n/a"
