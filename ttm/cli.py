@@ -23,6 +23,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "demo": ("ablations.demo:cli", "the whole pipeline on the embedded dataset"),
     "bench": ("benchmarks.run:cli", "speed and memory benchmarks, as ratios vs peers"),
     "regress": ("reports.regress:cli", "compare a candidate against a baseline"),
+    "findings": ("reports.findings:cli", "the findings page of the shipped results (reports/results)"),
 }
 
 
