@@ -26,6 +26,24 @@ def test_verdict_rules(d, floor, better, expected):
     assert F.verdict(d, floor, better) == expected
 
 
+def _cmp(v: str) -> F.Comparison:
+    return F.Comparison("a", "b", F.VAL, None, None, None, None, v)
+
+
+@pytest.mark.parametrize(
+    "verdicts, expected",
+    [
+        (["better", "better", "inconclusive", "inconclusive"], "holds"),  # ahead early, level later
+        (["better", "worse"], "fails"),
+        (["no difference", "no difference"], "fails"),
+        (["inconclusive", "no difference"], "inconclusive"),
+    ],
+)
+def test_learns_faster_rule(verdicts, expected):
+    c = F.Claim("1", "t", "s", parts=[(_cmp(v), "better") for v in verdicts], rule="any")
+    assert c.verdict == expected
+
+
 def test_claim_parts_combine():
     assert F.combine(["holds", "holds"]) == "holds"
     assert F.combine(["holds", "inconclusive"]) == "inconclusive"
