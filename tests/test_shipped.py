@@ -123,12 +123,15 @@ def _crash_half_simba(config: dict, run_dir: Path) -> dict:
     return fake_cell(config, run_dir)
 
 
-def test_ship_refuses_an_incomplete_grid_unless_told(tmp_path):
+def test_ship_refuses_an_incomplete_grid_unless_told(tmp_path, capsys):
     grid = _grid(tmp_path, "partial", {"model.backbone": ["transformer", "simba"]}, cell_fn=_crash_half_simba)
     with pytest.raises(ValueError, match=r"1 of 4 cell\(s\) did not complete \(simba-s1-\w+: failed") as e:
         ship(grid, tmp_path / "out")
     assert "--allow-incomplete" in str(e.value) and not (tmp_path / "out").exists()
-    out = ship(grid, tmp_path / "out", allow_incomplete=True)
+    assert cli.main(["ship", str(grid), "--out", str(tmp_path / "out")]) == 2
+    assert "ttm-bench ship: error:" in capsys.readouterr().err
+    assert cli.main(["ship", str(grid), "--out", str(tmp_path / "out"), "--allow-incomplete"]) == 0
+    out = tmp_path / "out"
     rows = pd.read_json(out / "results.jsonl", lines=True)
     failed = rows[rows["status"] == "failed"]
     assert len(failed) == 1 and "cannot read <grid>/cells/simba-s1-" in failed["error"].iloc[0]
@@ -261,6 +264,16 @@ def test_regress_against_the_shipped_baseline(shipped, capsys):
 # ----------------------------------------------------------------------------- this repository's results
 
 
+def _matches_spec(folder: Path) -> None:
+    """The shipped cells of `folder` are the cells its spec (repository-relative) and preset expand to."""
+    s = load_settings(folder)
+    spec = load_spec(ROOT / s["spec"])
+    want = {c.name: c.hash for c in expand(spec, s["preset"])}
+    have = {c["name"]: c["config_hash"] for c in s["cells"]}
+    assert have == want, f"{folder}: shipped cells differ from {s['spec']} (preset {s['preset']})"
+    assert all(config_hash(c["config"]) == c["config_hash"] for c in s["cells"]), folder
+
+
 def test_shipped_results_match_specs():
     """Every shipped folder (reports/results/*/settings.json) holds the cells its spec and preset
     expand to."""
@@ -268,9 +281,21 @@ def test_shipped_results_match_specs():
     if not found:
         pytest.skip("no shipped grid under reports/results yet")
     for path in found:
-        s = load_settings(path.parent)
-        spec = load_spec(ROOT / s["spec"])
-        want = {c.name: c.hash for c in expand(spec, s["preset"])}
-        have = {c["name"]: c["config_hash"] for c in s["cells"]}
-        assert have == want, f"{path}: shipped cells differ from {s['spec']} (preset {s['preset']})"
-        assert all(config_hash(c["config"]) == c["config_hash"] for c in s["cells"]), path
+        _matches_spec(path.parent)
+
+
+def test_a_shipped_repository_spec_names_its_spec_relative_to_the_repository(tmp_path):
+    """The check above, on the zoo spec's tiny preset run with the FAKE cell function."""
+    grid = runner.run_grid(
+        ROOT / "ablations" / "backbones_cpu.yaml",
+        tmp_path / "g",
+        preset="tiny",
+        cell_fn=fake_cell,
+        report=False,
+        progress=False,
+        overrides={"data.root": str(tmp_path / "data")},
+    )
+    out = ship(grid, tmp_path / "zoo")
+    s = load_settings(out)
+    assert s["spec"] == "ablations/backbones_cpu.yaml" and s["preset"] == "tiny" and len(s["cells"]) == 14
+    _matches_spec(out)
