@@ -1,12 +1,14 @@
 """The comparison report of a grid, a demo dir or a single run.
 
-    ttm-bench report DIR [--clip-seconds S] [--max-captions N]
+    ttm-bench report DIR [--out OUT] [--clip-seconds S] [--max-captions N]
+    ttm-bench report GRID --beside reports/results/NAME [--out OUT]     (reports/shipped.py)
 
 DIR is a grid dir (`DIR/cells/*`), a demo dir (`DIR/runs/*`), or one run dir (with summary.json);
-cells and runs are treated the same. Writes `DIR/report.md` (plots as PNG files under
-`DIR/report_files/`) and a self-contained `DIR/report.html` (plots as base64 PNG, audio clips as
-base64 WAV). Groups are all axes except the seed: for a grid the axes come from each cell's
-cell.json; elsewhere they are the config keys whose values differ between runs (seed excluded).
+cells and runs are treated the same. Writes `OUT/report.md` (plots as PNG files under
+`OUT/report_files/`) and a self-contained `OUT/report.html` (plots as base64 PNG, audio clips as
+base64 WAV); OUT is DIR unless given. Groups are all axes except the seed: for a grid the axes come
+from each cell's cell.json; elsewhere they are the config keys whose values differ between runs
+(seed excluded).
 Numbers are means over seeds with a 95% Student-t interval; with one seed a metric shows the
 evaluation's own bootstrap CI, labelled as such. Anything missing is "n/a (reason)".
 """
@@ -46,18 +48,61 @@ def _direction_note(metrics: list[str]) -> str:
     return "; ".join(parts)
 
 
-def build_report(root: Path, clip_seconds: float = 5.0, max_captions: int = 3, max_clips: int = 24) -> Path:
-    """Write `root/report.md` (+ `root/report_files/*.png`) and a self-contained `root/report.html`."""
+def build_report(
+    root: Path,
+    clip_seconds: float = 5.0,
+    max_captions: int = 3,
+    max_clips: int = 24,
+    out_dir: Path | None = None,
+    listen: bool = True,
+    html: bool = True,
+) -> Path:
+    """Write `OUT/report.md` (+ `OUT/report_files/*.png`) and a self-contained `OUT/report.html` for
+    the runs under `root` (OUT: `out_dir`, default `root`). `listen=False` leaves out the listening
+    table (no audio is read or linked); `html=False` writes no HTML. Returns the HTML path, or the
+    Markdown path without HTML."""
+    root = Path(root)
+    manifest = read_json(root / "grid.json") if (root / "grid.json").is_file() else {}
+    return write_report(
+        collect(root),
+        root,
+        Path(out_dir) if out_dir is not None else root,
+        f"Comparison report: {manifest.get('name') or root.name}",
+        f"Source: {root}.",
+        manifest,
+        clip_seconds,
+        max_captions,
+        max_clips,
+        listen,
+        html,
+    )
+
+
+def write_report(
+    df,
+    root: Path,
+    out_dir: Path,
+    title: str,
+    source: str,
+    manifest: dict | None = None,
+    clip_seconds: float = 5.0,
+    max_captions: int = 3,
+    max_clips: int = 24,
+    listen: bool = True,
+    html: bool = True,
+    notes: list[str] | None = None,
+) -> Path:
+    """The report of results rows `df` (a `collect` frame) whose `run_dir`s are relative to `root`
+    (training curves, samples and search_best.json are read there), written to `out_dir`.
+    `source` opens the report; `notes` are paragraphs after it."""
     from reports import plots
 
-    root = Path(root)
-    df = collect(root)
-    manifest = read_json(root / "grid.json") if (root / "grid.json").is_file() else {}
-    title = f"Comparison report: {manifest.get('name') or root.name}"
+    root, out_dir = Path(root), Path(out_dir)
+    manifest = manifest or {}
     doc = Doc(title)
     status = df["status"].value_counts().to_dict()
     doc.p(
-        f"Source: {root}. {len(df)} run(s): "
+        f"{source} {len(df)} run(s): "
         + ", ".join(f"{v} {k}" for k, v in status.items())
         + "."
         + (
@@ -66,6 +111,8 @@ def build_report(root: Path, clip_seconds: float = 5.0, max_captions: int = 3, m
             else ""
         )
     )
+    for n in notes or []:
+        doc.p(n)
 
     doc.h("Comparison")
     doc.p(
@@ -150,31 +197,46 @@ def build_report(root: Path, clip_seconds: float = 5.0, max_captions: int = 3, m
             if png:
                 doc.img(f"{name.replace(' ', '_')}_vs_params.png", png, f"{name} vs parameters")
 
-    doc.h("Listening: the same captions across groups")
-    doc.audio(listening(df, root, max_captions=max_captions, max_clips=max_clips, clip_seconds=clip_seconds))
+    if listen:
+        doc.h("Listening: the same captions across groups")
+        lis = listening(df, root, max_captions=max_captions, max_clips=max_clips, clip_seconds=clip_seconds)
+        doc.audio(lis)
 
-    files_dir = root / "report_files"
-    files_dir.mkdir(exist_ok=True)
-    atomic_write_text(root / "report.md", render_md(doc, root, files_dir))
-    out = root / "report.html"
+    files_dir = out_dir / "report_files"
+    files_dir.mkdir(parents=True, exist_ok=True)
+    md = out_dir / "report.md"
+    atomic_write_text(md, render_md(doc, files_dir))
+    if not html:
+        return md
+    out = out_dir / "report.html"
     atomic_write_text(out, render_html(doc))
     return out
 
 
-def cli(argv: list[str]) -> int:
+def report_parser() -> argparse.ArgumentParser:
+    """`ttm-bench report`'s arguments (reports/shipped.py adds --beside)."""
     ap = argparse.ArgumentParser(
         prog="ttm-bench report",
         description="Build report.md and a self-contained report.html for a grid or demo dir.",
     )
     ap.add_argument("dir", help="grid dir (cells/*), demo dir (runs/*) or one run dir")
+    ap.add_argument("--out", help="write the report here (default: DIR)")
     ap.add_argument("--clip-seconds", type=float, default=5.0, help="seconds of audio per embedded clip")
     ap.add_argument("--max-captions", type=int, default=3, help="captions in the listening table")
     ap.add_argument("--max-clips", type=int, default=24, help="embedded clips at most")
     ap.add_argument("--no-results", action="store_true", help="do not (re)write results.csv/jsonl")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def run_report(a: argparse.Namespace) -> int:
+    """`ttm-bench report DIR` with parsed arguments."""
     root = Path(a.dir)
     if not a.no_results and not RunDir(root).summary_file.is_file():
         write_results(root)
-    out = build_report(root, a.clip_seconds, a.max_captions, a.max_clips)
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB) and {root / 'report.md'}")
+    out = build_report(root, a.clip_seconds, a.max_captions, a.max_clips, Path(a.out) if a.out else None)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB) and {out.parent / 'report.md'}")
     return 0
+
+
+def cli(argv: list[str]) -> int:
+    return run_report(report_parser().parse_args(argv))

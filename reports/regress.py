@@ -2,6 +2,7 @@
 
     ttm-bench regress --write-baseline --baseline FILE --candidate GRID_DIR [--k 3] [--rel-eps 0.02]
     ttm-bench regress --baseline FILE --candidate RUN_OR_GRID [--metrics val_loss fd_probe] [--group KEY]
+                      [--shared]
 
 Baseline JSON (format "ttm-bench-baseline/1"): per group key (the grid's axis values, e.g.
 "model.backbone=transformer"), per metric: mean and std over seeds, n, noise floor and direction
@@ -13,7 +14,10 @@ baseline mean by more than
 The noise floor of a distance metric (FD, KL, ...) is its value between two halves of the reference set,
 so a change smaller than it is not meaningful; a higher-is-better score's floor (the reference's own score)
 is a ceiling, not a noise scale, and is not used. Exit 1 on any regression or on a baseline group or
-metric that the candidate lacks; 0 otherwise.
+metric that the candidate lacks (`--shared`: only the groups the candidate has); 0 otherwise.
+
+A baseline written by `ttm-bench ship` also records the settings hash (ttm.config.settings_hash) of
+each group's runs: a candidate made at other settings is refused (exit 2) with the differing keys.
 """
 
 from __future__ import annotations
@@ -27,7 +31,14 @@ from typing import Any
 
 import numpy as np
 
-from reports.results import HIGHER_IS_BETTER_PREFIXES, LOWER_IS_BETTER_PREFIXES, collect, metric_names
+from reports.results import (
+    HIGHER_IS_BETTER_PREFIXES,
+    LOWER_IS_BETTER_PREFIXES,
+    collect,
+    metric_names,
+    run_configs,
+)
+from ttm.config import check_settings_match
 from ttm.util import atomic_write_text
 
 FORMAT = "ttm-bench-baseline/1"
@@ -99,20 +110,28 @@ def write_baseline(
     k: float = DEFAULT_K,
     rel_eps: float = DEFAULT_REL_EPS,
     directions: dict[str, str] | None = None,
+    source: str | None = None,
+    settings: dict | None = None,
 ) -> dict:
+    """Write the baseline of grid `grid` to `out`. `source` names the grid (default its path);
+    `settings` ({"groups": {group: [settings hashes]}, "configs": {settings hash: {"cell": name,
+    "config": config}}}, as `ttm-bench ship` writes it) makes `compare` refuse a candidate made at
+    other settings."""
     df = collect(Path(grid))
     groups = _stats(df, metrics, directions or {})
     if not any(g["metrics"] for g in groups.values()):
         raise ValueError(f"{grid}: no complete run with metrics to make a baseline from")
     base = {
         "format": FORMAT,
-        "source": str(grid),
+        "source": str(grid) if source is None else source,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "rule": "tolerance = max(k * std, noise floor (lower-is-better only), rel_eps * |mean|)",
         "k": k,
         "rel_eps": rel_eps,
         "groups": groups,
     }
+    if settings is not None:
+        base["settings"] = settings
     atomic_write_text(out, json.dumps(base, indent=2) + "\n")
     return base
 
@@ -163,6 +182,46 @@ def validate_baseline(b: dict, source: str) -> None:
             fl = m.get("floor")
             if fl is not None and (not isinstance(fl, (int, float)) or not math.isfinite(fl)):
                 raise ValueError(f"{where}.floor: expected a finite number or null, got {fl!r}")
+    if "settings" in b:
+        _validate_settings(b["settings"], source)
+
+
+def _validate_settings(st: Any, source: str) -> None:
+    """The optional `settings` record (written by `ttm-bench ship`)."""
+    where = f"{source}: settings"
+    if not (isinstance(st, dict) and all(isinstance(st.get(k), dict) for k in ("groups", "configs"))):
+        raise ValueError(f"{where}: expected an object with 'groups' and 'configs' mappings")
+    for h, c in st["configs"].items():
+        if not isinstance(c, dict) or not isinstance(c.get("config"), dict):
+            raise ValueError(  # noqa: TRY004 -- bad input: exit 2
+                f"{where}.configs[{h!r}]: expected an object with a 'config' mapping"
+            )
+    for key, hs in st["groups"].items():
+        if not isinstance(hs, list) or not hs or any(h not in st["configs"] for h in hs):
+            raise ValueError(f"{where}.groups[{key!r}]: expected a non-empty list of settings.configs keys")
+
+
+def check_candidate_settings(baseline: dict, candidate: Path, df, keymap: dict[str, str]) -> None:
+    """Refuse (ValueError naming the differing keys) a candidate whose runs were made at settings
+    the baseline's runs were not: each candidate group compared with a baseline group must match
+    that group's settings; any other group, one of the baseline's. No-op for a baseline without a
+    `settings` record (written by `regress --write-baseline`)."""
+    st = baseline.get("settings")
+    if not st:
+        return
+    refs = {h: c["config"] for h, c in st["configs"].items()}
+    names = {h: c.get("cell") or h for h, c in st["configs"].items()}
+    group_of = dict(zip(df["run"], df["group"]))
+    runs = run_configs(Path(candidate))  # a cell that never started has no config (and no numbers)
+    if not runs:
+        raise ValueError(f"{candidate}: no run with a recorded config (cell.json, cell.yaml or config.yaml)")
+    by_ref: dict[tuple[str, ...], dict[str, dict]] = {}
+    for name, c in runs.items():
+        key = keymap.get(str(group_of.get(name)))
+        hs = tuple(st["groups"].get(key) or st["configs"]) if key is not None else tuple(st["configs"])
+        by_ref.setdefault(hs, {})[name] = c
+    for hs, configs in by_ref.items():
+        check_settings_match(configs, {names[h]: refs[h] for h in hs}, "baseline")
 
 
 def tolerance(m: dict, k: float, rel_eps: float) -> float:
@@ -177,23 +236,35 @@ def compare(
     group: str | None = None,
     k: float | None = None,
     rel_eps: float | None = None,
+    shared: bool = False,
 ) -> list[dict[str, Any]]:
-    """One row per (baseline group, metric): baseline, candidate, delta, tolerance, verdict."""
+    """One row per (baseline group, metric): baseline, candidate, delta, tolerance, verdict.
+    `shared`: only the baseline groups the candidate has (a candidate that reruns some of them).
+    A baseline with a `settings` record first refuses a candidate made at other settings."""
     k = float(baseline.get("k", DEFAULT_K) if k is None else k)
     rel_eps = float(baseline.get("rel_eps", DEFAULT_REL_EPS) if rel_eps is None else rel_eps)
     df = collect(Path(candidate))
     bgroups: dict[str, dict] = baseline["groups"]
     directions = {n: m["direction"] for g in bgroups.values() for n, m in g["metrics"].items()}
     cand = _stats(df, None, directions)
+    keymap = {key: key for key in cand if key in bgroups}  # candidate group -> baseline group
     if group is not None:
         if group not in bgroups:
             raise ValueError(f"--group {group!r}: not in the baseline (groups: {', '.join(bgroups)})")
         if len(cand) != 1:
             raise ValueError(f"--group needs a candidate with one group; {candidate} has {len(cand)}")
+        keymap = {next(iter(cand)): group}
         cand = {group: next(iter(cand.values()))}
         bgroups = {group: bgroups[group]}
     elif len(bgroups) == 1 and len(cand) == 1:
+        keymap = {next(iter(cand)): next(iter(bgroups))}
         cand = {next(iter(bgroups)): next(iter(cand.values()))}
+    check_candidate_settings(baseline, Path(candidate), df, keymap)
+    if shared:
+        bgroups = {key: g for key, g in bgroups.items() if key in cand}
+        if not bgroups:
+            have = ", ".join(baseline["groups"])
+            raise ValueError(f"--shared: {candidate} has none of the baseline's groups ({have})")
     rows = []
     for key, bg in bgroups.items():
         for name, bm in bg["metrics"].items():
@@ -296,6 +367,8 @@ def cli(argv: list[str]) -> int:
     ap.add_argument("--candidate", required=True, help="a run dir, a grid dir or a demo dir")
     ap.add_argument("--metrics", nargs="+", help="metrics to check (default: all in the baseline)")
     ap.add_argument("--group", help="baseline group to compare a single-group candidate against")
+    ap.add_argument("--shared", action="store_true",
+                    help="compare only the baseline groups the candidate has (default: missing ones fail)")
     ap.add_argument(
         "--write-baseline", action="store_true", help="write --baseline from --candidate (a grid)"
     )
@@ -324,7 +397,8 @@ def cli(argv: list[str]) -> int:
         n = sum(len(g["metrics"]) for g in b["groups"].values())
         print(f"wrote {a.baseline}: {len(b['groups'])} group(s), {n} metric entries")
         return 0
-    rows = compare(load_baseline(Path(a.baseline)), Path(a.candidate), metrics, a.group, a.k, a.rel_eps)
+    baseline = load_baseline(Path(a.baseline))
+    rows = compare(baseline, Path(a.candidate), metrics, a.group, a.k, a.rel_eps, a.shared)
     if not rows:
         raise ValueError(f"{a.baseline}: no (group, metric) pair to compare")
     print(format_table(rows))

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import base64
 import html
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from reports.listening import Listening
+from ttm.util import atomic_write
 
 # ----------------------------------------------------------------------------- document
 
@@ -37,7 +39,8 @@ def _md_cell(s: str) -> str:
     return str(s).replace("|", "\\|").replace("\n", " ")
 
 
-def render_md(doc: Doc, root: Path, files_dir: Path) -> str:
+def render_md(doc: Doc, files_dir: Path) -> str:
+    """Markdown; images are written to `files_dir` (beside the report), clips linked relative to it."""
     out = [f"# {doc.title}", ""]
     for part in doc.parts:
         kind = part[0]
@@ -53,7 +56,7 @@ def render_md(doc: Doc, root: Path, files_dir: Path) -> str:
             out.append("")
         elif kind == "img":
             _, name, png, alt = part
-            (files_dir / name).write_bytes(png)
+            atomic_write(files_dir / name, lambda tmp, png=png: Path(tmp).write_bytes(png))
             out += [f"![{alt}]({files_dir.name}/{name})", ""]
         elif kind == "audio":
             lis: Listening = part[1]
@@ -64,7 +67,8 @@ def render_md(doc: Doc, root: Path, files_dir: Path) -> str:
                     cells = []
                     for lab in lis.labels:
                         c = lis.clips.get((cap, lab))
-                        cells.append(f"[wav]({c.path.relative_to(root)})" if c else "n/a (not generated)")
+                        link = Path(os.path.relpath(c.path, files_dir.parent)).as_posix() if c else ""
+                        cells.append(f"[wav]({link})" if c else "n/a (not generated)")
                     out.append(f"| {_md_cell(cap)} | " + " | ".join(cells) + " |")
                 out.append("")
             if lis.note:

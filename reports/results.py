@@ -13,7 +13,7 @@ import pandas as pd
 import yaml
 
 from ttm.rundir import RunDir
-from ttm.util import atomic_write_text, flatten
+from ttm.util import atomic_write_text, flatten, read_jsonl_objects
 
 # summary.json fields copied into a results row as they are
 SUMMARY_FIELDS = (
@@ -171,22 +171,48 @@ def run_row(
     return row
 
 
+def list_runs(root: Path) -> list[tuple[Path, dict | None]]:
+    """(run dir, its cell record or None) for every run under `root`: a grid's cells in grid.json
+    order (dirs that do not exist yet included), else `find_runs`."""
+    root = Path(root)
+    manifest = read_json(root / "grid.json") if (root / "grid.json").is_file() else None
+    if manifest and manifest.get("cells"):
+        out = []
+        for c in manifest["cells"]:
+            c = c if isinstance(c, dict) else {"name": c}
+            d = root / "cells" / c["name"]
+            out.append((d, read_json(d / "cell.json") or c))
+        return out
+    runs = find_runs(root)
+    if not runs:
+        raise FileNotFoundError(f"{root}: no runs found (looked for summary.json, cells/*, runs/*)")
+    return [(d, None) for d in runs]
+
+
+def run_config(run_dir: Path, cell: dict | None = None) -> dict:
+    """The config a run was made from: its grid cell's (cell.json `config`), else cell.yaml, else the
+    run's config.yaml; {} when none is recorded (a cell that has not started)."""
+    run_dir = Path(run_dir)
+    cell = cell if cell is not None else (read_json(run_dir / "cell.json") or {})
+    return cell.get("config") or _yaml(run_dir / "cell.yaml") or _yaml(RunDir(run_dir).config_file) or {}
+
+
+def run_configs(root: Path) -> dict[str, dict]:
+    """{run name: its recorded config} for the runs under `root` that have one (`run_config`)."""
+    out = {}
+    for d, cell in list_runs(root):
+        c = run_config(d, cell)
+        if c:
+            out[d.name] = c
+    return out
+
+
 def collect(root: Path) -> pd.DataFrame:
     """All runs under `root` as a DataFrame (one row per run; `axis.*` columns define the groups)."""
     root = Path(root)
     manifest = read_json(root / "grid.json") if (root / "grid.json").is_file() else None
     failed = (manifest or {}).get("failed") or {}
-    rows = []
-    if manifest and manifest.get("cells"):
-        for c in manifest["cells"]:
-            c = c if isinstance(c, dict) else {"name": c}
-            d = root / "cells" / c["name"]
-            rows.append(run_row(d, root, (read_json(d / "cell.json") or c), failed))
-    else:
-        runs = find_runs(root)
-        if not runs:
-            raise FileNotFoundError(f"{root}: no runs found (looked for summary.json, cells/*, runs/*)")
-        rows = [run_row(d, root, None, failed) for d in runs]
+    rows = [run_row(d, root, cell, failed) for d, cell in list_runs(root)]
     df = pd.DataFrame(rows)
     if not any(c.startswith("axis.") for c in df.columns):
         _infer_axes(df)
@@ -261,12 +287,29 @@ def write_results(root: Path) -> tuple[Path, Path]:
     `curves.csv`: the validation rows of every run's training log (loss and text info gain by step)."""
     root = Path(root)
     df = collect(root)
+    atomic_write_text(root / "curves.csv", curves(df, root).to_csv(index=False))
+    return write_frame(df, root)
+
+
+def write_frame(df: pd.DataFrame, root: Path) -> tuple[Path, Path]:
+    """Write results rows (a `collect` frame) as `root/results.csv` and `root/results.jsonl`."""
+    root = Path(root)
     csv_path, jsonl_path = root / "results.csv", root / "results.jsonl"
     atomic_write_text(csv_path, df.to_csv(index=False))
-    atomic_write_text(root / "curves.csv", curves(df, root).to_csv(index=False))
     recs = [
         {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
         for r in df.to_dict(orient="records")
     ]
     atomic_write_text(jsonl_path, "".join(json.dumps(r, default=str) + "\n" for r in recs))
     return csv_path, jsonl_path
+
+
+def read_results(root: Path) -> pd.DataFrame:
+    """The rows `write_frame` wrote to `root/results.jsonl`, as a DataFrame."""
+    path = Path(root) / "results.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist (expected the results of a grid or `ttm-bench ship`)")
+    rows = [r for _, r in read_jsonl_objects(path)]
+    if not rows:
+        raise ValueError(f"{path}: no result rows")
+    return pd.DataFrame(rows)

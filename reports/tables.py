@@ -107,10 +107,11 @@ def metric_floor(g: pd.DataFrame, metric: str, kind: str = "noise") -> float | N
 
 
 def group_table(df: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
-    """The comparison table: one row per group (all axes but the seed)."""
-    axes = axis_columns(df)
+    """The comparison table: one row per group (all axes but the seed); results from several sources
+    (a `source` column, e.g. shipped results beside a new grid) lead with it."""
+    axes = (["source"] if "source" in df else []) + axis_columns(df)
     metrics = metric_names(df)
-    headers = [a[5:] for a in axes] or ["run"]
+    headers = [a.removeprefix("axis.") for a in axes] or ["run"]
     headers += ["seeds done", "params", "FLOPs", "steps", "binding budget", "train time (s)", "val loss"]
     gain = "val_info_gain" in df and not df["val_info_gain"].dropna().empty
     if gain:

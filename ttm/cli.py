@@ -17,13 +17,15 @@ VERBS: dict[str, tuple[str, str]] = {
     "generate": ("ttm.runs:generate_cli", "generate audio from captions with a trained run"),
     "eval": ("eval.runner:cli", "evaluate generated audio against a reference"),
     "grid": ("ablations.runner:cli", "run an ablation grid (Optuna storage)"),
-    "report": ("reports.build:cli", "build the comparison report of a grid or demo"),
+    "report": ("reports.shipped:report_cli", "report of a grid or demo (--beside: next to shipped results)"),
+    "ship": ("reports.shipped:ship_cli", "write a grid's small result files to ship (reports/results/NAME)"),
     "backbones": ("backbones.cli:list_cli", "list registered backbones"),
     "check-backbone": ("backbones.cli:check_cli", "run the backbone contract suite on a backbone"),
     "demo": ("ablations.demo:cli", "the whole pipeline on the embedded dataset"),
     "bench": ("benchmarks.run:cli", "speed and memory benchmarks, as ratios vs peers"),
     "regress": ("reports.regress:cli", "compare a candidate against a baseline"),
     "findings": ("reports.findings:cli", "the findings page of the shipped results (reports/results)"),
+    "results": ("ablations.results:cli", "rerun the shipped grids, ship them, rebuild the findings page"),
 }
 
 

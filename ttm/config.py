@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ttm.util import json_hash, pop_dotted, set_dotted
+from ttm.util import diff_items, json_hash, pop_dotted, set_dotted
 
 
 class _Strict(BaseModel):
@@ -180,6 +180,20 @@ class RunConfig(_Strict):
 LOCATION_KEYS = ("name", "data.root")
 
 
+def config_view(config: RunConfig | dict[str, Any], drop: tuple[str, ...] = LOCATION_KEYS) -> dict[str, Any]:
+    """What the hashes are taken on: the validated config as a dict (a dict that is not a RunConfig,
+    e.g. a user's cell function with its own keys, as it is), without the dotted keys `drop`."""
+    if isinstance(config, dict):
+        try:
+            config = RunConfig.model_validate(config)
+        except ValidationError:
+            pass
+    d = config.to_dict() if isinstance(config, RunConfig) else copy.deepcopy(config)
+    for k in drop:
+        pop_dotted(d, k)
+    return d
+
+
 def config_hash(config: RunConfig | dict[str, Any]) -> str:
     """THE config hash of a run: grid cell names, duplicate-cell detection, the summary's
     `config_hash` and the train CLI's default run directory all use it.
@@ -187,15 +201,77 @@ def config_hash(config: RunConfig | dict[str, Any]) -> str:
     Computed on the validated config (a dict is validated first), so spelling out a default gives
     the same hash as leaving it out; LOCATION_KEYS are left out. A dict that is not a RunConfig
     (a user's cell function with its own keys) is hashed as it is (minus LOCATION_KEYS)."""
-    if isinstance(config, dict):
-        try:
-            config = RunConfig.model_validate(config)
-        except ValidationError:
-            pass
-    d = config.to_dict() if isinstance(config, RunConfig) else copy.deepcopy(config)
-    for k in LOCATION_KEYS:
-        pop_dotted(d, k)
-    return json_hash(d, compact=True)
+    return json_hash(config_view(config), compact=True)
+
+
+# keys that name what a comparison compares (the backbone, its own options, the seed), not the
+# settings it is compared at: left out of the settings hash
+IDENTITY_KEYS = ("model.backbone", "model.backbone_kwargs", "seed")
+SETTINGS_DROP = LOCATION_KEYS + IDENTITY_KEYS
+
+
+def settings_hash(config: RunConfig | dict[str, Any]) -> str:
+    """The hash of the settings a run was made at: `config_hash` without IDENTITY_KEYS. Two runs
+    with the same settings hash differ at most in backbone, backbone options and seed, so their
+    numbers compare (e.g. a new backbone's grid beside shipped results)."""
+    return json_hash(config_view(config, SETTINGS_DROP), compact=True)
+
+
+def settings_diff(a: RunConfig | dict[str, Any], b: RunConfig | dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(dotted key, value in a, value in b) for each setting (IDENTITY_KEYS and LOCATION_KEYS left
+    out) whose values differ; empty when the settings hashes are equal."""
+    return diff_items(config_view(a, SETTINGS_DROP), config_view(b, SETTINGS_DROP))
+
+
+def nearest_settings(
+    config: RunConfig | dict[str, Any], references: list[RunConfig | dict[str, Any]]
+) -> tuple[int, list[tuple[str, Any, Any]]]:
+    """(index of the reference with the fewest differing settings, those differences as
+    (key, value in config, value in the reference)). `references` must not be empty."""
+    if not references:
+        raise ValueError("nearest_settings: no reference configs to compare with")
+    diffs = [settings_diff(config, r) for r in references]
+    i = min(range(len(diffs)), key=lambda j: len(diffs[j]))
+    return i, diffs[i]
+
+
+def check_settings_match(
+    configs: dict[str, RunConfig | dict[str, Any]],
+    references: dict[str, RunConfig | dict[str, Any]],
+    what: str = "reference",
+    max_shown: int = 5,
+) -> None:
+    """Raise ValueError unless every config's `settings_hash` is one of the references'.
+
+    `configs` and `references` are keyed by a name (a cell). The message names each mismatching
+    config (one per distinct settings), the nearest reference (fewest differing settings) and each
+    differing dotted key with both values, e.g. "train.lr: yours 0.001, shipped 0.002".
+    """
+    if not references:
+        raise ValueError(f"no {what} configs to check settings against")
+    ref_names = list(references)
+    ref_hashes = {settings_hash(c) for c in references.values()}
+    bad: dict[str, list[str]] = {}  # settings hash -> names of the configs that have it
+    for name, c in configs.items():
+        h = settings_hash(c)
+        if h not in ref_hashes:
+            bad.setdefault(h, []).append(name)
+    if not bad:
+        return
+    parts = []
+    for names in list(bad.values())[:max_shown]:
+        i, diffs = nearest_settings(configs[names[0]], [references[n] for n in ref_names])
+        keys = "; ".join(f"{k}: yours {a!r}, {what} {b!r}" for k, a, b in diffs[:12])
+        more = f" (+{len(diffs) - 12} more keys)" if len(diffs) > 12 else ""
+        also = f" (and {len(names) - 1} more with the same settings)" if len(names) > 1 else ""
+        parts.append(f"{names[0]!r}{also} vs nearest {what} cell {ref_names[i]!r}: {keys}{more}")
+    if len(bad) > max_shown:
+        parts.append(f"... and {len(bad) - max_shown} more distinct settings")
+    n = sum(len(v) for v in bad.values())
+    raise ValueError(
+        f"{n} of {len(configs)} run(s) were made at settings that match no {what} run "
+        "(only model.backbone, model.backbone_kwargs and seed may differ): " + " | ".join(parts)
+    )
 
 
 # keys that may differ on resume without changing the result (logging, the budget itself)

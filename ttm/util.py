@@ -133,17 +133,23 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested dicts."""
+def diff_items(a: dict, b: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, value in a, value in b) for each leaf whose values differ between two nested dicts
+    (a key missing on one side has the value None there)."""
     out = []
     for k in sorted(set(a) | set(b)):
         key = f"{prefix}{k}"
         va, vb = a.get(k), b.get(k)
         if isinstance(va, dict) and isinstance(vb, dict):
-            out += diff_keys(va, vb, key + ".")
+            out += diff_items(va, vb, key + ".")
         elif va != vb:
-            out.append(f"{key}: {va!r} -> {vb!r}")
+            out.append((key, va, vb))
     return out
+
+
+def diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts, as "key: a -> b"."""
+    return [f"{key}: {va!r} -> {vb!r}" for key, va, vb in diff_items(a, b, prefix)]
 
 
 # ----------------------------------------------------------------------------- stopping on signals
