@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_results(runs: Path = Path("runs/results"), out: Path = Path("reports/results"),
-                only: list[str] | None = None, workers: int | None = None, progress: bool = True) -> Path:
+                only: list[str] | None = None, workers: int | None = None, progress: bool = True,
+                cell_fn=None) -> Path:
     names = list(GRIDS) if not only else only
     unknown = [n for n in names if n not in GRIDS]
     if unknown:
@@ -39,7 +40,8 @@ def run_results(runs: Path = Path("runs/results"), out: Path = Path("reports/res
             spec, preset = GRIDS[name]
             t0 = time.perf_counter()
             run_grid(REPO / spec, out_dir=grid_dir, preset=preset, workers=workers, progress=progress,
-                     overrides={"data.root": data_root}, reuse=[d for d in done if d.is_dir()], report=False)
+                     overrides={"data.root": data_root}, reuse=[d for d in done if d.is_dir()], report=False,
+                     cell_fn=cell_fn)
             times[name] = time.perf_counter() - t0
             ship(grid_dir, out / name)
             print(f"{name}: {times[name] / 60:.1f} min, shipped to {out / name}")

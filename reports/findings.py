@@ -498,17 +498,19 @@ def _plots(grids: dict[str, Grid], out_dir: Path) -> dict[str, str]:
             cv_f = cv
         made["study_val_loss_vs_step"] = plots.loss_curves(cv, "step")
         made["study_val_loss_vs_flops"] = plots.loss_curves(cv_f, "flops")
-        gain = cv.dropna(subset=["val_info_gain"]).rename(columns={"val_info_gain": "text info gain"})
-        made["study_info_gain_vs_step"] = plots.metric_vs(gain, "step", "text info gain", "text info gain (nats/token)",
-                                                          None, hue="label", xlabel="training step")
-        for m in (VAL, FD, CLAP):
+        if "val_info_gain" in cv:
+            gain = cv.dropna(subset=["val_info_gain"]).rename(columns={"val_info_gain": "text info gain"})
+            made["study_info_gain_vs_step"] = plots.metric_vs(
+                gain, "step", "text info gain", "text info gain (nats/token)", None, hue="label",
+                xlabel="training step")
+        for m in (m for m in (VAL, FD, CLAP) if m.col in st.results):
             made[f"scaling_down_{m.col.split('.')[-1]}"] = plots.metric_vs(
                 st.results, "params", m.col, m.name, None, hue="family", log_x=True, xlabel="parameters")
     zoo = grids.get("zoo")
     if zoo is not None:
         z = zoo.results.copy()
         z["label"] = z["backbone"].astype(str) + " / " + z["conditioning"].astype(str)
-        for m in (VAL, GAIN, ADH):
+        for m in (m for m in (VAL, GAIN, ADH) if m.col in z):
             made[f"zoo_{m.col.split('.')[-1]}"] = plots.metric_bars(z.sort_values(["conditioning", "backbone"]),
                                                                     m.col, m.name, None)
     files = {}

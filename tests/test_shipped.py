@@ -299,3 +299,29 @@ def test_a_shipped_repository_spec_names_its_spec_relative_to_the_repository(tmp
     s = load_settings(out)
     assert s["spec"] == "ablations/backbones_cpu.yaml" and s["preset"] == "tiny" and len(s["cells"]) == 14
     _matches_spec(out)
+
+
+def test_results_command_runs_ships_and_rebuilds_the_findings(tmp_path, monkeypatch):
+    """`ttm-bench results` over two FAKE grids: the second reuses the first's cell with the same
+    config hash (not rerun), both are shipped, the findings page is rebuilt from the shipped files."""
+    from ablations import results as R
+    from reports import findings
+
+    specs = {}
+    for name, backbones in (("study", ["transformer", "simba"]), ("zoo", ["simba", "mamba2"])):
+        specs[name] = tmp_path / f"{name}.yaml"
+        specs[name].write_text(yaml.safe_dump({"name": name, "base": BASE, "axes": {"model.backbone": backbones},
+                                               "seeds": [0, 1]}))
+    for k in list(findings.GRIDS):
+        monkeypatch.delitem(findings.GRIDS, k)
+    for name, spec in specs.items():
+        monkeypatch.setitem(findings.GRIDS, name, (str(spec), None))
+    page = R.run_results(tmp_path / "runs", tmp_path / "shipped", progress=False, cell_fn=fake_cell, workers=1)
+    ran = (tmp_path / "runs" / "zoo" / "calls.txt").read_text().split()
+    assert sorted(n.split("-")[0] for n in ran) == ["mamba2", "mamba2"]  # simba came from the study grid
+    for name in specs:
+        assert (tmp_path / "shipped" / name / "settings.json").is_file()
+        assert len(pd.read_csv(tmp_path / "shipped" / name / "results.csv")) == 4
+    assert page == tmp_path / "shipped" / "README.md" and "## Verdicts" in page.read_text()
+    with pytest.raises(ValueError, match="unknown grid"):
+        R.run_results(tmp_path / "runs", tmp_path / "shipped", only=["nope"], cell_fn=fake_cell)
