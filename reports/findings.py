@@ -411,6 +411,24 @@ def conditioning_route(g: Grid) -> list[Comparison]:
     return out
 
 
+def route_summary(g: Grid) -> list[str]:
+    """The zoo's conditioning finding in counted sentences (text information gain verdicts)."""
+    bbs = list(dict.fromkeys(g.results["backbone"]))
+    lower = [c.a.split()[0] for c in conditioning_route(g) if c.metric is GAIN and c.verdict == "worse"]
+    out = [f"- Prefix conditioning lowers the text information gain (vs the same backbone with cross-attention) "
+           f"for {len(lower)} of {len(bbs)} backbones" + (f": {', '.join(lower)}." if lower else ".")]
+    for cond in ("prefix", "cross"):
+        ref = arm(g.results, backbone="transformer", conditioning=cond)
+        if ref.empty:
+            continue
+        vs = {b: compare(b, arm(g.results, backbone=b, conditioning=cond), "transformer", ref, GAIN).verdict
+              for b in bbs if b != "transformer" and not arm(g.results, backbone=b, conditioning=cond).empty}
+        groups = {v: [b for b, x in vs.items() if x == v] for v in ("better", "no difference", "worse", "inconclusive")}
+        out.append(f"- With {cond} conditioning, text information gain against the Transformer: "
+                   + "; ".join(f"{v} {len(b)} ({', '.join(b)})" for v, b in groups.items() if b) + ".")
+    return out
+
+
 def two_stage_rows(g: Grid) -> list[Comparison]:
     out = []
     for bb in dict.fromkeys(g.results["backbone"]):
@@ -531,7 +549,7 @@ def _grid_line(name: str, g: Grid) -> str:
     spec, preset = GRIDS[name]
     st = g.settings
     n = len(g.results)
-    wall = st.get("wall_s")
+    wall = (st.get("run") or {}).get("wall_s")
     seeds = sorted({int(s) for s in g.results["seed"]}) if "seed" in g.results else []
     return (f"| [{name}]({name}/report.md) | `{spec}` {preset} | {n} | {len(seeds)} | "
             f"{fmt(float(g.results['train_time_s'].sum()) / 60) if 'train_time_s' in g.results else 'n/a'} | "
@@ -616,6 +634,7 @@ def build(results_dir: Path) -> Path:
         counts = verdict_counts(zoo)
         L += ["Verdicts against the Transformer, counted over backbones and metrics: " + "; ".join(
             f"{cond}: " + ", ".join(f"{v} {n}" for v, n in c.items()) for cond, c in counts.items()) + ".", ""]
+        L += route_summary(zoo) + [""]
         L += ["Prefix vs cross conditioning, per backbone:", ""] + comparison_table(conditioning_route(zoo)) + [""]
         L += [f"![{k}]({figs[k]})" for k in figs if k.startswith("zoo_")] + [""]
     tw = grids.get("two-stage")
