@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 KERNELS := $(VENV)/.kernels
 
-.PHONY: install kernels demo test bench clean
+.PHONY: install kernels demo test bench results clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -40,6 +40,11 @@ demo: install
 test: install kernels
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
+
+# the shipped results: rerun the CPU grids (runs/results, resumable), ship their small files to
+# reports/results/<grid>/ and rebuild the findings page reports/results/README.md
+results: install
+	$(BIN)/ttm-bench results
 
 bench: install
 	$(BIN)/ttm-bench bench --quick
