@@ -63,42 +63,180 @@ _DECAY_FLOOR = {torch.float32: math.log(torch.finfo(torch.float32).tiny) + 8.0,
                 torch.float64: math.log(torch.finfo(torch.float64).tiny) + 8.0}
 
 
-class _ChunkDiag(torch.autograd.Function):
-    """Within-chunk SSD output y = (CB * L) @ xdt with L[i, j] = exp(Acs[i] - Acs[j]) for
-    i >= j (0 above the diagonal), for every (batch, head, chunk).
+#: the largest spread of the cumulative log-decay within a chunk (its range, max - min) for which
+#: `_SSDScan` factorises the decays: its factors exp(+-spread / 2) and the products they scale
+#: stay far inside the dtype's range (exp(40) = 2e17 in float32, exp(300) = 2e130 in float64)
+_FACTOR_LIMIT = {torch.float32: 80.0, torch.float64: 600.0}
 
-    CB [..., 1, q, q] (shared by the hg heads of a group), Acs [..., hg, q],
-    xdt [..., hg, q, p] -> y [..., hg, q, p] (leading dims: batch, chunk, group in any order). With S = CB * L and gS = gy xdt^T:
-        d xdt = S^T gy,   d CB = sum_heads gS * L,
-        d Acs = rowsum(gS * S) - colsum(gS * S) = (gy * y).sum(p) - (xdt * d xdt).sum(p)
-    (the last identity: rowsum_i(gS * S) = gy_i . (S xdt)_i, colsum_j(gS * S) = xdt_j . (S^T gy)_j),
-    so the backward forms one [.., q, q] product (gS) instead of autograd's several.
-    """
+
+def _factorisable(spread: Tensor) -> bool:
+    """Whether `_SSDScan` factorises the within-chunk decays, given each chunk's spread of the
+    cumulative log-decay [b, c, 1, h]; never while torch.compile traces (no data-dependent branch)."""
+    if torch.compiler.is_compiling():
+        return False
+    return spread.amax().item() <= _FACTOR_LIMIT.get(spread.dtype, -1.0)
+
+
+def _pass_states(states: Tensor, decay: Tensor, initial: Tensor) -> tuple[Tensor, Tensor]:
+    """h_in(z + 1) = decay(z) h_in(z) + states(z) over the c chunks: states [b, c, g, n, hg, p],
+    decay [b, c, g, 1, hg, 1], initial [b, g, n, hg, p] -> (h_in(0 .. c-1) [b, c, g, n, hg, p],
+    the final state h_in(c) [b, g, n, hg, p])."""
+    c = states.shape[1]
+    hin = torch.empty_like(states)
+    hin[:, 0] = initial
+    for z in range(c - 1):  # written straight into hin (no copy per chunk)
+        torch.addcmul(states[:, z], hin[:, z], decay[:, z], out=hin[:, z + 1])
+    return hin, torch.addcmul(states[:, -1], hin[:, -1], decay[:, -1])
+
+
+def _pass_states_backward(gH: Tensor, gfinal: Tensor, decay: Tensor) -> tuple[Tensor, Tensor]:
+    """`_pass_states` backwards: d h_in(z) [b, c, g, n, hg, p] (z < c) -> (d states, d initial)."""
+    c = gH.shape[1]
+    gstates = torch.empty_like(gH)  # d states(z) = d h_in(z + 1)
+    gstates[:, -1] = gfinal
+    for z in range(c - 1, 0, -1):
+        torch.addcmul(gH[:, z], gstates[:, z], decay[:, z], out=gstates[:, z - 1])
+    return gstates, torch.addcmul(gH[:, 0], gstates[:, 0], decay[:, 0])
+
+
+class _SSDScan(torch.autograd.Function):
+    """The chunked SSD scan as one autograd Function, forward and backward written out: x [b, l, h, p],
+    dt [b, l, h], A [h], B, C [b, l, g, n], D [h] or None, initial state [b, h, p, n] or None
+    -> y [b, l, h, p], final state [b, h, p, n]. In the layout of the input, [b, c, q, h, p]
+    (heads of a group side by side, so the matmuls run over hg p columns), with Acs the
+    cumulative log-decay within each chunk:
+      1. within each chunk   y_i = sum_{j <= i} (C_i . B_j) exp(Acs_i - Acs_j) x_j dt_j
+      2. chunk-end states    B^T (x dt exp(Acs_last - Acs))
+      3. state passing       h_in(z + 1) = exp(Acs_last(z)) h_in(z) + states(z)  (c steps)
+      4. entering state      y_i += exp(Acs_i) C_i h_in,  and the skip  y_i += D x_i
+
+    Step 1 runs one of two ways, the same to float tolerance:
+      - factorised, when Acs spans at most _FACTOR_LIMIT in every chunk: exp(Acs_i - Acs_j) = exp(Acs_i - m) exp(m - Acs_j)
+        (m the middle of the chunk's range), so y = exp(Acs - m) * (tril(C B^T) @ (x dt exp(m - Acs)))
+        is one matmul per (batch, chunk, group) over all its heads, sharing C B^T, and no
+        [b, c, h, q, q] tensor exists (no factor over- or underflows within the limit);
+      - with the decay matrix L = exp(Acs_i - Acs_j) per head (any decays; those below the
+        smallest normal number are clamped there, exact to float tolerance), S = L * tril(C B^T).
+    Backward: by the chain rule, the decays' gradient in two reductions,
+    d Acs = (gy * y).sum(p) - (x dt * d(x dt)).sum(p), plus d h_in(z + 1) . h_in(z + 1) at each
+    chunk's last position (every exp(+-Acs) factor cancels into these)."""
 
     @staticmethod
-    def forward(ctx, CB: Tensor, Acs: Tensor, xdt: Tensor) -> Tensor:
-        Acs = Acs.contiguous()  # else L inherits a permuted layout and every matmul on it copies
-        with torch.autocast(Acs.device.type, enabled=False):  # the SSM's dtype (>= fp32), fwd and bwd alike
-            CB, xdt = CB.to(Acs.dtype), xdt.to(Acs.dtype).contiguous()  # one copy, reused by both matmuls
-            # the causal mask goes on CB (shared by the heads, hg times smaller than L); L's upper
-            # triangle is clamped to exp(0) instead of masked to exp(-inf) (exp is slower at -inf),
-            # and decays below the smallest normal number are clamped there (denormals are slow);
-            # both are exact to float tolerance: the decays clamped are < 1e-34 (float32)
-            L = (Acs[..., :, None] - Acs[..., None, :]).clamp_(_DECAY_FLOOR.get(Acs.dtype, -math.inf), 0.0).exp_()  # [..., hg, q, q]
-            S = L * CB.tril()
-            y = S @ xdt  # [..., hg, q, p]
-        ctx.save_for_backward(L, S, xdt, y)
-        return y
+    def forward(ctx, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                initial_state: Tensor | None, chunk_size: int) -> tuple[Tensor, Tensor]:
+        b, l, h, p = x.shape
+        g, n = B.shape[-2:]
+        hg = h // g
+        x, dt, B, C, q, c = _pad_to_chunks(x, dt, B, C, chunk_size)
+        xdt = (x * dt[..., None]).view(b, c, q, h, p)
+        Acs = (dt * A).view(b, c, q, h).cumsum(2)  # [b, c, q, h]
+        Bt = B.view(b, c, q, g, n).permute(0, 1, 3, 4, 2)  # [b, c, g, n, q]
+        Cg = C.view(b, c, q, g, n).transpose(2, 3)  # [b, c, g, q, n]
+        CB = (Cg @ Bt).tril_()  # [b, c, g, q, q]
+
+        # 2.-4. chunk-end states, passed across chunks, entering each chunk's outputs
+        last = Acs[:, :, -1:]  # [b, c, 1, h]
+        xw = xdt * torch.exp(last - Acs)[..., None]  # [b, c, q, h, p]
+        states = (Bt @ _grouped(xw, g)).view(b, c, g, n, hg, p)
+        decay = torch.exp(last).view(b, c, g, 1, hg, 1)
+        if initial_state is None:
+            h0 = x.new_zeros(b, g, n, hg, p)
+        else:
+            h0 = initial_state.to(x.dtype).view(b, g, hg, p, n).permute(0, 1, 4, 2, 3)  # [b, g, n, hg, p]
+        hin, final = _pass_states(states, decay, h0)  # [b, c, g, n, hg, p], [b, g, n, hg, p]
+        E = torch.exp(Acs)[..., None]  # [b, c, q, h, 1]
+        y = _ungrouped(Cg @ hin.view(b, c, g, n, hg * p), h).mul_(E)  # [b, c, q, h, p]
+
+        # 1. within each chunk
+        lo, hi = Acs.amin(2, keepdim=True), Acs.amax(2, keepdim=True)  # [b, c, 1, h]
+        factor = _factorisable(hi - lo)
+        if factor:
+            m = (lo + hi) / 2
+            eo, ei = torch.exp(Acs - m)[..., None], torch.exp(m - Acs)[..., None]
+            u = xdt * ei  # [b, c, q, h, p]
+            y.addcmul_(_ungrouped(CB @ _grouped(u, g), h), eo)
+            saved = (eo, ei, u)
+        else:
+            # the causal mask is on CB (shared by the hg heads); L's upper triangle is exp(0) (exp is
+            # slower at -inf) and decays below the smallest normal number are clamped there
+            Ah = Acs.view(b, c, q, g, hg).permute(0, 1, 3, 4, 2).contiguous()  # [b, c, g, hg, q]
+            xh = xdt.view(b, c, q, g, hg, p).permute(0, 1, 3, 4, 2, 5).contiguous()  # [b, c, g, hg, q, p]
+            L = (Ah[..., :, None] - Ah[..., None, :]).clamp_(_DECAY_FLOOR.get(x.dtype, -math.inf), 0.0).exp_()
+            S = L * CB[:, :, :, None]  # [b, c, g, hg, q, q]
+            y += (S @ xh).permute(0, 1, 4, 2, 3, 5).reshape(b, c, q, h, p)
+            saved = (xh, L, S)
+        y = y.view(b, c * q, h, p)  # kept without the skip for the backward (d Acs, no cancellation)
+        out = y if D is None else y.addcmul(x, D[:, None])
+        ctx.save_for_backward(x, dt, A, Bt, Cg, CB, D, Acs, xdt, xw, hin, final, y, *saved)
+        ctx.shape = (b, l, h, p, g, n, q, c, initial_state is not None, factor)
+        return out[:, :l], final.permute(0, 1, 3, 4, 2).reshape(b, h, p, n)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, gy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        L, S, xdt, y = ctx.saved_tensors
-        gy = gy.to(S.dtype).contiguous()  # a permuted view of y's gradient: one copy, not one per matmul
-        gxdt = S.transpose(-1, -2) @ gy  # [..., hg, q, p]
-        gCB = (gy @ xdt.transpose(-1, -2)).mul_(L).sum(-3, keepdim=True).tril_()  # [..., 1, q, q]
-        gAcs = (gy * y).sum(-1) - (xdt * gxdt).sum(-1)  # [..., hg, q]
-        return gCB, gAcs, gxdt
+    def backward(ctx, gy: Tensor, gfinal: Tensor):
+        x, dt, A, Bt, Cg, CB, D, Acs, xdt, xw, hin, final, y, *saved = ctx.saved_tensors
+        b, l, h, p, g, n, q, c, has_init, factor = ctx.shape
+        hg = h // g
+        gy = gy.to(x.dtype)
+        if c * q != l:
+            gy = F.pad(gy, (0, 0, 0, 0, 0, c * q - l))
+        gy = gy.contiguous().view(b, c, q, h, p)
+
+        # 4.-2.: y += exp(Acs) C h_in, h_in passed across chunks, states = B^T xw
+        gZ = _grouped(gy * torch.exp(Acs)[..., None], g)  # [b, c, g, q, hg p]
+        gH = (Cg.transpose(-1, -2) @ gZ).view(b, c, g, n, hg, p)
+        gC = gZ @ hin.view(b, c, g, n, hg * p).transpose(-1, -2)  # [b, c, g, q, n]
+        gfinal = gfinal.to(x.dtype).view(b, g, hg, p, n).permute(0, 1, 4, 2, 3)  # [b, g, n, hg, p]
+        gstates, ginit = _pass_states_backward(gH, gfinal, torch.exp(Acs[:, :, -1:]).view(b, c, g, 1, hg, 1))
+        gend = torch.empty(b, c, g, hg, dtype=x.dtype, device=x.device)  # d Acs_last through decay and xw:
+        gend[:, :-1] = (gstates[:, :-1] * hin[:, 1:]).sum((3, 5))  # d h_in(z + 1) . h_in(z + 1)
+        gend[:, -1] = (gstates[:, -1] * final).sum((2, 4))
+        gs = gstates.view(b, c, g, n, hg * p)
+        gBt = gs @ _grouped(xw, g).transpose(-1, -2)  # [b, c, g, n, q]
+        gxdt = _ungrouped(Bt.transpose(-1, -2) @ gs, h).mul_(torch.exp(Acs[:, :, -1:] - Acs)[..., None])
+
+        # 1. within each chunk
+        if factor:
+            eo, ei, u = saved
+            gin = _grouped(gy * eo, g)  # [b, c, g, q, hg p]
+            gCB = (gin @ _grouped(u, g).transpose(-1, -2)).tril_()  # [b, c, g, q, q]
+            gxdt.addcmul_(_ungrouped(CB.transpose(-1, -2) @ gin, h), ei)
+        else:
+            xh, L, S = saved
+            gyh = gy.view(b, c, q, g, hg, p).permute(0, 1, 3, 4, 2, 5).contiguous()  # [b, c, g, hg, q, p]
+            gCB = (gyh @ xh.transpose(-1, -2)).mul_(L).sum(3).tril_()  # [b, c, g, q, q]
+            gxdt += (S.transpose(-1, -2) @ gyh).permute(0, 1, 4, 2, 3, 5).reshape(b, c, q, h, p)
+        gC += gCB @ Bt.transpose(-1, -2)
+        gBt += Cg.transpose(-1, -2) @ gCB
+
+        # the decays, then x dt = x * dt and Acs = cumsum(dt * A)
+        gAcs = (gy * y.view(b, c, q, h, p)).sum(-1) - (xdt * gxdt).sum(-1)  # [b, c, q, h]
+        gAcs[:, :, -1] += gend.view(b, c, h)
+        gdA = gAcs.flip(2).cumsum(2).flip(2).view(b, c * q, h)  # reverse cumsum within each chunk
+        gxdt, gy = gxdt.view(b, c * q, h, p), gy.view(b, c * q, h, p)
+        gdt = gdA * A + (gxdt * x).sum(-1)
+        gA = (gdA * dt).sum((0, 1))
+        gx = gxdt * dt[..., None]
+        gD = None
+        if D is not None:
+            gx.addcmul_(gy, D[:, None])
+            gD = (gy * x).sum((0, 1, 3))
+        gB = gBt.permute(0, 1, 4, 2, 3).reshape(b, c * q, g, n)
+        gC = gC.transpose(2, 3).reshape(b, c * q, g, n)
+        ginit = ginit.permute(0, 1, 3, 4, 2).reshape(b, h, p, n) if has_init else None
+        return gx[:, :l], gdt[:, :l], gA, gB[:, :l], gC[:, :l], gD, ginit, None
+
+
+def _grouped(t: Tensor, g: int) -> Tensor:
+    """[b, c, q, h, p] -> [b, c, g, q, hg p] (a view; contiguous for one group)."""
+    b, c, q, h, p = t.shape
+    return t.view(b, c, q, g, h // g * p).transpose(2, 3)
+
+
+def _ungrouped(t: Tensor, h: int) -> Tensor:
+    """[b, c, g, q, hg p] -> [b, c, q, h, p] (a view for one group, else a copy)."""
+    b, c, g, q, hgp = t.shape
+    return t.transpose(2, 3).reshape(b, c, q, h, hgp // (h // g))
 
 
 def _pad_to_chunks(x: Tensor, dt: Tensor, B: Tensor, C: Tensor, chunk_size: int):
@@ -116,56 +254,8 @@ def _ssd_fused(
     x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, D: Tensor | None,
     initial_state: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
-    """`ssd_chunked(fused=True)`: the same four steps in the layout of the input, [b, c, q, h, p],
-    so that every matmul contracts over long dims and no [b, h, c, q, q] gradient product
-    other than `_ChunkDiag`'s one is formed:
-      - chunk states  B^T (x dt w) as [n, q] @ [q, hg p] per (batch, chunk, group)
-        (its gradient w.r.t. B contracts over hg p, not p alone, and needs no head sum);
-      - state passing as a recurrence over the c chunks (c is small: l / q);
-      - C h_in as [q, n] @ [n, hg p] per (batch, chunk, group).
-    """
-    b, l, h, p = x.shape
-    g, n = B.shape[-2:]
-    hg = h // g
-    x0 = x
-    x, dt, B, C, q, c = _pad_to_chunks(x, dt, B, C, chunk_size)
-    Acs = (dt * A).view(b, c, q, h).cumsum(2)  # [b, c, q, h]
-    xdt = (x * dt[..., None]).view(b, c, q, h, p)  # [b, c, q, h, p]
-    Bt = B.view(b, c, q, g, n).permute(0, 1, 3, 4, 2)  # [b, c, g, n, q]
-    Cg = C.view(b, c, q, g, n).permute(0, 1, 3, 2, 4)  # [b, c, g, q, n]
-
-    # 1. within each chunk (heads of a group share C B^T)
-    CB = (Cg @ Bt)[:, :, :, None]  # [b, c, g, 1, q, q]
-    Ah = Acs.view(b, c, q, g, hg).permute(0, 1, 3, 4, 2)  # [b, c, g, hg, q]
-    xh = xdt.view(b, c, q, g, hg, p).permute(0, 1, 3, 4, 2, 5)  # [b, c, g, hg, q, p]
-    y = _ChunkDiag.apply(CB, Ah, xh)  # [b, c, g, hg, q, p]
-
-    # 2. the state each chunk leaves behind, starting from zero: [b, c, g, n, hg p]
-    to_end = torch.exp(Acs[:, :, -1:] - Acs)  # [b, c, q, h]
-    xw = (xdt * to_end[..., None]).view(b, c, q, g, hg * p).transpose(2, 3)  # [b, c, g, q, hg p]
-    states = Bt @ xw  # [b, c, g, n, hg p]
-
-    # 3. pass states across chunks: h_in(z + 1) = exp(sum of dA over chunk z) h_in(z) + states(z)
-    chunk_decay = torch.exp(Acs[:, :, -1]).view(b, c, g, 1, hg, 1)  # [b, c, g, 1, hg, 1]
-    states = states.view(b, c, g, n, hg, p)
-    if initial_state is None:
-        hin = x.new_zeros(b, g, n, hg, p)
-    else:
-        hin = initial_state.to(x.dtype).view(b, g, hg, p, n).permute(0, 1, 4, 2, 3)  # [b, g, n, hg, p]
-    entering = []
-    # unbind, not states[:, z]: the backward of c selects would zero-fill c full-size gradients
-    for dz, sz in zip(chunk_decay.unbind(1), states.unbind(1), strict=True):
-        entering.append(hin)
-        hin = torch.addcmul(sz, hin, dz)  # hin * decay + state
-    final = hin.permute(0, 1, 3, 4, 2).reshape(b, h, p, n)  # [b, h, p, n]
-    H = torch.stack(entering, 1).view(b, c, g, n, hg * p)  # [b, c, g, n, hg p]
-
-    # 4. contribution of the entering state: C_t h_in * decay(start -> t)
-    y_off = (Cg @ H).view(b, c, g, q, hg, p) * torch.exp(Ah).transpose(-1, -2)[..., None]  # [b, c, g, q, hg, p]
-    y = (y.permute(0, 1, 4, 2, 3, 5) + y_off.transpose(2, 3)).reshape(b, c * q, h, p)[:, :l]  # [b, l, h, p]
-    if D is not None:
-        y = y + x0 * D[:, None]
-    return y, final
+    """`ssd_chunked(fused=True)`."""
+    return _SSDScan.apply(x, dt, A, B, C, D, initial_state, chunk_size)
 
 
 def ssd_chunked(
@@ -187,10 +277,10 @@ def ssd_chunked(
     multiple of the chunk is zero-padded: dt = 0 there, so padding neither decays nor
     feeds the state.
 
-    `fused=True` runs the within-chunk quadratic form as one autograd Function (`_ChunkDiag`:
-    in-place mask/exp, a hand-written backward that never forms the [b, h, c, q, q]
-    gradient products autograd would); `fused=False` is the plain-autograd reference
-    (tests check that both agree, forward and backward).
+    `fused=True` runs the whole scan as one autograd Function (`_SSDScan`: in-place mask/exp,
+    a hand-written backward with no graph of small ops and no [b, h, c, q, q] gradient products
+    beyond one); `fused=False` is the plain-autograd reference (tests check that both agree,
+    forward and backward).
     """
     if fused:
         return _ssd_fused(x, dt, A, B, C, chunk_size, D, initial_state)

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from backbones import mamba2
 from backbones.mamba2 import Mamba2Mixer, causal_conv_silu, pure_chunk_size, ssd_chunked
 
 
@@ -40,13 +41,42 @@ def _ssd_fwd_bwd(ins, chunk, fused, with_state):
     ],
 )
 @pytest.mark.parametrize("with_state", [True, False])
-def test_fused_ssd_equals_reference_fwd_bwd(shape, chunk, dtype, tol, with_state):
+@pytest.mark.parametrize("factorised", [True, False])
+def test_fused_ssd_equals_reference_fwd_bwd(shape, chunk, dtype, tol, with_state, factorised, monkeypatch):
+    """Both ways of the fused scan's within-chunk part (forced here; chosen by the decays' spread)."""
+    monkeypatch.setattr(mamba2, "_factorisable", lambda spread: factorised)
     ins = _ssd_inputs(*shape, dtype)
     fast = _ssd_fwd_bwd(ins, chunk, True, with_state)
     ref = _ssd_fwd_bwd(ins, chunk, False, with_state)
     for name, a, r in zip(["y", "final", "dx", "ddt", "dA", "dB", "dC", "dD", "dh0"], fast, ref, strict=False):
         scale = max(1.0, r.abs().max().item())
         assert (a - r).abs().max().item() <= tol * scale, name
+
+
+@pytest.mark.parametrize("factorised", [True, False])
+def test_fused_ssd_float32_grads_equal_reference(factorised, monkeypatch):
+    """`_SSDScan` at float32 against the autograd reference: output, final state and the gradients
+    of every input (x, dt, A, B, C, D, initial state), a length not a multiple of the chunk."""
+    monkeypatch.setattr(mamba2, "_factorisable", lambda spread: factorised)
+    ins = _ssd_inputs(2, 45, 4, 4, 2, 6, torch.float32, seed=1)
+    with torch.no_grad():
+        ins[1].mul_(0.3)  # decays of the size a model starts with: values and gradients of order 1
+    fast = _ssd_fwd_bwd(ins, 16, True, True)
+    ref = _ssd_fwd_bwd(ins, 16, False, True)
+    for name, a, r in zip(["y", "final", "dx", "ddt", "dA", "dB", "dC", "dD", "dh0"], fast, ref, strict=True):
+        torch.testing.assert_close(a, r, atol=1e-5 * max(1.0, r.abs().max().item()), rtol=1e-5, msg=name)
+
+
+def test_fused_ssd_factorises_only_decays_within_range(monkeypatch):
+    """The factorised way runs for a chunk spread within _FACTOR_LIMIT, else the decay matrix."""
+    seen = []
+    monkeypatch.setattr(mamba2, "_factorisable", lambda spread, f=mamba2._factorisable: seen.append(f(spread)) or seen[-1])
+    ins = _ssd_inputs(2, 40, 4, 3, 1, 5, torch.float32, seed=3)
+    _ssd_fwd_bwd(ins, 16, True, True)
+    with torch.no_grad():
+        ins[1].mul_(50.0)  # dt * A down to about -1000 per step
+    _ssd_fwd_bwd(ins, 16, True, True)
+    assert seen == [True, False]
 
 
 def test_mamba2_mixer_fused_equals_reference_grads():
