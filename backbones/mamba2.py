@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 from torch.utils.flop_counter import FlopCounterMode
 
 from backbones.base import Backbone, Mixer, State, register
@@ -71,8 +71,9 @@ _FACTOR_LIMIT = {torch.float32: 80.0, torch.float64: 600.0}
 
 def _factorisable(spread: Tensor) -> bool:
     """Whether `_SSDScan` factorises the within-chunk decays, given each chunk's spread of the
-    cumulative log-decay [b, c, 1, h]; never while torch.compile traces (no data-dependent branch)."""
-    if torch.compiler.is_compiling():
+    cumulative log-decay [b, c, 1, h]; never without data (torch.compile tracing: no data-dependent
+    branch; fake or meta tensors: FLOP counting, where both ways run the same matmuls)."""
+    if torch.compiler.is_compiling() or is_fake(spread) or spread.is_meta:
         return False
     return spread.amax().item() <= _FACTOR_LIMIT.get(spread.dtype, -1.0)
 
