@@ -64,9 +64,9 @@ _DECAY_FLOOR = {torch.float32: math.log(torch.finfo(torch.float32).tiny) + 8.0,
 
 
 #: the largest spread of the cumulative log-decay within a chunk (its range, max - min) for which
-#: `_SSDScan` factorises the decays: its factors exp(+-spread / 2) and the products they scale
-#: stay far inside the dtype's range (exp(40) = 2e17 in float32, exp(300) = 2e130 in float64)
-_FACTOR_LIMIT = {torch.float32: 80.0, torch.float64: 600.0}
+#: `_SSDScan` factorises the decays: its factors exp(+-spread / 2) are normal numbers, and values
+#: up to 1e12 times them stay finite (exp(60) = 1e26 in float32, exp(300) = 2e130 in float64)
+_FACTOR_LIMIT = {torch.float32: 120.0, torch.float64: 600.0}
 
 
 def _factorisable(spread: Tensor) -> bool:

@@ -67,14 +67,27 @@ def test_fused_ssd_float32_grads_equal_reference(factorised, monkeypatch):
         torch.testing.assert_close(a, r, atol=1e-5 * max(1.0, r.abs().max().item()), rtol=1e-5, msg=name)
 
 
-def test_fused_ssd_factorises_only_decays_within_range(monkeypatch):
-    """The factorised way runs for a chunk spread within _FACTOR_LIMIT, else the decay matrix."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_ssd_factorises_only_decays_within_range(dtype, monkeypatch):
+    """The factorised way runs for a chunk spread up to _FACTOR_LIMIT, and equals the reference
+    there (the spread scaled to just below the limit); past it, the decay matrix runs."""
     seen = []
     monkeypatch.setattr(mamba2, "_factorisable", lambda spread, f=mamba2._factorisable: seen.append(f(spread)) or seen[-1])
-    ins = _ssd_inputs(2, 40, 4, 3, 1, 5, torch.float32, seed=3)
-    _ssd_fwd_bwd(ins, 16, True, True)
+    ins = _ssd_inputs(2, 40, 4, 3, 1, 5, dtype, seed=3)
+    x, dt, A = ins[:3]
+    dA = torch.nn.functional.pad(dt * A, (0, 0, 0, 8)).view(2, 3, 16, 4)  # [b, c, q, h]
+    spread = dA[:, :, 1:].sum(2).abs().max()  # the cumsum decreases: max - min = Acs_0 - Acs_last
     with torch.no_grad():
-        ins[1].mul_(50.0)  # dt * A down to about -1000 per step
+        dt.mul_(0.95 * mamba2._FACTOR_LIMIT[dtype] / spread)
+    fast = _ssd_fwd_bwd(ins, 16, True, True)
+    ref = _ssd_fwd_bwd(ins, 16, False, True)
+    assert seen == [True]
+    tol = 1e-10 if dtype == torch.float64 else 2e-4
+    for name, a, r in zip(["y", "final", "dx", "ddt", "dA", "dB", "dC", "dD", "dh0"], fast, ref, strict=True):
+        assert torch.isfinite(a).all(), name
+        assert (a - r).abs().max().item() <= tol * max(1.0, r.abs().max().item()), name
+    with torch.no_grad():
+        dt.mul_(1.1)
     _ssd_fwd_bwd(ins, 16, True, True)
     assert seen == [True, False]
 
