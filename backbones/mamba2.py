@@ -21,8 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
+from torch.autograd.function import once_differentiable
 from torch.utils.flop_counter import FlopCounterMode
 
 from backbones.base import Backbone, Mixer, State, register
@@ -112,10 +112,11 @@ class _SSDScan(torch.autograd.Function):
       4. entering state      y_i += exp(Acs_i) C_i h_in,  and the skip  y_i += D x_i
 
     Step 1 runs one of two ways, the same to float tolerance:
-      - factorised, when Acs spans at most _FACTOR_LIMIT in every chunk: exp(Acs_i - Acs_j) = exp(Acs_i - m) exp(m - Acs_j)
-        (m the middle of the chunk's range), so y = exp(Acs - m) * (tril(C B^T) @ (x dt exp(m - Acs)))
-        is one matmul per (batch, chunk, group) over all its heads, sharing C B^T, and no
-        [b, c, h, q, q] tensor exists (no factor over- or underflows within the limit);
+      - factorised, when Acs spans at most _FACTOR_LIMIT in every chunk:
+        exp(Acs_i - Acs_j) = exp(Acs_i - m) exp(m - Acs_j) (m the middle of the chunk's range), so
+        y = exp(Acs - m) * (tril(C B^T) @ (x dt exp(m - Acs))) is one matmul per (batch, chunk,
+        group) over all its heads, sharing C B^T, and no [b, c, h, q, q] tensor exists (no factor
+        over- or underflows within the limit);
       - with the decay matrix L = exp(Acs_i - Acs_j) per head (any decays; those below the
         smallest normal number are clamped there, exact to float tolerance), S = L * tril(C B^T).
     Backward: by the chain rule, the decays' gradient in two reductions,
@@ -167,10 +168,11 @@ class _SSDScan(torch.autograd.Function):
             y += (S @ xh).permute(0, 1, 4, 2, 3, 5).reshape(b, c, q, h, p)
             saved = (xh, L, S)
         y = y.view(b, c * q, h, p)  # kept without the skip for the backward (d Acs, no cancellation)
-        out = y if D is None else y.addcmul(x, D[:, None])
+        # contiguous (no copy after), the skip added here: its gradients are two terms of the backward
+        out = y[:, :l] if D is None else torch.addcmul(y[:, :l], x[:, :l], D[:, None])
         ctx.save_for_backward(x, dt, A, Bt, Cg, CB, D, Acs, xdt, xw, hin, final, y, *saved)
         ctx.shape = (b, l, h, p, g, n, q, c, initial_state is not None, factor)
-        return out[:, :l], final.permute(0, 1, 3, 4, 2).reshape(b, h, p, n)
+        return out, final.permute(0, 1, 3, 4, 2).reshape(b, h, p, n)
 
     @staticmethod
     @once_differentiable
@@ -407,8 +409,37 @@ def causal_conv_silu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- mixer
 
 
+class _GatedRMSNormFn(torch.autograd.Function):
+    """rmsnorm(y * silu(z)) * weight per group of gs channels, forward and backward written out:
+    y, z [..., G, gs], weight [G, gs] -> [..., G, gs]. With u = y silu(z), r = rsqrt(mean(u^2) + eps)
+    and n = u r (per group): d u = r (gn - n mean(gn n)), gn = g * weight; d weight = sum g n."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, z: Tensor, weight: Tensor, eps: float) -> Tensor:
+        s = F.silu(z)
+        u = y * s
+        uf = u.to(torch.promote_types(u.dtype, torch.float32))  # the mean square in at least float32
+        r = torch.rsqrt(uf.square().mean(-1, keepdim=True).add_(eps))  # [..., G, 1]
+        n = (u * r).to(u.dtype)
+        ctx.save_for_backward(y, z, s, n, r, weight)
+        return n * weight
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
+        y, z, s, n, r, weight = ctx.saved_tensors
+        gw = (g * n).sum(tuple(range(g.dim() - 2)))  # [G, gs]
+        gn = g * weight
+        gu = gn.addcmul_(n, (gn * n).mean(-1, keepdim=True), value=-1.0).mul_(r.to(gn.dtype))
+        gy = gu * s
+        gz = torch.ops.aten.silu_backward(gu.mul_(y), z)
+        return gy, gz, gw, None
+
+
 class GatedRMSNorm(nn.Module):
     """rmsnorm(y * silu(z)) over groups of `group_size` channels (mamba_ssm's norm_before_gate=False)."""
+
+    fused = True  # `_GatedRMSNormFn`; False runs `reference` (F.rms_norm and autograd)
 
     def __init__(self, d: int, group_size: int, eps: float = 1e-5):
         super().__init__()
@@ -416,6 +447,14 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, y: Tensor, z: Tensor) -> Tensor:
+        if not self.fused:
+            return self.reference(y, z)
+        shape, gs = y.shape, self.group_size
+        out = _GatedRMSNormFn.apply(y.reshape(*shape[:-1], -1, gs), z.reshape(*shape[:-1], -1, gs),
+                                    self.weight.view(-1, gs), self.eps)
+        return out.reshape(shape)
+
+    def reference(self, y: Tensor, z: Tensor) -> Tensor:
         y = y * F.silu(z)
         if self.group_size == y.shape[-1]:  # one group: the weight goes into rms_norm (one pass less)
             return F.rms_norm(y, (self.group_size,), self.weight, eps=self.eps)

@@ -72,9 +72,10 @@ def test_fused_ssd_factorises_only_decays_within_range(dtype, monkeypatch):
     """The factorised way runs for a chunk spread up to _FACTOR_LIMIT, and equals the reference
     there (the spread scaled to just below the limit); past it, the decay matrix runs."""
     seen = []
-    monkeypatch.setattr(mamba2, "_factorisable", lambda spread, f=mamba2._factorisable: seen.append(f(spread)) or seen[-1])
+    decide = mamba2._factorisable
+    monkeypatch.setattr(mamba2, "_factorisable", lambda spread: seen.append(decide(spread)) or seen[-1])
     ins = _ssd_inputs(2, 40, 4, 3, 1, 5, dtype, seed=3)
-    x, dt, A = ins[:3]
+    dt, A = ins[1:3]
     dA = torch.nn.functional.pad(dt * A, (0, 0, 0, 8)).view(2, 3, 16, 4)  # [b, c, q, h]
     spread = dA[:, :, 1:].sum(2).abs().max()  # the cumsum decreases: max - min = Acs_0 - Acs_last
     with torch.no_grad():
@@ -123,6 +124,27 @@ def test_fused_ssd_with_decays_past_the_dtype_range_equals_reference(dtype, tol)
         if name in ("ddt", "dA") and dtype == torch.float32:
             continue
         assert (a - r).abs().max().item() <= tol * max(1.0, r.abs().max().item()), name
+
+
+@pytest.mark.parametrize("group_size", [12, 4])
+def test_gated_rmsnorm_fused_equals_reference_fwd_bwd(group_size):
+    """`_GatedRMSNormFn` against GatedRMSNorm.reference (F.rms_norm and autograd): output and the
+    gradients of y, z and the weight, one group and three."""
+    from backbones.mamba2 import GatedRMSNorm
+
+    torch.manual_seed(0)
+    norm = GatedRMSNorm(12, group_size).double()
+    with torch.no_grad():
+        norm.weight.normal_()
+    y, z = (torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    gout = torch.randn(3, 5, 12, dtype=torch.float64)
+    outs = []
+    for fused in (True, False):
+        norm.fused = fused
+        out = norm(y, z)
+        outs.append([out, *torch.autograd.grad(out, (y, z, norm.weight), gout)])
+    for name, a, r in zip(["out", "dy", "dz", "dweight"], *outs, strict=True):
+        assert (a - r).abs().max() < 1e-12, name
 
 
 def test_gated_rmsnorm_one_group_equals_grouped_form_fwd_bwd():
