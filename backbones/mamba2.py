@@ -64,18 +64,47 @@ _DECAY_FLOOR = {torch.float32: math.log(torch.finfo(torch.float32).tiny) + 8.0,
 
 
 #: the largest spread of the cumulative log-decay within a chunk (its range, max - min) for which
-#: `_SSDScan` factorises the decays: its factors exp(+-spread / 2) are normal numbers, and values
-#: up to 1e12 times them stay finite (exp(60) = 1e26 in float32, exp(300) = 2e130 in float64)
-_FACTOR_LIMIT = {torch.float32: 120.0, torch.float64: 600.0}
+#: `_SSDScan` factorises the decays: its factors exp(+-spread / 2) = exp(+-60) are normal float32
+#: numbers and values up to 1e12 times them stay finite; float64 keeps the same limit (at spreads
+#: of several hundred, dA's gradient, a sum of differences of large terms, drifts by ~1e-9)
+_FACTOR_LIMIT = {torch.float32: 120.0, torch.float64: 120.0}
 
 
-def _factorisable(spread: Tensor) -> bool:
-    """Whether `_SSDScan` factorises the within-chunk decays, given each chunk's spread of the
-    cumulative log-decay [b, c, 1, h]; never without data (torch.compile tracing: no data-dependent
-    branch; fake or meta tensors: FLOP counting, where both ways run the same matmuls)."""
+def _chunk_ways(spread: Tensor) -> bool | Tensor:
+    """How `_SSDScan` runs each chunk's within-chunk part, from the spread of its cumulative
+    log-decay [b, c, 1, h]: True (all factorised), False (all with the decay matrix) or a [b c]
+    bool mask (True: factorised). A mix runs when at least 3/4 of the chunks factorise (the rest
+    then run both ways; with more of them, the decay matrix alone is faster). Never factorised
+    without data (torch.compile tracing: no data-dependent branch; fake or meta tensors: FLOP
+    counting, where both ways run the same matmuls)."""
     if torch.compiler.is_compiling() or is_fake(spread) or spread.is_meta:
         return False
-    return spread.amax().item() <= _FACTOR_LIMIT.get(spread.dtype, -1.0)
+    ok = (spread <= _FACTOR_LIMIT.get(spread.dtype, -1.0)).all(-1).flatten()  # [b c]
+    n = int(ok.sum())
+    return True if n == ok.numel() else (False if 4 * n < 3 * ok.numel() else ok)
+
+
+def _diag_by_matrix(CB: Tensor, Acs: Tensor, xdt: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+    """Within-chunk outputs with the decay matrix L = exp(Acs_i - Acs_j) per head, any decays:
+    CB [N, g, q, q] (causal), Acs [N, q, h], xdt [N, q, h, p] -> y [N, q, h, p], and (xh, L, S) for
+    the backward. L's upper triangle is exp(0) (exp is slower at -inf; CB masks it) and decays
+    below the smallest normal number are clamped there (denormals are slow): exact to float tolerance."""
+    N, q, h, p = xdt.shape
+    g = CB.shape[1]
+    Ah = Acs.view(N, q, g, h // g).permute(0, 2, 3, 1).contiguous()  # [N, g, hg, q]
+    xh = xdt.view(N, q, g, h // g, p).permute(0, 2, 3, 1, 4).contiguous()  # [N, g, hg, q, p]
+    L = (Ah[..., :, None] - Ah[..., None, :]).clamp_(_DECAY_FLOOR.get(xdt.dtype, -math.inf), 0.0).exp_()
+    S = L * CB[:, :, None]  # [N, g, hg, q, q]
+    return (S @ xh).permute(0, 3, 1, 2, 4).reshape(N, q, h, p), (xh, L, S)
+
+
+def _diag_by_matrix_backward(saved: tuple[Tensor, ...], gy: Tensor) -> tuple[Tensor, Tensor]:
+    """`_diag_by_matrix` backwards: gy [N, q, h, p] -> (d CB [N, g, q, q], d xdt [N, q, h, p])."""
+    xh, L, S = saved
+    N, g, hg, q, p = xh.shape
+    gyh = gy.reshape(N, q, g, hg, p).permute(0, 2, 3, 1, 4).contiguous()  # [N, g, hg, q, p]
+    gCB = (gyh @ xh.transpose(-1, -2)).mul_(L).sum(2).tril_()  # one [.., q, q] product, summed over heads
+    return gCB, (S.transpose(-1, -2) @ gyh).permute(0, 3, 1, 2, 4).reshape(N, q, g * hg, p)
 
 
 def _pass_states(states: Tensor, decay: Tensor, initial: Tensor) -> tuple[Tensor, Tensor]:
@@ -111,14 +140,13 @@ class _SSDScan(torch.autograd.Function):
       3. state passing       h_in(z + 1) = exp(Acs_last(z)) h_in(z) + states(z)  (c steps)
       4. entering state      y_i += exp(Acs_i) C_i h_in,  and the skip  y_i += D x_i
 
-    Step 1 runs one of two ways, the same to float tolerance:
-      - factorised, when Acs spans at most _FACTOR_LIMIT in every chunk:
+    Step 1 runs one of two ways per chunk, the same to float tolerance:
+      - factorised, when Acs spans at most _FACTOR_LIMIT in the chunk:
         exp(Acs_i - Acs_j) = exp(Acs_i - m) exp(m - Acs_j) (m the middle of the chunk's range), so
         y = exp(Acs - m) * (tril(C B^T) @ (x dt exp(m - Acs))) is one matmul per (batch, chunk,
         group) over all its heads, sharing C B^T, and no [b, c, h, q, q] tensor exists (no factor
         over- or underflows within the limit);
-      - with the decay matrix L = exp(Acs_i - Acs_j) per head (any decays; those below the
-        smallest normal number are clamped there, exact to float tolerance), S = L * tril(C B^T).
+      - else with the decay matrix L = exp(Acs_i - Acs_j) per head (`_diag_by_matrix`, any decays).
     Backward: by the chain rule, the decays' gradient in two reductions,
     d Acs = (gy * y).sum(p) - (x dt * d(x dt)).sum(p), plus d h_in(z + 1) . h_in(z + 1) at each
     chunk's last position (every exp(+-Acs) factor cancels into these)."""
@@ -149,36 +177,38 @@ class _SSDScan(torch.autograd.Function):
         E = torch.exp(Acs)[..., None]  # [b, c, q, h, 1]
         y = _ungrouped(Cg @ hin.view(b, c, g, n, hg * p), h).mul_(E)  # [b, c, q, h, p]
 
-        # 1. within each chunk
+        # 1. within each chunk: factorised where the decays allow, else with the decay matrix
         lo, hi = Acs.amin(2, keepdim=True), Acs.amax(2, keepdim=True)  # [b, c, 1, h]
-        factor = _factorisable(hi - lo)
-        if factor:
-            m = (lo + hi) / 2
-            eo, ei = torch.exp(Acs - m)[..., None], torch.exp(m - Acs)[..., None]
-            u = xdt * ei  # [b, c, q, h, p]
-            y.addcmul_(_ungrouped(CB @ _grouped(u, g), h), eo)
-            saved = (eo, ei, u)
+        way, N = _chunk_ways(hi - lo), b * c
+        if way is False:
+            yd, saved = _diag_by_matrix(CB.view(N, g, q, q), Acs.view(N, q, h), xdt.view(N, q, h, p))
+            y += yd.view(b, c, q, h, p)
         else:
-            # the causal mask is on CB (shared by the hg heads); L's upper triangle is exp(0) (exp is
-            # slower at -inf) and decays below the smallest normal number are clamped there
-            Ah = Acs.view(b, c, q, g, hg).permute(0, 1, 3, 4, 2).contiguous()  # [b, c, g, hg, q]
-            xh = xdt.view(b, c, q, g, hg, p).permute(0, 1, 3, 4, 2, 5).contiguous()  # [b, c, g, hg, q, p]
-            L = (Ah[..., :, None] - Ah[..., None, :]).clamp_(_DECAY_FLOOR.get(x.dtype, -math.inf), 0.0).exp_()
-            S = L * CB[:, :, :, None]  # [b, c, g, hg, q, q]
-            y += (S @ xh).permute(0, 1, 4, 2, 3, 5).reshape(b, c, q, h, p)
-            saved = (xh, L, S)
+            half = _FACTOR_LIMIT[x.dtype] / 2
+            rel = (Acs - (lo + hi) / 2).clamp_(-half, half)  # exact where factorised, finite elsewhere
+            eo, ei = rel.exp()[..., None], rel.neg_().exp_()[..., None]  # [b, c, q, h, 1]
+            u = xdt * ei  # [b, c, q, h, p]
+            yd = _ungrouped(CB @ _grouped(u, g), h).mul_(eo)
+            saved = (eo, ei, u)
+            if way is not True:  # the chunks past the limit, again with the decay matrix
+                idx = (~way).nonzero()[:, 0]
+                ym, sm = _diag_by_matrix(CB.view(N, g, q, q)[idx], Acs.view(N, q, h)[idx],
+                                         xdt.view(N, q, h, p)[idx])
+                yd.view(N, q, h, p)[idx] = ym
+                saved = (*saved, idx, *sm)
+            y += yd
         y = y.view(b, c * q, h, p)  # kept without the skip for the backward (d Acs, no cancellation)
         # contiguous (no copy after), the skip added here: its gradients are two terms of the backward
         out = y[:, :l] if D is None else torch.addcmul(y[:, :l], x[:, :l], D[:, None])
         ctx.save_for_backward(x, dt, A, Bt, Cg, CB, D, Acs, xdt, xw, hin, final, y, *saved)
-        ctx.shape = (b, l, h, p, g, n, q, c, initial_state is not None, factor)
+        ctx.shape = (b, l, h, p, g, n, q, c, initial_state is not None, way is False)
         return out, final.permute(0, 1, 3, 4, 2).reshape(b, h, p, n)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gy: Tensor, gfinal: Tensor):
         x, dt, A, Bt, Cg, CB, D, Acs, xdt, xw, hin, final, y, *saved = ctx.saved_tensors
-        b, l, h, p, g, n, q, c, has_init, factor = ctx.shape
+        b, l, h, p, g, n, q, c, has_init, by_matrix = ctx.shape
         hg = h // g
         gy = gy.to(x.dtype)
         if c * q != l:
@@ -199,16 +229,20 @@ class _SSDScan(torch.autograd.Function):
         gxdt = _ungrouped(Bt.transpose(-1, -2) @ gs, h).mul_(torch.exp(Acs[:, :, -1:] - Acs)[..., None])
 
         # 1. within each chunk
-        if factor:
-            eo, ei, u = saved
+        N = b * c
+        if by_matrix:
+            gCB, gxd = _diag_by_matrix_backward(saved, gy.view(N, q, h, p))
+            gCB = gCB.view(b, c, g, q, q)
+        else:
+            eo, ei, u = saved[:3]
             gin = _grouped(gy * eo, g)  # [b, c, g, q, hg p]
             gCB = (gin @ _grouped(u, g).transpose(-1, -2)).tril_()  # [b, c, g, q, q]
-            gxdt.addcmul_(_ungrouped(CB.transpose(-1, -2) @ gin, h), ei)
-        else:
-            xh, L, S = saved
-            gyh = gy.view(b, c, q, g, hg, p).permute(0, 1, 3, 4, 2, 5).contiguous()  # [b, c, g, hg, q, p]
-            gCB = (gyh @ xh.transpose(-1, -2)).mul_(L).sum(3).tril_()  # [b, c, g, q, q]
-            gxdt += (S.transpose(-1, -2) @ gyh).permute(0, 1, 4, 2, 3, 5).reshape(b, c, q, h, p)
+            gxd = _ungrouped(CB.transpose(-1, -2) @ gin, h).mul_(ei)
+            if len(saved) > 3:  # the chunks run with the decay matrix
+                idx, *sm = saved[3:]
+                gCB.view(N, g, q, q)[idx], gxd.view(N, q, h, p)[idx] = _diag_by_matrix_backward(
+                    sm, gy.view(N, q, h, p)[idx])
+        gxdt += gxd.view(b, c, q, h, p)
         gC += gCB @ Bt.transpose(-1, -2)
         gBt += Cg.transpose(-1, -2) @ gCB
 

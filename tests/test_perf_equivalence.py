@@ -41,10 +41,11 @@ def _ssd_fwd_bwd(ins, chunk, fused, with_state):
     ],
 )
 @pytest.mark.parametrize("with_state", [True, False])
-@pytest.mark.parametrize("factorised", [True, False])
-def test_fused_ssd_equals_reference_fwd_bwd(shape, chunk, dtype, tol, with_state, factorised, monkeypatch):
-    """Both ways of the fused scan's within-chunk part (forced here; chosen by the decays' spread)."""
-    monkeypatch.setattr(mamba2, "_factorisable", lambda spread: factorised)
+@pytest.mark.parametrize("way", ["factorised", "decay matrix", "mixed"])
+def test_fused_ssd_equals_reference_fwd_bwd(shape, chunk, dtype, tol, with_state, way, monkeypatch):
+    """Both ways of the fused scan's within-chunk part, and every other chunk each way (forced
+    here; chosen per chunk by the spread of its decays)."""
+    _force_chunk_ways(monkeypatch, way)
     ins = _ssd_inputs(*shape, dtype)
     fast = _ssd_fwd_bwd(ins, chunk, True, with_state)
     ref = _ssd_fwd_bwd(ins, chunk, False, with_state)
@@ -53,11 +54,11 @@ def test_fused_ssd_equals_reference_fwd_bwd(shape, chunk, dtype, tol, with_state
         assert (a - r).abs().max().item() <= tol * scale, name
 
 
-@pytest.mark.parametrize("factorised", [True, False])
-def test_fused_ssd_float32_grads_equal_reference(factorised, monkeypatch):
+@pytest.mark.parametrize("way", ["factorised", "decay matrix", "mixed"])
+def test_fused_ssd_float32_grads_equal_reference(way, monkeypatch):
     """`_SSDScan` at float32 against the autograd reference: output, final state and the gradients
     of every input (x, dt, A, B, C, D, initial state), a length not a multiple of the chunk."""
-    monkeypatch.setattr(mamba2, "_factorisable", lambda spread: factorised)
+    _force_chunk_ways(monkeypatch, way)
     ins = _ssd_inputs(2, 45, 4, 4, 2, 6, torch.float32, seed=1)
     with torch.no_grad():
         ins[1].mul_(0.3)  # decays of the size a model starts with: values and gradients of order 1
@@ -69,28 +70,34 @@ def test_fused_ssd_float32_grads_equal_reference(factorised, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fused_ssd_factorises_only_decays_within_range(dtype, monkeypatch):
-    """The factorised way runs for a chunk spread up to _FACTOR_LIMIT, and equals the reference
-    there (the spread scaled to just below the limit); past it, the decay matrix runs."""
+    """The factorised way runs for a chunk spread up to _FACTOR_LIMIT and equals the reference there
+    (the spread scaled to just below the limit); past it, in the chunks past it, the decay matrix."""
     seen = []
-    decide = mamba2._factorisable
-    monkeypatch.setattr(mamba2, "_factorisable", lambda spread: seen.append(decide(spread)) or seen[-1])
+    decide = mamba2._chunk_ways
+    monkeypatch.setattr(mamba2, "_chunk_ways", lambda spread: seen.append(decide(spread)) or seen[-1])
     ins = _ssd_inputs(2, 40, 4, 3, 1, 5, dtype, seed=3)
     dt, A = ins[1:3]
     dA = torch.nn.functional.pad(dt * A, (0, 0, 0, 8)).view(2, 3, 16, 4)  # [b, c, q, h]
     spread = dA[:, :, 1:].sum(2).abs().max()  # the cumsum decreases: max - min = Acs_0 - Acs_last
-    with torch.no_grad():
-        dt.mul_(0.95 * mamba2._FACTOR_LIMIT[dtype] / spread)
-    fast = _ssd_fwd_bwd(ins, 16, True, True)
-    ref = _ssd_fwd_bwd(ins, 16, False, True)
-    assert seen == [True]
     tol = 1e-10 if dtype == torch.float64 else 2e-4
-    for name, a, r in zip(["y", "final", "dx", "ddt", "dA", "dB", "dC", "dD", "dh0"], fast, ref, strict=True):
-        assert torch.isfinite(a).all(), name
-        assert (a - r).abs().max().item() <= tol * max(1.0, r.abs().max().item()), name
-    with torch.no_grad():
-        dt.mul_(1.1)
-    _ssd_fwd_bwd(ins, 16, True, True)
-    assert seen == [True, False]
+    for scale in (0.95 * mamba2._FACTOR_LIMIT[dtype] / spread, 1.1):  # just within the limit; then past it
+        with torch.no_grad():
+            dt.mul_(scale)
+        fast = _ssd_fwd_bwd(ins, 16, True, True)
+        ref = _ssd_fwd_bwd(ins, 16, False, True)
+        for name, a, r in zip(["y", "final", "dx", "ddt", "dA", "dB", "dC", "dD", "dh0"], fast, ref, strict=True):
+            assert torch.isfinite(a).all(), name
+            assert (a - r).abs().max().item() <= tol * max(1.0, r.abs().max().item()), name
+    assert seen[0] is True
+    assert isinstance(seen[1], torch.Tensor) and 0 < seen[1].sum() < seen[1].numel()  # some chunks each way
+
+
+def _force_chunk_ways(monkeypatch, way: str) -> None:
+    """Run every chunk of the fused scan one way, or every other chunk each way."""
+    if way == "mixed":
+        monkeypatch.setattr(mamba2, "_chunk_ways", lambda spread: torch.arange(spread[..., 0, 0].numel()) % 2 == 0)
+    else:
+        monkeypatch.setattr(mamba2, "_chunk_ways", lambda spread: way == "factorised")
 
 
 def test_mamba2_mixer_fused_equals_reference_grads():
