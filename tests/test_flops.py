@@ -92,8 +92,8 @@ def test_mamba2_train_step_flops_count_the_scan_once(fast):
     lin = sum(2 * B * P * m.weight.numel() for m in bb.modules() if isinstance(m, nn.Linear))
     conv = n * 2 * B * conv_dim * P * d_conv  # depthwise: one MAC per channel per tap
     heads, text = K * 2 * B * S * d * V, 2 * B * L * Dt * d
-    Q = pure_chunk_size(64, hp, d_state)
-    assert Q == 8 and bb.blocks[0].mixer.scan_chunk_size() == Q
+    Q = pure_chunk_size(64, hp, d_state, P)
+    assert Q == 9 and bb.blocks[0].mixer.scan_chunk_size(P) == Q  # 12 at most: 18 positions in 2 chunks
     per_token = 2 * Q * d_state + Q * H + 2 * Q * H * hp + 4 * H * hp * d_state + 2 * H * hp * d_state / Q + 3 * H * hp
     assert ssd_flops_per_token(P, Q, H, hp, d_state, 1) == int(per_token)
     got = count_train_step_flops(lm, *batch())

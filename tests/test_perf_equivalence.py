@@ -220,9 +220,16 @@ def test_causal_conv_silu_equals_conv1d_fwd_bwd(b, l, c, K):
         assert (a - r).abs().max() < 1e-10
 
 
-@pytest.mark.parametrize("chunk,p,n,want", [(64, 16, 64, 32), (64, 16, 47, 32), (64, 64, 128, 64), (8, 16, 64, 8), (64, 1, 1, 8)])
+@pytest.mark.parametrize("chunk,p,n,want", [(64, 16, 64, 48), (64, 16, 47, 48), (64, 64, 128, 64), (8, 16, 64, 8),
+                                             (64, 1, 1, 12)])
 def test_pure_chunk_size(chunk, p, n, want):
     assert pure_chunk_size(chunk, p, n) == want
+
+
+@pytest.mark.parametrize("seq_len,want", [(176, 44), (175, 44), (192, 48), (97, 33), (40, 40), (1, 1)])
+def test_pure_chunk_size_cuts_the_length_into_equal_chunks(seq_len, want):
+    q = pure_chunk_size(64, 16, 47, seq_len)
+    assert q == want and -(-seq_len // q) == -(-seq_len // 48)  # as many chunks as at the longest chunk
 
 
 @pytest.mark.parametrize("L", [1, 2, 15, 16, 17, 176, 301])
