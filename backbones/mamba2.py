@@ -154,6 +154,12 @@ class _SSDScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
                 initial_state: Tensor | None, chunk_size: int) -> tuple[Tensor, Tensor]:
+        with torch.autocast(x.device.type, enabled=False):  # the SSM's dtype (>= fp32), as the backward
+            return _SSDScan._forward(ctx, x, dt, A, B, C, D, initial_state, chunk_size)
+
+    @staticmethod
+    def _forward(ctx, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                 initial_state: Tensor | None, chunk_size: int) -> tuple[Tensor, Tensor]:
         b, l, h, p = x.shape
         g, n = B.shape[-2:]
         hg = h // g

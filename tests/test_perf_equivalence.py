@@ -116,6 +116,22 @@ def test_mamba2_mixer_fused_equals_reference_grads():
         assert (a - r).abs().max() < 1e-10
 
 
+def test_mamba2_mixer_fused_runs_under_bf16_autocast():
+    """Under autocast the fused scan and norm keep their own dtypes (the scan in float32, forward and
+    backward alike) and agree with the reference paths to bfloat16 precision."""
+    torch.manual_seed(0)
+    m = Mamba2Mixer(32, d_state=8, headdim=8, ngroups=2)
+    x = torch.randn(2, 21, 32, requires_grad=True)
+    outs = []
+    for fused in (True, False):
+        m.fused_ssd = m.norm.fused = fused
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(x)
+        outs.append([y.float(), *torch.autograd.grad(y.float().square().sum(), (x, *m.parameters()))])
+    for a, r in zip(*outs, strict=True):
+        assert (a - r).abs().max() <= 0.05 * max(1.0, r.abs().max().item())
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-4)])
 def test_fused_ssd_with_decays_past_the_dtype_range_equals_reference(dtype, tol):
     """Decays below the dtype's smallest normal number (clamped to it in the fused scan) change
