@@ -592,7 +592,7 @@ def build(results_dir: Path) -> Path:
     for c in claims:
         L.append(f"| {c.key} | {c.text} | {c.setting} | **{c.verdict}** | {c.reason()} |")
     L += ["", "## The grids", "",
-          "| grid | spec, preset | cells | seeds | training time (CPU-min, sum) | wall time (min) |",
+          "| grid | spec, preset | cells | seeds | training time (CPU-min, sum over cells) | wall time of the last invocation (min; resumed cells cost none) |",
           "|---|---|---|---|---|---|"]
     L += [_grid_line(n, g) for n, g in grids.items()]
     L += ["", "## Each claim's numbers", ""]

@@ -420,7 +420,8 @@ def test_crash_then_rerun_repeats_nothing_finished(tmp_path, capsys):
         base={"model.d_model": 32, "train.steps": 40, "fake": {"crash_backbone": "simba"}},
     )
     grid = tmp_path / "g"
-    assert runner.cli([str(spec), "--out", str(grid), "--no-report", "--cell-fn", "test_grid:fake_cell"]) == 1
+    assert runner.cli([str(spec), "--out", str(grid), "--no-report", "--cell-fn", "test_grid:fake_cell",
+                       "--workers", "1"]) == 1  # one worker: it never retries a cell that failed in it
     err = capsys.readouterr().err
     assert "2 cell(s) not complete" in err and "FAKE crash" in err
     first = calls(grid)
@@ -460,7 +461,7 @@ def test_sigkill_mid_grid_then_rerun_completes(tmp_path):
     )
     grid = tmp_path / "g"
     proc = subprocess.Popen(
-        _runner_cmd(spec, grid), env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        _runner_cmd(spec, grid, "--workers", "1"), env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     cells = expand(load_spec(spec))
     t0 = time.time()
@@ -520,7 +521,7 @@ def test_two_worker_processes_share_one_sqlite_grid(tmp_path):
     grid = tmp_path / "g"
     procs = [
         subprocess.Popen(
-            _runner_cmd(spec, grid), env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            _runner_cmd(spec, grid, "--workers", "1"), env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
         for _ in range(2)
     ]
