@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import json
 import re
 import shutil
 import sys
@@ -16,6 +15,7 @@ from typing import Any
 import yaml
 
 from ablations.spec import Cell, config_hash
+from reports.results import run_config
 from ttm.rundir import RunDir
 from ttm.util import atomic_write_json, atomic_write_text
 
@@ -87,19 +87,11 @@ def metric_of(summary: dict, metric: str) -> float | None:
 # ----------------------------------------------------------------------------- renamed cells
 
 
-def _recorded_config(run_dir: Path) -> dict | None:
-    """The config a cell directory was run with: cell.json's `config`, else cell.yaml."""
-    try:
-        c = json.loads((run_dir / "cell.json").read_text()).get("config")
-        if isinstance(c, dict):
-            return c
-    except (OSError, ValueError, AttributeError):
-        pass
-    try:
-        c = yaml.safe_load((run_dir / "cell.yaml").read_text())
-        return c if isinstance(c, dict) else None
-    except (OSError, yaml.YAMLError):
-        return None
+def recorded_hash(run_dir: Path) -> str | None:
+    """The config hash of the config a cell directory was run with (reports.results.run_config),
+    None when it records none. `name` is a location, not a setting."""
+    c = run_config(run_dir)
+    return config_hash({k: v for k, v in c.items() if k != "name"}) if c else None
 
 
 def adopt_renamed(cell: Cell, cells_dir: Path) -> Path | None:
@@ -113,8 +105,7 @@ def adopt_renamed(cell: Cell, cells_dir: Path) -> Path | None:
     same = re.compile(re.escape(slug) + r"-[0-9a-f]{10}")
     found = [
         d for d in sorted(cells_dir.iterdir())
-        if d.is_dir() and same.fullmatch(d.name) and (c := _recorded_config(d)) is not None
-        and config_hash({k: v for k, v in c.items() if k != "name"}) == cell.hash
+        if d.is_dir() and same.fullmatch(d.name) and recorded_hash(d) == cell.hash
     ]
     if not found:
         return None
@@ -137,9 +128,9 @@ def reuse_finished(cells: list[Cell], cells_dir: Path, sources: list[Path]) -> d
         if not src_cells.is_dir():
             raise ValueError(f"--reuse {src}: not a grid directory (no cells/ folder)")
         for d in sorted(src_cells.iterdir()):
-            c = _recorded_config(d) if d.is_dir() else None
-            if c is not None and summary_complete(d):
-                found.setdefault(config_hash({k: v for k, v in c.items() if k != "name"}), d)
+            h = recorded_hash(d) if d.is_dir() else None
+            if h is not None and summary_complete(d):
+                found.setdefault(h, d)
     out: dict[str, str] = {}
     for cell in cells:
         dst = cells_dir / cell.name

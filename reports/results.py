@@ -216,8 +216,7 @@ def collect(root: Path) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     if not any(c.startswith("axis.") for c in df.columns):
         _infer_axes(df)
-    configs = df.pop("_config")
-    del configs
+    df = df.drop(columns="_config")
     axes = axis_columns(df)
     df["label"] = [(" / ".join(str(r[a]) for a in axes) if axes else r["run"]) for _, r in df.iterrows()]
     df["group"] = [
