@@ -111,13 +111,24 @@ def default_layout(n_cells: int, n_cores: int | None = None) -> tuple[int, int]:
 
     On a small machine (<= 4 cores) one single-threaded worker per core: at the demo's sizes a
     training step does not scale to 2 threads (benchmarks/cases_grid.py, 2 cores: 2 workers x 1
-    thread ran the demo's cells 1.47x faster than 1 worker x 2 threads). Larger machines: one
-    worker with every thread (not measured here; pass --workers to choose)."""
+    thread ran 10 of the demo's steps per cell 1.4-1.6x faster than 1 worker x 2 threads, and the
+    whole default demo 6 min 1 s vs 6 min 25 s, its generation and evaluation included). Larger
+    machines: one worker with every thread (not measured here; pass --workers to choose)."""
     n = n_cores or cores()
     if n <= SMALL_MACHINE_CORES and n_cells > 1:
         w = min(n, n_cells)
         return w, max(1, n // w)
     return 1, n
+
+
+def local_layout(workers: int | None, n_units: int, n_cores: int | None = None) -> tuple[int, int | None]:
+    """(workers, torch threads per worker; None: torch's default) of a local run: `default_layout`
+    when `workers` is None; else the cores split among the workers (each at torch's default, all
+    the cores, would oversubscribe them: 2 workers x 2 threads on 2 cores trained the demo's cells
+    ~6x slower per step than 2 x 1), torch's default for one worker."""
+    if workers is None:
+        return default_layout(n_units, n_cores)
+    return workers, (max(1, (n_cores or cores()) // workers) if workers > 1 else None)
 
 
 def _set_threads(threads: int | None) -> None:
@@ -220,9 +231,10 @@ def run_grid(
         )
     cells = check_grid(spec, spec_path, preset, overrides, fn_ref)
     threads = None  # torch's default
-    if workers is None:
-        n_units = len(cells) if spec.search is None else spec.search.n_trials
-        workers, threads = default_layout(n_units) if launcher == "local" and picklable else (1, None)
+    if launcher == "local" and picklable:
+        workers, threads = local_layout(workers, len(cells) if spec.search is None else spec.search.n_trials)
+    elif workers is None:
+        workers = 1
 
     grid_dir.mkdir(parents=True, exist_ok=True)
     if reuse and spec.search is None:

@@ -263,6 +263,22 @@ class Backbone(nn.Module):
             x = blk.step(x, st, memory, memory_mask)
         return self.norm_f(x)
 
+    def compiled_step(self) -> Callable[..., Tensor]:
+        """`step` through torch.compile, built on the first call and kept on the module (it
+        recompiles only when shapes change): `TTMLM.generate(compile_step=True)`. A step at small
+        sizes is per-op dispatch; compiled, its elementwise work fuses into a few loops. On CUDA it
+        is also captured as a CUDA graph (mode "reduce-overhead", as mamba_ssm's generation does).
+        Equal to `step` to float tolerance, not bit for bit; what each backbone gains is measured by
+        `ttm-bench bench --only decode_compiled`. A mixer whose step uses complex tensors gives the
+        compiler a real-arithmetic path (`torch.compiler.is_compiling()`; S4D, S5): the compiler
+        fuses no complex ops, and such a step ran at half its eager speed."""
+        fn = self.__dict__.get("_compiled_step")
+        if fn is None:
+            cuda = next(self.parameters()).device.type == "cuda"
+            fn = torch.compile(self.step, mode="reduce-overhead" if cuda else None)
+            self.__dict__["_compiled_step"] = fn
+        return fn
+
     @property
     def constant_state(self) -> bool:
         return all(b.mixer.constant_state for b in self.blocks)

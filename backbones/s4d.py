@@ -171,10 +171,32 @@ class S4DMixer(Mixer):
         return cached[1]
 
     def _recurrent(self, u: Tensor, state: State) -> Tensor:  # u [B, H] -> SSM output [B, H]
+        if torch.compiler.is_compiling():  # Backbone.compiled_step: real arithmetic, which the compiler fuses
+            return self._recurrent_real(u, state)
         _, dA, dB, C = self._step_params(u.dtype)
         h = dA * self._state(state, u.dtype) + dB * u[:, :, None]  # [B, H, N/2]
         state["ssm"].copy_(torch.view_as_real(h))
         return 2 * (h * C).sum(-1).real + u * self.D.to(u.dtype)
+
+    def _recurrent_real(self, u: Tensor, state: State) -> Tensor:
+        """`_recurrent` on real and imaginary parts (complex tensors do not compile into fused
+        loops): the discretisation and the update h = dA h + dB u, y = 2 Re(C . h) + D u."""
+        rt = u.dtype
+        ar, ai = -torch.exp(self.log_A_real.to(rt)), self.A_imag.to(rt)  # A [H, N/2]
+        dt = torch.exp(self.log_dt.to(rt))[:, None]
+        mag = torch.exp(ar * dt)
+        dar, dai = mag * torch.cos(ai * dt), mag * torch.sin(ai * dt)  # dA = exp(dt A)
+        den = ar * ar + ai * ai  # dB = (dA - 1) / A
+        dbr, dbi = ((dar - 1) * ar + dai * ai) / den, (dai * ar - (dar - 1) * ai) / den
+        cr, ci = self.C[..., 0].to(rt), self.C[..., 1].to(rt)
+        hs = state["ssm"]  # [B, H, N/2, 2]
+        if hs.dtype != rt:
+            raise ValueError(f"s4d: state dtype {hs.dtype} does not match the SSM's {rt}")
+        hr, hi, uu = hs[..., 0], hs[..., 1], u[:, :, None]
+        nr = dar * hr - dai * hi + dbr * uu
+        ni = dar * hi + dai * hr + dbi * uu
+        hs.copy_(torch.stack([nr, ni], -1))
+        return 2 * (nr * cr - ni * ci).sum(-1) + u * self.D.to(rt)
 
     def step(self, x: Tensor, state: State) -> Tensor:  # [B, H] -> [B, H]
         return self._post(self._recurrent(x.to(self._rtype(x)), state).to(x.dtype))

@@ -25,7 +25,12 @@ from typing import Any
 import torch
 
 from benchmarks.cases_data import data_throughput
-from benchmarks.cases_decode import decode_at_length, decode_recurrent_vs_recompute, kv_cache_vs_musicgen
+from benchmarks.cases_decode import (
+    decode_at_length,
+    decode_compiled,
+    decode_recurrent_vs_recompute,
+    kv_cache_vs_musicgen,
+)
 from benchmarks.cases_grid import grid_layout
 from benchmarks.cases_train import cpu_mfu, harness_overhead, mamba_vs_mambapy, ssm_train_step
 from benchmarks.common import row
@@ -40,6 +45,7 @@ CASES: dict[str, Callable[..., list[dict]]] = {
     "ssm_train_step": ssm_train_step,
     "decode_recurrent_vs_recompute": decode_recurrent_vs_recompute,
     "decode_at_length": decode_at_length,
+    "decode_compiled": decode_compiled,
     "kv_cache_vs_musicgen": kv_cache_vs_musicgen,
     "cpu_mfu": cpu_mfu,
     "data_throughput": data_throughput,

@@ -4,6 +4,7 @@ backbone, and SSMs vs the KV-cache Transformer), and our KV cache vs MusicgenFor
 from __future__ import annotations
 
 import statistics
+import time
 
 import torch
 
@@ -102,10 +103,13 @@ def decode_recurrent_vs_recompute(
 
 class _Decoder:
     """The per-token work of `TTMLM.generate(recurrent=True)` with CFG (heads, guidance, greedy
-    pick, embedding, one backbone step), on a state prefilled to a given length."""
+    pick, embedding, one backbone step), on a state prefilled to a given length; `compiled`: the
+    step through `Backbone.compiled_step` (generate(compile_step=True))."""
 
-    def __init__(self, lm, batch: int, length: int, extra: int, text_len: int, text_dim: int):
+    def __init__(self, lm, batch: int, length: int, extra: int, text_len: int, text_dim: int,
+                 compiled: bool = False):
         self.lm, self.B = lm, batch
+        self.step = lm.backbone.compiled_step() if compiled else lm.backbone.step
         te, tm = tiny_text(batch, text_len, text_dim)
         te, tm = torch.cat([te, te]), torch.cat([tm, torch.zeros_like(tm)])  # CFG: conditional + null
         mem, _ = lm.memory(te, tm)  # [2B, M, D]
@@ -129,7 +133,7 @@ class _Decoder:
             x = lm.embed_tokens(tok[:, :, None])[:, 0]  # [2B, D]
             if lm.use_positions:
                 x = x + lm._pos(1, self.pos, x)[0]
-            self.h = lm.backbone.step(x, self.state)
+            self.h = self.step(x, self.state)
             self.pos += 1
 
 
@@ -211,6 +215,73 @@ def decode_at_length(
                         rounds=rounds,
                     )
                 )
+    return rows
+
+
+COMPILED = ("mamba", "mamba2", "s4d", "s5", "simba", "transformer")
+
+
+def decode_compiled(
+    quick: bool,
+    lengths: list[int] | None = None,
+    backbones: list[str] | None = None,
+    batch: int = 4,
+    tokens: int | None = None,
+    rounds: int | None = None,
+    kv_from: int = 1500,
+) -> list[dict]:
+    """Per-token decoding time with the step compiled (`Backbone.compiled_step`, torch.compile) vs
+    eager, every backbone at the demo's matched size, batch 4 with CFG, after a prefix of 300, 1500
+    and 3000 frames; and each compiled constant-state backbone vs the compiled KV-cache Transformer
+    at >= `kv_from` frames (target >= 1.5x, as decode_vs_kv_cache's). Compilation (first steps) is
+    untimed and reported; rounds interleave eager and compiled."""
+    lengths = sorted(lengths or [300, 1500, 3000])
+    names = _names(list(backbones or COMPILED))
+    tokens = tokens or (8 if quick else 24)
+    rounds = rounds or (5 if quick else 9)
+    K, card, Dt, L = DEMO["K"], DEMO["card"], DEMO["text_dim"], DEMO["text_len"]
+    dec, info = {}, {}
+    with torch.no_grad():
+        for name in names:
+            lm = build_lm(K, card, Dt, **{**DEMO["model"], "backbone": name}).eval()
+            info[name] = {"constant": lm.backbone.constant_state, "compile_s": 0.0}
+            for n in lengths:
+                for mode in ("eager", "compiled"):
+                    d = _Decoder(lm, batch, n, (rounds + 1) * tokens + 8, L, Dt, compiled=mode == "compiled")
+                    t0 = time.perf_counter()
+                    d.steps(3)  # compiles on the first call (recompiles for a new cache length)
+                    if mode == "compiled":
+                        info[name]["compile_s"] += time.perf_counter() - t0
+                    dec[name, n, mode] = d
+            log(f"decode_compiled: {name} compiled in {info[name]['compile_s']:.0f} s")
+        fns = {key: (lambda d=d: d.steps(tokens)) for key, d in dec.items()}
+        t = paired(fns, rounds)
+    per_tok = {k: [s / tokens for s in v] for k, v in t.items()}
+    rows = []
+    for name in names:
+        for n in lengths:
+            med, spread = ratio_stats(per_tok[name, n, "eager"], per_tok[name, n, "compiled"])
+            rows.append(row(
+                f"decode_compiled[{name}@{n}]",
+                statistics.median(per_tok[name, n, "compiled"]),
+                statistics.median(per_tok[name, n, "eager"]),
+                "s/token", med, "speedup", None, ours_label="compiled", peer_label="eager",
+                note=f"per token after {n} frames, batch {batch} with CFG; compile {info[name]['compile_s']:.0f} s",
+                spread=spread, rounds=rounds, details={"compile_s": info[name]["compile_s"]},
+            ))
+    if "transformer" in names:
+        for name in [x for x in names if x != "transformer" and info[x]["constant"]]:
+            for n in [x for x in lengths if x >= kv_from]:
+                med, spread = ratio_stats(per_tok["transformer", n, "compiled"], per_tok[name, n, "compiled"])
+                rows.append(row(
+                    f"decode_compiled_vs_kv_cache[{name}@{n}]",
+                    statistics.median(per_tok[name, n, "compiled"]),
+                    statistics.median(per_tok["transformer", n, "compiled"]),
+                    "s/token", med, "speedup", 1.5, ours_label=f"{name} compiled",
+                    peer_label="transformer (KV cache) compiled",
+                    note=f"per token after {n} frames, batch {batch} with CFG, matched params, both compiled",
+                    spread=spread, rounds=rounds,
+                ))
     return rows
 
 

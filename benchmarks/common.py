@@ -90,18 +90,25 @@ def best(fn: Callable[[], Any], repeats: int) -> float:
     return out
 
 
-def paired(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+def paired(
+    fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1, best_of: int = 1
+) -> dict[str, list[float]]:
     """Wall seconds of every function in every round, run in turn (A B C A B C ...): a change in
-    machine load hits all of them alike, so per-round ratios stay meaningful on a shared CPU."""
+    machine load hits all of them alike, so per-round ratios stay meaningful on a shared CPU.
+    `best_of` > 1: a function's time in a round is the fastest of that many consecutive calls
+    (a call hit by a burst of other work does not count; timeit's rule)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(max(1, rounds)):
         for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
+            best = math.inf
+            for _ in range(max(1, best_of)):
+                t0 = time.perf_counter()
+                fn()
+                best = min(best, time.perf_counter() - t0)
+            times[k].append(best)
     return times
 
 

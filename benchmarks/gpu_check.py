@@ -571,8 +571,9 @@ def kernel_one(ctx: Ctx, name: str, out: dict) -> None:
 
 
 def graph_step(ctx: Ctx, m) -> dict:
-    """One decoding step (batch 2 = CFG) eager vs torch.compile(mode="reduce-overhead"), which
-    captures CUDA graphs where the step allows it (as mamba_ssm's generation does by hand)."""
+    """One decoding step (batch 2 = CFG) eager vs `Backbone.compiled_step` (what
+    `generate --compile-step` runs: torch.compile with mode "reduce-overhead" on CUDA, which
+    captures CUDA graphs where the step allows it, as mamba_ssm's generation does by hand)."""
     try:
         k = ctx.kern
         x = torch.randn(2, k["d_model"], device=ctx.device)
@@ -581,7 +582,7 @@ def graph_step(ctx: Ctx, m) -> dict:
             ref = m.step(x, st)
             eager = timed(ctx, lambda: m.step(x, st), repeats=20, warmup=2)
             st2 = m.allocate_state(2, 64, device=ctx.device)
-            cstep = torch.compile(m.step, mode="reduce-overhead")
+            cstep = m.compiled_step()
             t0 = time.perf_counter()
             y = cstep(x, st2)
             ctx.sync()

@@ -392,3 +392,35 @@ def test_probe_needs_train_and_heldout_clips(tmp_path):
     no_attr.write_text("".join(json.dumps({**x, "attributes": {}}) + "\n" for x in lines))
     with pytest.raises(ValueError, match="no attribute among"):
         train_probe(no_attr, tmp_path / "p.pt", progress=False)
+
+
+def test_poisson_binomial_tail_matches_the_binomial_and_a_hand_sum():
+    from scipy.stats import binom
+
+    from eval.probe import poisson_binomial_sf
+
+    for s in range(8):
+        assert poisson_binomial_sf([0.3] * 7, s) == pytest.approx(binom.sf(s - 1, 7, 0.3), abs=1e-12)
+    # two queries, p = 0.2 and 0.5: P(S >= 1) = 1 - 0.8 * 0.5, P(S >= 2) = 0.2 * 0.5
+    assert poisson_binomial_sf([0.2, 0.5], 1) == pytest.approx(0.6)
+    assert poisson_binomial_sf([0.2, 0.5], 2) == pytest.approx(0.1)
+
+
+def test_retrieval_recall_p_is_calibrated_under_chance_with_repeated_captions():
+    """Unrelated audio and caption embeddings, 40 clips over 10 captions (4 clips each), recall@3:
+    the floor's test must reject at most its level (0.05) of the time. Counting each clip as a
+    query (identical captions: identical rankings) would multiply one outcome by 4."""
+    from eval.probe import retrieval_recall
+
+    g = torch.Generator().manual_seed(0)
+    caps = [f"caption {i % 10}" for i in range(40)]
+    text_of = {c: torch.randn(8, generator=g) for c in caps}
+    trials, rejected = 1000, 0
+    for _ in range(trials):
+        audio = torch.nn.functional.normalize(torch.randn(40, 8, generator=g), dim=-1)
+        text = torch.nn.functional.normalize(torch.stack([text_of[c] for c in caps]), dim=-1)
+        r = retrieval_recall(audio, text, caps, k=3)
+        assert r["queries"] == 10 and r["clips"] == 40
+        rejected += r["p"] < 0.05
+    # the exact test is conservative on a discrete count: at most its level, plus 3 Monte Carlo SE
+    assert rejected / trials <= 0.05 + 3 * (0.05 * 0.95 / trials) ** 0.5

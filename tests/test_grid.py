@@ -727,6 +727,14 @@ def test_grid_datasets_live_under_the_grid_unless_data_root_is_set(tmp_path, mon
     assert seen.pop("root") == "/shared/datasets"
 
 
+def test_explicit_workers_split_the_cores_instead_of_oversubscribing_them():
+    assert runner.local_layout(2, 18, n_cores=2) == (2, 1)
+    assert runner.local_layout(3, 18, n_cores=16) == (3, 5)
+    assert runner.local_layout(4, 18, n_cores=2) == (4, 1)  # more workers than cores: one thread each
+    assert runner.local_layout(1, 18, n_cores=2) == (1, None)  # one worker: torch's default
+    assert runner.local_layout(None, 18, n_cores=2) == runner.default_layout(18, n_cores=2)
+
+
 def test_default_layout_is_one_single_threaded_worker_per_core_on_small_machines():
     assert runner.default_layout(18, n_cores=2) == (2, 1)
     assert runner.default_layout(3, n_cores=4) == (3, 1)

@@ -179,14 +179,20 @@ class TTMLM(nn.Module):
         recurrent: bool = True,
         greedy: bool = False,
         on_step: Callable[[int], None] | None = None,
+        compile_step: bool = False,
     ) -> Tensor:
         """Sample codes `[B, K', n_frames]` (`on_step(s)` after each of the pattern's steps).
 
         Classifier-free guidance runs the conditional and the null caption as one batch
         of 2B. `recurrent=True` advances the backbone state one step per token;
         `recurrent=False` re-runs the whole sequence per token (the study's public
-        sampler; kept for benchmarks and equivalence tests).
+        sampler; kept for benchmarks and equivalence tests). `compile_step=True` runs the
+        recurrent step through `Backbone.compiled_step` (torch.compile; equal to float
+        tolerance, so sampled tokens can differ where two logits nearly tie).
         """
+        if compile_step and not recurrent:
+            raise ValueError("generate: compile_step applies to recurrent decoding (recurrent=True)")
+        step = self.backbone.compiled_step() if compile_step else self.backbone.step
         B, dev = text_emb.shape[0], text_emb.device
         use_cfg = cfg_scale != 1.0
         if use_cfg:
@@ -226,7 +232,7 @@ class TTMLM(nn.Module):
                 x = self.embed_tokens(seq[:, :, s : s + 1])[:, 0]  # [B2, D]
                 if self.use_positions:
                     x = x + self._pos(1, (M if prefix else 0) + s + 1, x)[0]
-                h = self.backbone.step(x, state, *(() if prefix else (mem, mem_mask)))
+                h = step(x, state, *(() if prefix else (mem, mem_mask)))
             if on_step is not None:
                 on_step(s)
         return self.pattern.revert(seq[:B])

@@ -74,13 +74,15 @@ def trained_frames(rd: RunDir) -> int | None:
 
 def generate(run_dir: str | Path, prompts: list[dict], out_dir: str | Path, data: Prepared | None = None,
              seconds: float | None = None, seed: int | None = None, device: str = "cpu", batch_size: int = 8,
-             progress: bool = True, allow_long: bool = False, **options: Any) -> dict:
+             progress: bool = True, allow_long: bool = False, compile_step: bool = False,
+             **options: Any) -> dict:
     """Generate one clip per prompt with a trained run of any kind into `out_dir`; returns timings.
 
     `options`: cfg_scale, top_k, top_p, temperature (override the run's `generate` config) and,
     for two-stage runs, steps, sampler, diffusion_cfg_scale. None values are ignored; `seed`
     defaults to the run's seed; the clip length follows `ttm.sample.clip_frames`; clips far longer
-    than the training clips need `allow_long` (see ttm.sample.check_clip_length)."""
+    than the training clips need `allow_long` (see ttm.sample.check_clip_length); `compile_step`
+    decodes through torch.compile (`Backbone.compiled_step`; the result says which step ran)."""
     if seconds is not None and seconds <= 0:
         raise ValueError(f"--seconds: expected > 0, got {seconds}")
     if batch_size < 1:
@@ -102,7 +104,7 @@ def generate(run_dir: str | Path, prompts: list[dict], out_dir: str | Path, data
                          f"generate from the two-stage run directory {rd.path.parent}")
     gen = cfg.generate.model_copy(update={k: options[k] for k in SAMPLING if k in options})
     common = dict(seed=cfg.seed if seed is None else seed, batch_size=batch_size,
-                  max_text_len=cfg.text.max_length, progress=progress)
+                  max_text_len=cfg.text.max_length, progress=progress, compile_step=compile_step)
     if kind == "two_stage":
         cfg, lm, diff, data = load_two_stage(rd.path, device, data)
         n_frames = clip_frames(cfg, data, seconds)
@@ -184,6 +186,9 @@ def generate_cli(argv: list[str]) -> int:
     ap.add_argument("--diffusion-cfg-scale", type=float, default=None, help="two-stage runs: stage-2 guidance")
     ap.add_argument("--allow-long", action="store_true",
                     help="generate clips more than 10x longer than the training clips")
+    ap.add_argument("--compile-step", action="store_true",
+                    help="decode through torch.compile (faster per token where a step is per-op dispatch; "
+                         "equal to float tolerance; `bench --only decode_compiled` says for which backbones)")
     a = ap.parse_args(argv)
     for opt, v, lo in (("--n", a.n, 1), ("--batch-size", a.batch_size, 1), ("--steps", a.steps, 1)):
         if v is not None and v < lo:
@@ -205,7 +210,7 @@ def generate_cli(argv: list[str]) -> int:
         rd.path, prompts, a.out, data=data, seconds=a.seconds, seed=a.seed, device=a.device,
         batch_size=a.batch_size, cfg_scale=a.cfg_scale, top_k=a.top_k, top_p=a.top_p,
         temperature=a.temperature, steps=a.steps, sampler=a.sampler, diffusion_cfg_scale=a.diffusion_cfg_scale,
-        allow_long=a.allow_long,
+        allow_long=a.allow_long, compile_step=a.compile_step,
     )
     print(json.dumps(info))
     print(Path(a.out) / "samples.jsonl")

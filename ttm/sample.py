@@ -173,11 +173,13 @@ def generate_clips(
     progress: bool = True,
     render_codes: Callable | None = None,
     desc: str = "generate",
+    compile_step: bool = False,
 ) -> dict:
     """Generate one clip of `n_frames` per prompt into `out_dir`: the LM samples codes as `gen`
     says (cfg_scale, top_k, top_p, temperature), then `render_codes(codes, emb, mask, generator)
     -> (wav [b, C, N], {stage: seconds})` makes audio of them (default: the codec decodes them;
-    a two-stage model passes its diffusion stage). Returns timings."""
+    a two-stage model passes its diffusion stage); `compile_step`: the LM decodes through
+    `Backbone.compiled_step` (torch.compile). Returns timings and which decoding step ran."""
 
     def decode(codes, emb, mask, g):
         t0 = time.perf_counter()
@@ -194,7 +196,7 @@ def generate_clips(
             inner = progress_bar(total=lm.pattern.seq_len(n_frames), desc=f"{desc}: frames", unit="frame",
                                  leave=False, file=sys.stderr)
         codes = lm.generate(emb, mask, n_frames, cfg_scale=gen.cfg_scale, top_k=gen.top_k, top_p=gen.top_p,
-                            temperature=gen.temperature, generator=g,
+                            temperature=gen.temperature, generator=g, compile_step=compile_step,
                             on_step=None if inner is None else (lambda s: inner.update(1)))  # [b, K', T]
         if inner is not None:
             inner.close()
@@ -202,8 +204,9 @@ def generate_clips(
         wav, times = (render_codes or decode)(codes, emb, mask, g)
         return wav, {"lm": lm_time, **times}
 
-    return render_prompts(prompts, encoder, out_dir, codec, n_frames, render, seed, batch_size, max_text_len,
+    info = render_prompts(prompts, encoder, out_dir, codec, n_frames, render, seed, batch_size, max_text_len,
                           next(lm.parameters()).device, progress, desc)
+    return {**info, "decode_step": "compiled" if compile_step else "eager"}
 
 
 def _decode_partial(codec, codes: torch.Tensor) -> torch.Tensor:
