@@ -190,6 +190,7 @@ def test_gpu_check_shell_script_parses():
     assert p.returncode == 0, p.stderr
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run_writes_every_section(tmp_path):
     """The whole script at toy sizes on the CPU: each section's figures land in the JSON."""
     p = subprocess.run(

@@ -660,6 +660,7 @@ def test_two_workers_on_postgresql(tmp_path):
         shutil.rmtree(pgroot, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_submitit_launcher_runs_each_cell_once(tmp_path, monkeypatch):
     """`--launcher submitit-local`: worker jobs through submitit's local executor (the SLURM path's
     stand-in in CI) share the grid's storage; each cell runs once and the results are complete."""

@@ -21,7 +21,11 @@ import pytest
 import torch
 
 WHY = triton_shims.install()
-pytestmark = [pytest.mark.interp, pytest.mark.skipif(WHY is not None, reason=f"Triton interpreter tier: {WHY}")]
+pytestmark = [
+    pytest.mark.interp,
+    pytest.mark.slow,  # minutes under the interpreter: `make test` runs it, the fast loop does not
+    pytest.mark.skipif(WHY is not None, reason=f"Triton interpreter tier: {WHY}"),
+]
 
 
 def _pair(mixer):
