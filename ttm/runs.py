@@ -187,8 +187,9 @@ def generate_cli(argv: list[str]) -> int:
     ap.add_argument("--allow-long", action="store_true",
                     help="generate clips more than 10x longer than the training clips")
     ap.add_argument("--compile-step", action="store_true",
-                    help="decode through torch.compile (faster per token where a step is per-op dispatch; "
-                         "equal to float tolerance; `bench --only decode_compiled` says for which backbones)")
+                    help="decode through torch.compile: ~2x faster per token for the SSMs at small sizes, "
+                         "after 5-30 s of compiling once per process (counted in lm_time_s), so it pays for "
+                         "long or many clips; equal to float tolerance (`bench --only decode_compiled`)")
     a = ap.parse_args(argv)
     for opt, v, lo in (("--n", a.n, 1), ("--batch-size", a.batch_size, 1), ("--steps", a.steps, 1)):
         if v is not None and v < lo:
