@@ -128,11 +128,15 @@ class S4DMixer(Mixer):
     def _rtype(x: Tensor) -> torch.dtype:
         return torch.float64 if x.dtype == torch.float64 else torch.float32  # the SSM runs in fp32 or fp64
 
-    def _state(self, state: State, rt: torch.dtype) -> Tensor:
+    def _state_pairs(self, state: State, rt: torch.dtype) -> Tensor:
+        """The decoding state as stored: real pairs [B, H, N/2, 2], checked against the SSM's dtype."""
         h = state["ssm"]
         if h.dtype != rt:
             raise ValueError(f"s4d: state dtype {h.dtype} does not match the SSM's {rt}")
-        return torch.view_as_complex(h)  # [B, H, N/2]
+        return h
+
+    def _state(self, state: State, rt: torch.dtype) -> Tensor:
+        return torch.view_as_complex(self._state_pairs(state, rt))  # [B, H, N/2]
 
     def forward(self, x: Tensor, state: State | None = None) -> Tensor:  # [B, S, H]
         S = x.shape[1]
@@ -189,9 +193,7 @@ class S4DMixer(Mixer):
         den = ar * ar + ai * ai  # dB = (dA - 1) / A
         dbr, dbi = ((dar - 1) * ar + dai * ai) / den, (dai * ar - (dar - 1) * ai) / den
         cr, ci = self.C[..., 0].to(rt), self.C[..., 1].to(rt)
-        hs = state["ssm"]  # [B, H, N/2, 2]
-        if hs.dtype != rt:
-            raise ValueError(f"s4d: state dtype {hs.dtype} does not match the SSM's {rt}")
+        hs = self._state_pairs(state, rt)  # [B, H, N/2, 2]
         hr, hi, uu = hs[..., 0], hs[..., 1], u[:, :, None]
         nr = dar * hr - dai * hi + dbr * uu
         ni = dar * hi + dai * hr + dbi * uu

@@ -155,7 +155,8 @@ class S5Mixer(Mixer):
         hr, hi = h[..., 0], h[..., 1]
         nr, ni = abr * hr - abi * hi + bur, abr * hi + abi * hr + bui
         h.copy_(torch.stack([nr, ni], -1))
-        return nr @ self.C[..., 0].float().t() - ni @ self.C[..., 1].float().t() + u * seq.D.float()  # Re(C h) + D u
+        cr, ci = self.C[..., 0].float(), self.C[..., 1].float()  # C [H, P]
+        return nr @ cr.t() - ni @ ci.t() + u * seq.D.float()  # Re(C h) + D u
 
     def _ssm(self, x: Tensor, state: State | None) -> Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):

@@ -137,6 +137,60 @@ class _Decoder:
             self.pos += 1
 
 
+def _decoders(
+    names: list[str], lengths: list[int], batch: int, tokens: int, rounds: int, modes: tuple[str, ...],
+    case: str,
+) -> tuple[dict, dict]:
+    """A `_Decoder` per (backbone at the demo's matched size, prefix length, mode: "eager" or
+    "compiled"), each run 3 steps (a compiled step compiles then, untimed; its seconds are kept),
+    and per backbone {params, constant, compile_s}."""
+    K, card, Dt, L = DEMO["K"], DEMO["card"], DEMO["text_dim"], DEMO["text_len"]
+    dec, info = {}, {}
+    for name in names:
+        lm = build_lm(K, card, Dt, **{**DEMO["model"], "backbone": name}).eval()
+        info[name] = {"params": sum(p.numel() for p in lm.parameters()),
+                      "constant": lm.backbone.constant_state, "compile_s": 0.0}
+        for n in lengths:
+            log(f"{case}: {name} prefill {n}")
+            for mode in modes:
+                d = _Decoder(lm, batch, n, (rounds + 1) * tokens + 8, L, Dt, compiled=mode == "compiled")
+                t0 = time.perf_counter()
+                d.steps(3)  # compiles on the first call (recompiles for a new cache length)
+                if mode == "compiled":
+                    info[name]["compile_s"] += time.perf_counter() - t0
+                dec[name, n, mode] = d
+    return dec, info
+
+
+def _per_token(dec: dict, tokens: int, rounds: int) -> dict:
+    """Seconds per token of every decoder in every round (interleaved rounds of `tokens` steps)."""
+    fns = {key: (lambda d=d: d.steps(tokens)) for key, d in dec.items()}
+    t = paired(fns, rounds)
+    return {k: [s / tokens for s in v] for k, v in t.items()}
+
+
+def _vs_kv_cache(per_tok: dict, info: dict, names: list[str], lengths: list[int], kv_from: int, batch: int,
+                 rounds: int, mode: str, case: str) -> list[dict]:
+    """Each constant-state backbone vs the KV-cache Transformer per token at >= `kv_from` frames,
+    both decoding in `mode` (target >= 1.5x)."""
+    if "transformer" not in names:
+        return []
+    both = " compiled" if mode == "compiled" else ""
+    rows = []
+    for name in [x for x in names if x != "transformer" and info[x]["constant"]]:
+        for n in [x for x in lengths if x >= kv_from]:
+            ours, peer = per_tok[name, n, mode], per_tok["transformer", n, mode]
+            med, spread = ratio_stats(peer, ours)
+            rows.append(row(
+                f"{case}[{name}@{n}]", statistics.median(ours), statistics.median(peer), "s/token", med,
+                "speedup", 1.5, ours_label=f"{name}{both}", peer_label=f"transformer (KV cache){both}",
+                note=f"per token after {n} frames, batch {batch} with CFG, matched params"
+                + (", both compiled" if both else ""),
+                spread=spread, rounds=rounds,
+            ))
+    return rows
+
+
 def decode_at_length(
     quick: bool,
     lengths: list[int] | None = None,
@@ -154,31 +208,20 @@ def decode_at_length(
     names = _names(backbones)
     tokens = tokens or (8 if quick else 24)
     rounds = rounds or (5 if quick else 9)
-    K, card, Dt, L = DEMO["K"], DEMO["card"], DEMO["text_dim"], DEMO["text_len"]
-    dec, info = {}, {}
     with torch.no_grad():
-        for name in names:
-            lm = build_lm(K, card, Dt, **{**DEMO["model"], "backbone": name}).eval()
-            info[name] = {
-                "params": sum(p.numel() for p in lm.parameters()),
-                "constant": lm.backbone.constant_state,
-            }
-            for n in lengths:
-                log(f"decode_at_length: {name} prefill {n}")
-                dec[name, n] = _Decoder(lm, batch, n, (rounds + 1) * tokens + 8, L, Dt)
-        fns = {key: (lambda d=d: d.steps(tokens)) for key, d in dec.items()}
-        log(f"decode_at_length: {rounds} rounds x {len(fns)} (backbone, length) x {tokens} tokens")
-        t = paired(fns, rounds)
-    per_tok = {k: [s / tokens for s in v] for k, v in t.items()}
+        dec, info = _decoders(names, lengths, batch, tokens, rounds, ("eager",), "decode_at_length")
+        log(f"decode_at_length: {rounds} rounds x {len(dec)} (backbone, length) x {tokens} tokens")
+        per_tok = _per_token(dec, tokens, rounds)
     lo, hi = lengths[0], lengths[-1]
     rows = []
     for name in names:
-        med, spread = ratio_stats(per_tok[name, hi], per_tok[name, lo])
+        at = {n: per_tok[name, n, "eager"] for n in lengths}
+        med, spread = ratio_stats(at[hi], at[lo])
         rows.append(
             row(
                 f"decode_flatness[{name}]",
-                statistics.median(per_tok[name, hi]),
-                statistics.median(per_tok[name, lo]),
+                statistics.median(at[hi]),
+                statistics.median(at[lo]),
                 "s/token",
                 med,
                 "slowdown",
@@ -190,32 +233,11 @@ def decode_at_length(
                 + ("" if info[name]["constant"] else "; state grows with length: reported, no target"),
                 spread=spread,
                 rounds=rounds,
-                details={f"per_token_s@{n}": per_tok[name, n] for n in lengths},
+                details={f"per_token_s@{n}": at[n] for n in lengths},
             )
         )
-    if "transformer" in names:
-        for name in names:
-            if name == "transformer" or not info[name]["constant"]:
-                continue
-            for n in [x for x in lengths if x >= kv_from]:
-                med, spread = ratio_stats(per_tok["transformer", n], per_tok[name, n])
-                rows.append(
-                    row(
-                        f"decode_vs_kv_cache[{name}@{n}]",
-                        statistics.median(per_tok[name, n]),
-                        statistics.median(per_tok["transformer", n]),
-                        "s/token",
-                        med,
-                        "speedup",
-                        1.5,
-                        ours_label=name,
-                        peer_label="transformer (KV cache)",
-                        note=f"per token after {n} frames, batch {batch} with CFG, matched params",
-                        spread=spread,
-                        rounds=rounds,
-                    )
-                )
-    return rows
+    return rows + _vs_kv_cache(per_tok, info, names, lengths, kv_from, batch, rounds, "eager",
+                               "decode_vs_kv_cache")
 
 
 COMPILED = ("mamba", "mamba2", "s4d", "s5", "simba", "transformer")
@@ -239,24 +261,9 @@ def decode_compiled(
     names = _names(list(backbones or COMPILED))
     tokens = tokens or (8 if quick else 24)
     rounds = rounds or (5 if quick else 9)
-    K, card, Dt, L = DEMO["K"], DEMO["card"], DEMO["text_dim"], DEMO["text_len"]
-    dec, info = {}, {}
     with torch.no_grad():
-        for name in names:
-            lm = build_lm(K, card, Dt, **{**DEMO["model"], "backbone": name}).eval()
-            info[name] = {"constant": lm.backbone.constant_state, "compile_s": 0.0}
-            for n in lengths:
-                for mode in ("eager", "compiled"):
-                    d = _Decoder(lm, batch, n, (rounds + 1) * tokens + 8, L, Dt, compiled=mode == "compiled")
-                    t0 = time.perf_counter()
-                    d.steps(3)  # compiles on the first call (recompiles for a new cache length)
-                    if mode == "compiled":
-                        info[name]["compile_s"] += time.perf_counter() - t0
-                    dec[name, n, mode] = d
-            log(f"decode_compiled: {name} compiled in {info[name]['compile_s']:.0f} s")
-        fns = {key: (lambda d=d: d.steps(tokens)) for key, d in dec.items()}
-        t = paired(fns, rounds)
-    per_tok = {k: [s / tokens for s in v] for k, v in t.items()}
+        dec, info = _decoders(names, lengths, batch, tokens, rounds, ("eager", "compiled"), "decode_compiled")
+        per_tok = _per_token(dec, tokens, rounds)
     rows = []
     for name in names:
         for n in lengths:
@@ -266,23 +273,12 @@ def decode_compiled(
                 statistics.median(per_tok[name, n, "compiled"]),
                 statistics.median(per_tok[name, n, "eager"]),
                 "s/token", med, "speedup", None, ours_label="compiled", peer_label="eager",
-                note=f"per token after {n} frames, batch {batch} with CFG; compile {info[name]['compile_s']:.0f} s",
+                note=f"per token after {n} frames, batch {batch} with CFG; "
+                f"compile {info[name]['compile_s']:.0f} s",
                 spread=spread, rounds=rounds, details={"compile_s": info[name]["compile_s"]},
             ))
-    if "transformer" in names:
-        for name in [x for x in names if x != "transformer" and info[x]["constant"]]:
-            for n in [x for x in lengths if x >= kv_from]:
-                med, spread = ratio_stats(per_tok["transformer", n, "compiled"], per_tok[name, n, "compiled"])
-                rows.append(row(
-                    f"decode_compiled_vs_kv_cache[{name}@{n}]",
-                    statistics.median(per_tok[name, n, "compiled"]),
-                    statistics.median(per_tok["transformer", n, "compiled"]),
-                    "s/token", med, "speedup", 1.5, ours_label=f"{name} compiled",
-                    peer_label="transformer (KV cache) compiled",
-                    note=f"per token after {n} frames, batch {batch} with CFG, matched params, both compiled",
-                    spread=spread, rounds=rounds,
-                ))
-    return rows
+    return rows + _vs_kv_cache(per_tok, info, names, lengths, kv_from, batch, rounds, "compiled",
+                               "decode_compiled_vs_kv_cache")
 
 
 def kv_cache_vs_musicgen(

@@ -103,12 +103,7 @@ def paired(
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(max(1, rounds)):
         for k, fn in fns.items():
-            best = math.inf
-            for _ in range(max(1, best_of)):
-                t0 = time.perf_counter()
-                fn()
-                best = min(best, time.perf_counter() - t0)
-            times[k].append(best)
+            times[k].append(best(fn, best_of))
     return times
 
 

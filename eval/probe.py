@@ -20,10 +20,10 @@ Contrastive text-audio head: a linear projection of the embedding into the capti
 frozen text encoder (`text_encoder`, MiniLM by default; sentence embedding = masked mean of its
 token states), trained jointly with the attribute heads by a symmetric InfoNCE loss (clips sharing
 a caption are all positives). Its floor: held-out text-to-audio recall@k (k = 5, at most a tenth
-of the held-out clips: `recall_cutoff`) against the
-chance of a random ranking (1 - C(N - m, k) / C(N, k) per query, one query per distinct caption,
-m clips with that caption), by the same margin and significance rule as the attribute heads
-(`check_contrastive_quality`; the p value is the exact Poisson-binomial tail).
+of the held-out clips: `recall_cutoff`) against the chance of a random ranking (1 - C(N - m, k) /
+C(N, k) per query, one query per distinct caption, m clips with that caption), by the same margin
+and significance rule as the attribute heads (`check_contrastive_quality`; the p value is the
+exact Poisson-binomial tail).
 
 One evaluator, three metric families: its embeddings give FD (fd_probe), its attribute heads give
 adherence and the KL of attribute posteriors between paired clips (kl_probe), its contrastive head
@@ -193,8 +193,8 @@ def retrieval_recall(audio: Tensor, text: Tensor, captions: list[str], k: int) -
 
     Under chance (a random ranking) a query whose caption m clips share hits with probability
     1 - C(N - m, k) / C(N, k), independently across queries; `p` is the exact one-sided tail
-    P(hits >= observed) of that Poisson-binomial count. Returns recall, chance (mean hit
-    probability), p, the number of queries and of clips."""
+    P(hits >= observed) of that Poisson-binomial count (scipy.stats.poisson_binom). Returns recall,
+    chance (mean hit probability), p, k (`recall_cutoff`), the number of queries and of clips."""
     n = len(captions)
     k = recall_cutoff(k, n)
     first: dict[str, int] = {}
@@ -208,8 +208,10 @@ def retrieval_recall(audio: Tensor, text: Tensor, captions: list[str], k: int) -
         hits.append(any(int(j) in same for j in top[row]))
         m = len(same)
         ps.append(1.0 - (math.comb(n - m, k) / math.comb(n, k) if n - m >= k else 0.0))
-    return {"recall": float(np.mean(hits)), "chance": float(np.mean(ps)),
-            "p": poisson_binomial_sf(ps, int(sum(hits))), "queries": len(q), "clips": n}
+    from scipy.stats import poisson_binom
+
+    return {"recall": float(np.mean(hits)), "chance": float(np.mean(ps)), "k": k,
+            "p": float(poisson_binom.sf(int(sum(hits)) - 1, ps)), "queries": len(q), "clips": n}
 
 
 def recall_cutoff(k: int, n_clips: int) -> int:
@@ -217,16 +219,6 @@ def recall_cutoff(k: int, n_clips: int) -> int:
     (at least 1), so that a small held-out set keeps the power to show a head beats chance (12
     clips over 6 captions at k = 5: chance 0.68 per caption, and 6 hits of 6 have p = 0.10)."""
     return max(1, min(k, n_clips // 10, n_clips - 1))
-
-
-def poisson_binomial_sf(probs: list[float], s: int) -> float:
-    """P(S >= s) for S a sum of independent Bernoulli(probs[i]) (exact, by dynamic programming)."""
-    dist = np.zeros(len(probs) + 1)
-    dist[0] = 1.0
-    for i, p in enumerate(probs):  # dist[j] = P(j hits among the first i + 1)
-        dist[1 : i + 2] = dist[1 : i + 2] * (1 - p) + dist[: i + 1] * p
-        dist[0] *= 1 - p
-    return float(min(1.0, dist[max(0, s):].sum()))
 
 
 # ----------------------------------------------------------------------------- manifest helpers
@@ -631,8 +623,9 @@ def _train(manifest, out, s: ProbeSettings, classes, train, held, mhash: str, pr
         n_per[a] = len(keep)
     acc["mean"] = float(np.mean([acc[a] for a in classes]))
     held_caps = [e["caption"] for e in held]
-    r = retrieval_recall(probe.audio_text(held_wavs), caption_embeddings(encoder, held_caps), held_caps, s.recall_k)
-    contrastive = {"k": recall_cutoff(s.recall_k, len(held)), "recall": r["recall"], "chance": r["chance"],
+    r = retrieval_recall(probe.audio_text(held_wavs), caption_embeddings(encoder, held_caps), held_caps,
+                         s.recall_k)
+    contrastive = {"k": r["k"], "recall": r["recall"], "chance": r["chance"],
                    "n": r["queries"], "n_clips": r["clips"], "p": r["p"],
                    "test": "exact Poisson-binomial tail over distinct held-out captions"}
     chance["mean"] = float(np.mean([chance[a] for a in classes]))

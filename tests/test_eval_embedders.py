@@ -394,16 +394,27 @@ def test_probe_needs_train_and_heldout_clips(tmp_path):
         train_probe(no_attr, tmp_path / "p.pt", progress=False)
 
 
-def test_poisson_binomial_tail_matches_the_binomial_and_a_hand_sum():
+def test_retrieval_recall_p_is_the_exact_tail_of_its_hit_count():
+    """12 clips with distinct captions (k = 1: a tenth of 12 clips, at least 1; chance 1/12 per
+    query), 7 captions rank their own clip first, 5 another: p = P(Binomial(12, 1/12) >= 7); and
+    with two queries of different chance, the tail by hand."""
     from scipy.stats import binom
 
-    from eval.probe import poisson_binomial_sf
+    from eval.probe import retrieval_recall
 
-    for s in range(8):
-        assert poisson_binomial_sf([0.3] * 7, s) == pytest.approx(binom.sf(s - 1, 7, 0.3), abs=1e-12)
-    # two queries, p = 0.2 and 0.5: P(S >= 1) = 1 - 0.8 * 0.5, P(S >= 2) = 0.2 * 0.5
-    assert poisson_binomial_sf([0.2, 0.5], 1) == pytest.approx(0.6)
-    assert poisson_binomial_sf([0.2, 0.5], 2) == pytest.approx(0.1)
+    text = torch.eye(12)
+    audio = torch.eye(12)[[0, 1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 7]]  # clips 7-11: the next caption's vector
+    r = retrieval_recall(audio, text, [f"c{i}" for i in range(12)], k=5)
+    assert r["k"] == 1 and r["queries"] == 12 and r["recall"] == pytest.approx(7 / 12)
+    assert r["chance"] == pytest.approx(1 / 12) and r["p"] == pytest.approx(binom.sf(6, 12, 1 / 12), rel=1e-9)
+    # 10 clips, captions a (clips 0-1) and b..i (one clip each), k = 1: chance 2/10 for a, 1/10 for b..i;
+    # only a's query hits: P(S >= 1) = 1 - 0.8 * 0.9**8
+    caps = ["a", "a"] + list("bcdefghi")
+    text = torch.stack([torch.eye(10)[0 if c == "a" else caps.index(c)] for c in caps])
+    audio = torch.eye(10)[[0, 0, 3, 4, 5, 6, 7, 8, 9, 2]]  # a's clips match a; every other query misses
+    r = retrieval_recall(audio, text, caps, k=1)
+    assert r["queries"] == 9 and r["recall"] == pytest.approx(1 / 9)
+    assert r["p"] == pytest.approx(1 - 0.8 * 0.9**8, rel=1e-9)
 
 
 def test_retrieval_recall_p_is_calibrated_under_chance_with_repeated_captions():
