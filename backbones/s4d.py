@@ -10,9 +10,10 @@ as in the paper's minimal implementation):
     y_t = 2 Re(C . h_t) + D u_t
 
 Training runs the equivalent causal convolution y = K * u + D u with the kernel
-K_l = 2 Re(sum_n C_n dB_n dA_n^l) (length L) through an FFT of size 2L; decoding runs the
-recurrence. A prefill from a state adds the state's free response 2 Re(C dA^{t+1} h) and
-returns the final state dA^S h + sum_s dA^{S-1-s} dB u_s.
+K_l = 2 Re(sum_n C_n dB_n dA_n^l) (length L, backbones.ops.s4d_kernel) through FFTs of length
+>= 2L (backbones.ops.fft_conv, with a hand-written backward); decoding runs the recurrence.
+A prefill from a state adds the state's free response 2 Re(C dA^{t+1} h) and returns the
+final state dA^S h + sum_s dA^{S-1-s} dB u_s.
 
 Channel mixing after the SSM, as in the paper: GELU, then a linear layer to 2H and a GLU
 (`glu=False`: GELU then a linear layer H -> H). No separate MLP (default_mlp_ratio None).
@@ -29,20 +30,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backbones.base import Backbone, Mixer, State, register
+from backbones.ops.fft_conv import fft_causal_conv as conv_last
+from backbones.ops.s4d_kernel import kernel_blocks, kernel_uses_numba, s4d_kernel
 
 
 def fft_causal_conv(u: Tensor, k: Tensor) -> Tensor:
     """Causal convolution y_t = sum_{s<=t} k_{t-s} u_s along dim 1. u [B, L, H]; k [L, H] -> [B, L, H]."""
-    return fft_causal_conv_last(u.transpose(1, 2), k.t()).transpose(1, 2)
-
-
-def fft_causal_conv_last(u: Tensor, k: Tensor) -> Tensor:
-    """The same along the last dim: u [B, H, L]; k [H, L] -> [B, H, L]. The FFTs run over
-    contiguous rows (about 2x faster on a CPU than transforming along a strided dim)."""
-    L = u.shape[-1]
-    n = 2 * L
-    y = torch.fft.irfft(torch.fft.rfft(u.contiguous(), n=n) * torch.fft.rfft(k.contiguous(), n=n), n=n)
-    return y[..., :L]
+    return conv_last(u.transpose(1, 2), k.t()).transpose(1, 2)
 
 
 class S4DMixer(Mixer):
@@ -103,23 +97,6 @@ class S4DMixer(Mixer):
         """K [H, L] = 2 Re(sum_n W_n V_n) for W [H, N/2] complex and V = Vr + i Vi [H, N/2, L]."""
         return 2 * (W.real[:, None, :] @ Vr - W.imag[:, None, :] @ Vi)[:, 0]
 
-    @staticmethod
-    def _kernel_blocked(dtA: Tensor, W: Tensor, L: int) -> Tensor:
-        """The same K [H, L] without the [H, N/2, L] table of powers: with l = a + m b (m ~ sqrt(L)),
-        dA^l = dA^a dA^(m b), so K[:, a + m b] = 2 Re(sum_n (W dA^a)_n (dA^(m b))_n) is one batched
-        [m, N/2] @ [N/2, L/m] product per channel (elementwise work H N sqrt(L) instead of H N L)."""
-        m, nb = S4DMixer._blocks(L)
-        re, im = dtA.real[:, :, None], dtA.imag[:, :, None]  # [H, N/2, 1]
-        a = torch.arange(m, device=dtA.device, dtype=re.dtype)
-        mb = torch.arange(nb, device=dtA.device, dtype=re.dtype) * m
-        m1, m2 = torch.exp(re * a), torch.exp(re * mb)  # [H, N/2, m], [H, N/2, nb]
-        p1r, p1i = m1 * torch.cos(im * a), m1 * torch.sin(im * a)
-        p2r, p2i = m2 * torch.cos(im * mb), m2 * torch.sin(im * mb)
-        wr, wi = W.real[:, :, None], W.imag[:, :, None]
-        ar, ai = wr * p1r - wi * p1i, wr * p1i + wi * p1r  # W dA^a: [H, N/2, m]
-        K = 2 * (ar.transpose(1, 2) @ p2r - ai.transpose(1, 2) @ p2i)  # [H, m, nb]: K[:, a, b] = K_{a + m b}
-        return K.transpose(1, 2).reshape(K.shape[0], m * nb)[:, :L]
-
     def _post(self, y: Tensor) -> Tensor:
         y = F.gelu(y)
         return F.glu(self.out(y), dim=-1) if self.glu else self.out(y)
@@ -146,12 +123,12 @@ class S4DMixer(Mixer):
             return self._post(self._recurrent(u[:, 0], state).to(x.dtype))[:, None]
         dtA, _, dB, C = self._discrete(rt)
         if state is None:  # training: the kernel alone
-            K = self._kernel_blocked(dtA, C * dB, S)  # [H, S]
+            K = s4d_kernel(dtA, C * dB, S)  # [H, S]
         else:  # prefill: the state terms need every power dA^l, l <= S
             Vr, Vi = self._powers(dtA, S + 1)  # [H, N/2, S+1]
             K = self._kernel(C * dB, Vr[:, :, :S], Vi[:, :, :S])  # [H, S]
         # contiguous [B, S, H]: a transposed layout would make GELU's backward a slow strided loop
-        y = fft_causal_conv_last(u.transpose(1, 2), K).transpose(1, 2).contiguous() + u * self.D.to(rt)
+        y = conv_last(u.transpose(1, 2), K).transpose(1, 2).contiguous() + u * self.D.to(rt)
         if state is not None:
             h = self._state(state, rt)
             V = torch.complex(Vr, Vi)
@@ -221,16 +198,13 @@ class S4DMixer(Mixer):
         kernel = 14 * self.n_modes
         return int(self.d_model * (fft + kernel + 2 + 8 + (5 if self.glu else 0)))
 
-    @staticmethod
-    def _blocks(L: int) -> tuple[int, int]:
-        """`_kernel_blocked`'s split of L positions: m ~ sqrt(L) offsets times nb blocks."""
-        m = max(1, math.isqrt(max(L - 1, 0)) + 1)
-        return m, -(-L // m)
-
     def scan_flops_counted(self, batch: int, seq_len: int) -> int:
-        """The counter sees `_kernel_blocked`'s two [m, N/2] @ [N/2, nb] products per channel
-        (once per step, whatever the batch), forward and both gradients."""
-        m, nb = self._blocks(seq_len)
+        """What the counter sees of the kernel generation (once per step, whatever the batch):
+        nothing from the numba loops; on the reference path its two [m, N/2] @ [N/2, nb] products
+        per channel, forward and both gradients."""
+        if kernel_uses_numba(self.log_dt):
+            return 0
+        m, nb = kernel_blocks(seq_len)
         return 3 * 2 * 2 * self.d_model * m * self.n_modes * nb
 
 

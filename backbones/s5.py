@@ -24,9 +24,9 @@ Fast path (`use_package = False`, the default): the package builds the layer (Hi
 initialisation, parameter layout) and stays the reference; the computation is done here.
 S5 is time-invariant (Lambda_bar = exp(Lambda dt) is the same at every step), so the scan
 x_t = Lambda_bar x_{t-1} + B_bar u_t is a causal convolution of B_bar u with Lambda_bar^l per
-state, run through one complex FFT of length 2L; y = Re(C x) + D u. A decoding step is the
-recurrence itself (a few [B, P] ops instead of the package's vmap'd scan). The tests check
-both against the package's forward, values and gradients.
+state, run through complex FFTs of length >= 2L (backbones.ops.fft_conv); y = Re(C x) + D u.
+A decoding step is the recurrence itself (a few [B, P] ops instead of the package's vmap'd
+scan). The tests check both against the package's forward, values and gradients.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from backbones.base import Backbone, Mixer, State, register
+from backbones.ops.fft_conv import fft_causal_conv
 
 _ACTIVATIONS = ("half_glu1", "half_glu2", "gelu")
 
@@ -96,23 +97,25 @@ class S5Mixer(Mixer):
         return dtl, lbar, bbar, torch.view_as_complex(self.C.float().contiguous()), seq.D.float()
 
     def _scan_fft(self, u: Tensor, h0: Tensor | None) -> tuple[Tensor, Tensor]:
-        """u [B, L, H] float32, h0 [B, P] complex or None -> y [B, L, H], final state [B, P]."""
+        """u [B, L, H] float32, h0 [B, P] complex or None -> y [B, L, H], final state [B, P].
+        Token-major throughout: B_bar u comes out of one matmul as interleaved (Re, Im) pairs, i.e.
+        a complex [B, L, P] view, the convolution runs along L (dim 1), and Re(C x) reads the
+        pairs back through one matmul; no transposes."""
         dtl, lbar, bbar, C, D = self._discrete()
-        L = u.shape[1]
+        B, L, _ = u.shape
         P = self.d_state
-        bu = (u @ torch.cat([bbar.real, bbar.imag]).t()).transpose(1, 2)  # [B, 2P, L]
-        bu = torch.complex(bu[:, :P], bu[:, P:])  # [B, P, L]
-        l = torch.arange(L, device=u.device, dtype=torch.float32)
-        mag = torch.exp(dtl.real[:, None] * l)  # |Lambda_bar^l|: [P, L]
-        ang = dtl.imag[:, None] * l
-        k = torch.complex(mag * torch.cos(ang), mag * torch.sin(ang))  # Lambda_bar^l: [P, L]
-        n = 2 * L
-        xs = torch.fft.ifft(torch.fft.fft(bu, n=n) * torch.fft.fft(k, n=n), n=n)[..., :L]  # [B, P, L]
+        wb = torch.view_as_real(bbar).transpose(1, 2).reshape(2 * P, -1)  # rows Re, Im of B_bar: [2P, H]
+        bu = torch.view_as_complex((u @ wb.t()).view(B, L, P, 2))  # B_bar u: [B, L, P]
+        l = torch.arange(L, device=u.device, dtype=torch.float32)[:, None]
+        mag = torch.exp(dtl.real * l)  # |Lambda_bar^l|: [L, P]
+        ang = dtl.imag * l
+        k = torch.complex(mag * torch.cos(ang), mag * torch.sin(ang))  # Lambda_bar^l: [L, P]
+        xs = fft_causal_conv(bu, k, dim=-2)  # [B, L, P]
         if h0 is not None:
-            xs = xs + h0[:, :, None] * (k * lbar[:, None])  # free response Lambda_bar^(t+1) h0
-        xr = torch.cat([xs.real, xs.imag], 1)  # [B, 2P, L]
-        y = torch.cat([C.real, -C.imag], 1) @ xr  # Re(C x): [B, H, L]
-        return y.transpose(1, 2).contiguous() + u * D, xs[..., -1]  # contiguous: GELU's backward follows
+            xs = xs + h0[:, None, :] * (k * lbar)  # free response Lambda_bar^(t+1) h0
+        wc = torch.stack([C.real, -C.imag], -1).reshape(C.shape[0], 2 * P)  # [H, 2P]
+        y = torch.view_as_real(xs).reshape(B, L, 2 * P) @ wc.t()  # Re(C x): [B, L, H]
+        return y + u * D, xs[:, -1]
 
     def _step_params(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Lambda_bar [P], [Re B_bar; Im B_bar]^T [H, 2P], [Re C, -Im C]^T [2P, H], D [H] for decoding:

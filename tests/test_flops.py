@@ -124,12 +124,19 @@ def test_s5_train_step_flops_count_the_scan_once(use_package):
     assert got["scan_seen"] == 3 * B * P * n * (4 if use_package else 8) * Ps * H
 
 
-def test_s4d_train_step_flops_count_the_kernel_once():
-    """S4D's convolution kernel is built by two batched products per channel that the counter
-    sees (once per step, not per clip); they are taken out, the analytic scan counts them."""
+@pytest.mark.parametrize("numba", [True, False])
+def test_s4d_train_step_flops_count_the_kernel_once(numba, monkeypatch):
+    """S4D's convolution kernel: on the reference path two batched products per channel that the
+    counter sees (once per step, not per clip) are taken out; the numba loops are invisible to
+    it; either way the analytic scan counts the kernel once and the totals agree."""
     import math
 
     from torch import nn
+
+    from backbones.ops import s4d_kernel
+
+    if not numba:
+        monkeypatch.setattr(s4d_kernel, "_nb", None)
 
     lm = tiny_lm("prefix", "s4d", d_state=8)
     S = T + K - 1
@@ -143,5 +150,6 @@ def test_s4d_train_step_flops_count_the_kernel_once():
     heads, text = K * 2 * B * S * d * V, 2 * B * L * Dt * d
     got = count_train_step_flops(lm, *batch())
     assert got["counted"] == 3 * (lin + heads) + 2 * text
-    assert got["scan_seen"] == n * 3 * 2 * 2 * d * m * half * nb
+    assert got["scan_seen"] == (0 if numba else n * 3 * 2 * 2 * d * m * half * nb)
     assert got["scan"] == 3 * B * P * bb.scan_flops_per_token(P)
+    assert got["total"] == got["counted"] + got["scan"]

@@ -249,21 +249,97 @@ def test_pure_chunk_size_cuts_the_length_into_equal_chunks(seq_len, want):
 
 
 @pytest.mark.parametrize("L", [1, 2, 15, 16, 17, 176, 301])
-def test_s4d_blocked_kernel_equals_power_table(L):
+def test_s4d_kernel_paths_equal_power_table_fwd_bwd(L):
+    """The blocked reference and the numba loops (closed-form backward) vs the full table of
+    powers, K and the gradients of z = dt A and W = C dB, float64."""
+    from backbones.ops.s4d_kernel import _NumbaKernel, s4d_kernel_ref
     from backbones.s4d import S4DMixer
 
     torch.manual_seed(0)
     m = S4DMixer(8, d_state=10).double()
     dtA, _, dB, C = m._discrete(torch.float64)
-    Vr, Vi = m._powers(dtA, L)
-    ref = m._kernel(C * dB, Vr, Vi)
-    fast = m._kernel_blocked(dtA, C * dB, L)
-    assert fast.shape == ref.shape == (8, L)
-    assert (fast - ref).abs().max() < 1e-10
+    z0, W0 = dtA.detach(), (C * dB).detach()
+    g = torch.randn(8, L, dtype=torch.float64)
+    outs = []
+    for fn in (
+        lambda z, W: m._kernel(W, *m._powers(z, L)),
+        lambda z, W: s4d_kernel_ref(z, W, L),
+        lambda z, W: _NumbaKernel.apply(z, W, L),
+    ):
+        z, W = z0.clone().requires_grad_(), W0.clone().requires_grad_()
+        K = fn(z, W)
+        assert K.shape == (8, L)
+        outs.append([K, *torch.autograd.grad((K * g).sum(), (z, W))])
+    for other in outs[1:]:
+        for a, r in zip(other, outs[0], strict=True):
+            assert (a - r).abs().max() < 1e-10 * max(1.0, r.abs().max().item())
+
+
+def test_s4d_numba_kernel_float32_close_to_float64():
+    from backbones.ops.s4d_kernel import _NumbaKernel
+    from backbones.s4d import S4DMixer
+
+    torch.manual_seed(0)
+    m = S4DMixer(32).double()
+    dtA, _, dB, C = m._discrete(torch.float64)
+    z64, W64 = dtA.detach(), (C * dB).detach()
+    g = torch.randn(32, 176, dtype=torch.float64)
+    outs = []
+    for dt in (torch.complex128, torch.complex64):
+        z, W = z64.to(dt).requires_grad_(), (W64.to(dt)).requires_grad_()
+        K = _NumbaKernel.apply(z, W, 176)
+        grads = torch.autograd.grad((K * g.to(K.dtype)).sum(), (z, W))
+        outs.append([t.to(torch.complex128) for t in (K, *grads)])
+    for a, r in zip(outs[1], outs[0], strict=True):
+        assert (a - r).abs().max() < 1e-5 * r.abs().max()
+
+
+@pytest.mark.parametrize("dim", [-1, -2])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_fft_causal_conv_equals_direct_convolution_fwd_bwd(dim, dtype):
+    """The hand-written backward vs autograd through a direct causal convolution (Toeplitz matmul):
+    output and both gradients, real and complex, along either of the last two dims; plus gradcheck."""
+    from backbones.ops.fft_conv import fft_causal_conv, fft_causal_conv_ref
+
+    gen = torch.Generator().manual_seed(0)
+    u0 = torch.randn(2, 3, 5, 23, generator=gen, dtype=dtype)  # [..., C, L]
+    k0 = torch.randn(5, 23, generator=gen, dtype=dtype)
+    g = torch.randn(2, 3, 5, 23, generator=gen, dtype=dtype)
+    lag = torch.arange(23)[:, None] - torch.arange(23)[None, :]
+
+    def direct(u, k):  # [..., C, L], [C, L]
+        T = k[:, lag.clamp(min=0)] * (lag >= 0)  # [C, L, L]
+        return torch.einsum("cts,...cs->...ct", T, u)
+
+    def along(fn):  # fn on the [..., L, C] layout when dim == -2
+        if dim == -1:
+            return fn
+        return lambda u, k: fn(u.transpose(-1, -2), k.t(), dim=-2).transpose(-1, -2)
+
+    outs = []
+    for fn in (direct, along(fft_causal_conv_ref), along(fft_causal_conv)):
+        u, k = u0.clone().requires_grad_(), k0.clone().requires_grad_()
+        y = fn(u, k)
+        outs.append([y, *torch.autograd.grad((y * g.conj()).real.sum(), (u, k))])
+    for other in outs[1:]:
+        for a, r in zip(other, outs[0], strict=True):
+            assert (a - r).abs().max() < 1e-10
+    small = (u0[:1, :1, :2, :7].clone().requires_grad_(), k0[:2, :7].clone().requires_grad_())
+    if dim == -1:
+        assert torch.autograd.gradcheck(fft_causal_conv, small)
+
+
+def test_fft_causal_conv_rejects_mismatched_inputs():
+    from backbones.ops.fft_conv import fft_causal_conv
+
+    with pytest.raises(ValueError, match=r"both real or both complex"):
+        fft_causal_conv(torch.randn(2, 5, 9), torch.randn(5, 9, dtype=torch.complex64))
+    with pytest.raises(ValueError, match=r"got u .* \(2, 5, 9\), k .* \(5, 8\)"):
+        fft_causal_conv(torch.randn(2, 5, 9), torch.randn(5, 8))
 
 
 def test_s4d_training_path_equals_reference_fwd_bwd():
-    """Training (blocked kernel, FFT along contiguous rows) vs the textbook form (full power
+    """Training (numba kernel, FFT convolution with its own backward) vs the textbook form (full power
     table, direct causal convolution as a Toeplitz matmul), forward and gradients, float64."""
     from backbones.s4d import S4DMixer
 

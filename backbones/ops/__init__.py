@@ -3,6 +3,9 @@
     dispatch        the kernel | reference knob, kernel loading, the record of the path that ran
     selective_scan  Mamba1's selective scan: sequential reference, numba CPU kernel, chunked PyTorch
     mamba3          Mamba-3's SISO scan: sequential reference and chunked PyTorch form
+    s4d_kernel      S4D's convolution kernel: blocked PyTorch reference, numba loops with a
+                    closed-form backward
+    fft_conv        causal FFT convolution (S4D, S5): autograd reference, hand-written backward
 
 Each kernel has a pure reference beside it; the Triton kernels from mamba_ssm and fla are
 checked against these references under TRITON_INTERPRET=1 (tests/test_kernels_interp.py).
