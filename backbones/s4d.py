@@ -30,13 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backbones.base import Backbone, Mixer, State, register
-from backbones.ops.fft_conv import fft_causal_conv as conv_last
+from backbones.ops.fft_conv import fft_causal_conv
 from backbones.ops.s4d_kernel import kernel_blocks, kernel_uses_numba, s4d_kernel
-
-
-def fft_causal_conv(u: Tensor, k: Tensor) -> Tensor:
-    """Causal convolution y_t = sum_{s<=t} k_{t-s} u_s along dim 1. u [B, L, H]; k [L, H] -> [B, L, H]."""
-    return conv_last(u.transpose(1, 2), k.t()).transpose(1, 2)
 
 
 class S4DMixer(Mixer):
@@ -128,7 +123,7 @@ class S4DMixer(Mixer):
             Vr, Vi = self._powers(dtA, S + 1)  # [H, N/2, S+1]
             K = self._kernel(C * dB, Vr[:, :, :S], Vi[:, :, :S])  # [H, S]
         # contiguous [B, S, H]: a transposed layout would make GELU's backward a slow strided loop
-        y = conv_last(u.transpose(1, 2), K).transpose(1, 2).contiguous() + u * self.D.to(rt)
+        y = fft_causal_conv(u.transpose(1, 2), K).transpose(1, 2).contiguous() + u * self.D.to(rt)
         if state is not None:
             h = self._state(state, rt)
             V = torch.complex(Vr, Vi)

@@ -8,7 +8,8 @@ import torch
 
 from backbones.base import build_backbone, count_params
 from backbones.mamba import _nb, selective_scan, selective_scan_ref
-from backbones.s4d import S4DMixer, fft_causal_conv
+from backbones.ops.fft_conv import fft_causal_conv
+from backbones.s4d import S4DMixer
 from backbones.s5 import S5Mixer
 
 NAMES = ["mamba", "s4d", "s5"]
@@ -212,7 +213,7 @@ def test_s4d_fft_conv_equals_recurrence_float64():
     m = S4DMixer(6, d_state=8, init="inv").double()
     u = torch.randn(3, 40, 6, dtype=torch.float64)
     # the SSM alone: FFT convolution with the kernel vs the complex recurrence
-    y_fft = fft_causal_conv(u, m.kernel(40, torch.float64)) + u * m.D
+    y_fft = fft_causal_conv(u, m.kernel(40, torch.float64), dim=-2) + u * m.D  # along L of [B, L, H]
     state = m.allocate_state(3, 40, dtype=torch.float64)
     y_rec = torch.stack([m._recurrent(u[:, t], state) for t in range(40)], 1)
     assert (y_fft - y_rec).abs().max() < 1e-10
