@@ -194,3 +194,25 @@ def test_compiled_step_equals_eager_step(backbone, cond):
         a = lm.generate(te, tm, 8, greedy=True)
         b = lm.generate(te, tm, 8, greedy=True, compile_step=True)
     assert torch.equal(a, b)
+
+
+def test_per_codebook_loss_and_its_gradient_match_the_closed_form():
+    """loss_k = mean over predicted positions of -log softmax(logits)[target]; its gradient wrt the
+    logits is (softmax - onehot) / count_k at those positions and 0 where nothing is predicted."""
+    lm = make_lm()
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 7, 16, generator=gen, requires_grad=True)
+    target = torch.randint(0, 16, (2, 3, 7), generator=gen)
+    target[0, 1, 4:] = -100
+    target[1, 2, :] = -100
+    target[1, 2, 0] = 5
+    per_k = lm._per_codebook_loss(logits, target)
+    (grad,) = torch.autograd.grad(per_k.sum(), logits)
+    keep = target != -100  # [B, K, S]
+    count = keep.sum((0, 2))  # [K]
+    logp = logits.detach().log_softmax(-1)
+    nll = -logp.gather(-1, target.clamp(min=0)[..., None])[..., 0] * keep
+    assert torch.allclose(per_k.detach(), nll.sum((0, 2)) / count, atol=1e-6)
+    onehot = torch.nn.functional.one_hot(target.clamp(min=0), 16) * keep[..., None]
+    want = (logp.exp() * keep[..., None] - onehot) / count[None, :, None, None]
+    assert torch.allclose(grad, want, atol=1e-7)

@@ -133,10 +133,12 @@ class TTMLM(nn.Module):
         return per_k.mean(), per_k
 
     def _per_codebook_loss(self, logits: Tensor, target: Tensor) -> Tensor:  # -> [K']
+        # unbind, not logits[:, k]: the backward stacks the K' gradients once instead of zero-filling
+        # a full [B, K', S, card] tensor per codebook (the same values)
         return torch.stack([
-            F.cross_entropy(logits[:, k].reshape(-1, logits.shape[-1]).float(), target[:, k].reshape(-1),
+            F.cross_entropy(lk.reshape(-1, logits.shape[-1]).float(), tk.reshape(-1),
                             ignore_index=-100, label_smoothing=self.label_smoothing)
-            for k in range(target.shape[1])
+            for lk, tk in zip(logits.unbind(1), target.unbind(1), strict=True)
         ])
 
     def _teacher_forced(self, codes: Tensor, lengths: Tensor, text_emb: Tensor, text_mask: Tensor,
