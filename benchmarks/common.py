@@ -209,6 +209,21 @@ def train_step_fn(lm, batch, lr: float = 1e-3) -> Callable[[], None]:
     return step
 
 
+def machine_state(mm_size: int = 2048, copy_mb: int = 64, repeats: int = 5) -> dict[str, float]:
+    """How fast this machine is right now: fp32 matmul GFLOP/s (`mm_size`^2 torch.mm) and memory copy
+    bandwidth GB/s (read + write of a `copy_mb` MB buffer, larger than a CPU's last-level cache),
+    each the best of `repeats`. On a shared or virtual machine both drift, not always together; the
+    SSMs' steps are more memory-bound than the Transformer's, so their ratios move with the balance
+    of the two. `bench` records this at the start and the end of every run."""
+    a, b = torch.randn(mm_size, mm_size), torch.randn(mm_size, mm_size)
+    src = torch.randn(copy_mb * 2**18)
+    dst = torch.empty_like(src)
+    torch.mm(a, b), dst.copy_(src)
+    mm_s = best(lambda: torch.mm(a, b), repeats)
+    copy_s = best(lambda: dst.copy_(src), repeats)
+    return {"matmul_gflops": 2 * mm_size**3 / mm_s / 1e9, "copy_gbps": 2 * src.numel() * 4 / copy_s / 1e9}
+
+
 def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
     """Best fp32 FLOP/s of an n x n @ n x n torch.mm."""
     a, b = torch.randn(n, n), torch.randn(n, n)

@@ -7,7 +7,8 @@ shows both raw figures, their ratio, the target and whether it is met; a target 
 not met is printed as NOT MET, never hidden. A ratio is the median over interleaved rounds
 and is printed with its [min-max] spread; when the target lies inside that spread the verdict
 is marked "(in spread)": the margin is within the machine's noise. Every run appends one
-JSON line (time, git commit, machine, all results) to `--results PATH`, else
+JSON line (time, git commit, machine, its measured speed at the start and the end of the run,
+all results) to `--results PATH`, else
 `$TTM_BENCH_RESULTS`, else `runs/bench/results.jsonl` under the current directory (never
 into the installed package).
 """
@@ -25,7 +26,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from benchmarks.cases import CASES, RESULT_MARK, parse_sets
+from benchmarks.common import machine_state
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS = Path("runs") / "bench" / "results.jsonl"  # relative to the working directory
@@ -265,6 +269,9 @@ def cli(argv: list[str] | None = None) -> int:
     results_path = Path(a.results or os.environ.get("TTM_BENCH_RESULTS") or DEFAULT_RESULTS)
 
     started = time.time()
+    if a.threads:  # the probes run here, with the cases' thread count
+        torch.set_num_threads(a.threads)
+    speed = {"start": machine_state()}
     results = []
     for name in names:
         print(f"[{time.strftime('%H:%M:%S')}] bench {name} ...", file=sys.stderr, flush=True)
@@ -272,10 +279,12 @@ def cli(argv: list[str] | None = None) -> int:
         results.append(res)
         state = "error: " + res["error"] if res.get("error") else f"{res.get('wall_s', 0):.1f} s"
         print(f"[{time.strftime('%H:%M:%S')}] bench {name}: {state}", file=sys.stderr, flush=True)
+    speed["end"] = machine_state()
     record = {
         "timestamp": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
         "machine": machine_info(a.threads),
+        "machine_state": speed,
         "quick": a.quick,
         "cases": names,
         "overrides": overrides,
@@ -292,6 +301,10 @@ def cli(argv: list[str] | None = None) -> int:
             f"commit {(record['git_commit'] or 'unknown')[:10]}; {'quick' if a.quick else 'full'} run "
             f"in {record['total_s']:.0f} s"
         )
+        st = {k: f"{v['matmul_gflops']:.0f} GFLOP/s matmul, {v['copy_gbps']:.1f} GB/s copy"
+              for k, v in speed.items()}
+        print(f"machine state at the start: {st['start']}; at the end: {st['end']} (ratios of memory-bound "
+              f"and compute-bound work move with the balance of the two)")
         print(format_table(results))
         print(f"\nappended to {results_path}")
     failed = any(r.get("error") for r in results)

@@ -77,6 +77,9 @@ def test_cli_appends_one_json_line(tmp_path, capsys):
     assert rec["overrides"]["frames"] == 3
     m = rec["machine"]
     assert m["cores"] >= 1 and m["torch"] == torch.__version__ and m["threads"] == 1 and m["cpu"]
+    for when in ("start", "end"):  # the machine's measured speed brackets the run
+        st = rec["machine_state"][when]
+        assert st["matmul_gflops"] > 0.1 and st["copy_gbps"] > 0.1
     assert rec["git_commit"] is None or len(rec["git_commit"]) == 40
     (case,) = rec["results"]
     assert [r["name"] for r in case["rows"]] == ["decode_recurrent_vs_recompute[transformer]"]
