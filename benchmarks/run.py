@@ -10,7 +10,9 @@ is marked "(in spread)": the margin is within the machine's noise. Every run app
 JSON line (time, git commit, machine, its measured speed at the start and the end of the run,
 all results) to `--results PATH`, else
 `$TTM_BENCH_RESULTS`, else `runs/bench/results.jsonl` under the current directory (never
-into the installed package).
+into the installed package). `--history` reads that file back: each row's ratio across runs and in
+how many runs its target was met (on a shared machine a verdict near its target can change from
+run to run; one run's spread does not show that).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -228,6 +231,80 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
+# ----------------------------------------------------------------------------- history
+
+
+def history(records: list[dict], only: list[str] | None = None, commit: str | None = None) -> list[dict]:
+    """Every result row's ratios across recorded runs (quick and full runs apart), in first-seen order:
+    [{name, quick, ratios, met, commits, row}], `row` the latest run's (its target and kind). `only`:
+    these cases; `commit`: runs whose git commit starts with it. Lines without results are skipped."""
+    groups: dict[tuple[str, bool], dict] = {}
+    for rec in records:
+        if "results" not in rec or (commit and not (rec.get("git_commit") or "").startswith(commit)):
+            continue
+        for c in rec["results"]:
+            if only and c.get("case") not in only:
+                continue
+            for r in c.get("rows", []):
+                if r.get("ratio") is None:
+                    continue
+                quick = bool(rec.get("quick"))
+                g = groups.setdefault(
+                    (r["name"], quick),
+                    {"name": r["name"], "quick": quick, "ratios": [], "met": [], "commits": []},
+                )
+                g["ratios"].append(r["ratio"])
+                g["met"].append(r.get("met"))
+                c10 = (rec.get("git_commit") or "unknown")[:10]
+                if c10 not in g["commits"]:
+                    g["commits"].append(c10)
+                g["row"] = r
+    return list(groups.values())
+
+
+def format_history(groups: list[dict]) -> str:
+    """A table of `history`: runs, the median of the runs' ratios with their [min-max], the target and
+    in how many runs it was met; a note for every row whose verdict differs between runs."""
+    head = ["case", "runs", "ratio: median of runs [min-max]", "target", "met", "commits"]
+    body, notes = [], []
+    for g in groups:
+        r, rs = g["row"], g["ratios"]
+        kind = r.get("ratio_kind")
+        met = [m for m in g["met"] if m is not None]
+        name = g["name"] + ("" if g["quick"] else " (full)")
+        spread = f"[{_fmt_ratio(min(rs), kind)}-{_fmt_ratio(max(rs), kind)}]"
+        body.append([
+            name, str(len(rs)), f"{_fmt_ratio(statistics.median(rs), kind)} {spread}",
+            _target(r), f"{sum(met)}/{len(met)} runs" if met else "-", ", ".join(g["commits"]),
+        ])
+        if 0 < sum(met) < len(met):
+            notes.append(f"{name}: met in {sum(met)} of {len(met)} runs: the verdict changes from run to run")
+    widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body]
+                     + ([""] + notes if notes else []))
+
+
+def read_records(path: Path) -> list[dict]:
+    """The JSON lines of a results file; a missing file or a line that is not JSON is an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(
+            f"--history: no results file at {path} (run `ttm-bench bench` first, or pass --results)"
+        )
+    out = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--history: {path} line {i} is not JSON ({e.msg})") from None
+    return out
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -263,10 +340,25 @@ def cli(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--timeout", type=float, default=None, help="seconds per case (default: none)")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a target is NOT MET")
+    ap.add_argument(
+        "--history", action="store_true",
+        help="run nothing: summarise the ratios of every run in the results file (with --only, --commit)",
+    )
+    ap.add_argument(
+        "--commit", default=None, help="with --history: only runs whose git commit starts with this"
+    )
     a = ap.parse_args(argv)
     names = select_cases(a.only)
     overrides = parse_sets(a.set)
     results_path = Path(a.results or os.environ.get("TTM_BENCH_RESULTS") or DEFAULT_RESULTS)
+    if a.history:
+        groups = history(read_records(results_path), names if a.only else None, a.commit)
+        if not groups:
+            raise ValueError(
+                f"--history: no recorded ratios in {results_path} for the cases and commit asked"
+            )
+        print(format_history(groups))
+        return 0
 
     started = time.time()
     if a.threads:  # the probes run here, with the cases' thread count

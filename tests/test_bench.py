@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from backbones.base import registered
-from benchmarks import cases, run
+from benchmarks import cases, common, run
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"frames": 3, "d_model": 16, "n_layers": 1}
@@ -356,3 +356,35 @@ def test_paired_best_of_keeps_the_fastest_call_of_each_round():
     calls["n"] = 0
     t1 = paired({"f": fn}, rounds=3, warmup=0)
     assert calls["n"] == 3 and max(t1["f"]) >= 0.03  # the first round's one call was the slow one
+
+
+def test_history_summarises_ratios_across_runs_and_flags_flipping_verdicts(tmp_path, capsys):
+    def rec(commit, quick, ratio, musicgen=None):
+        rows = [common.row("ssm_train_step[s5]", 1.0, 1.0, "s", ratio, "slowdown", 1.5, op="<=")]
+        cases = [{"case": "ssm_train_step", "rows": rows}]
+        if musicgen is not None:
+            mg = common.row("kv_cache_vs_musicgen", 1.0, 1.0, "s", musicgen, "speedup", 3.0)
+            cases.append({"case": "kv_cache_vs_musicgen", "rows": [mg]})
+        return {"git_commit": commit, "quick": quick, "results": cases}
+
+    path = tmp_path / "results.jsonl"
+    a, b = "a" * 40, "b" * 40
+    lines = [rec(a, True, 1.46, 2.2), {"earlier": 1}, rec(a, True, 1.66), rec(b, True, 1.56)]
+    lines.append(rec(a, False, 1.40))  # a full run
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    assert run.cli(["--history", "--results", str(path), "--only", "ssm_train_step"]) == 0
+    out = capsys.readouterr().out
+    quick = next(ln for ln in out.splitlines() if ln.startswith("ssm_train_step[s5] "))
+    assert "  3  " in quick and "1.56x [1.46x-1.66x]" in quick and "1/3 runs" in quick
+    assert "aaaaaaaaaa, bbbbbbbbbb" in quick
+    assert "ssm_train_step[s5] (full)" in out and "1/1 runs" in out  # full runs kept apart
+    assert "met in 1 of 3 runs: the verdict changes from run to run" in out
+    assert "kv_cache_vs_musicgen" not in out  # --only
+    assert run.cli(["--history", "--results", str(path), "--commit", "bbb"]) == 0
+    out = capsys.readouterr().out
+    assert "  1  " in out and "1.56x [1.56x-1.56x]" in out and "kv_cache" not in out
+    with pytest.raises(ValueError, match=r"no results file at .*missing\.jsonl"):
+        run.cli(["--history", "--results", str(tmp_path / "missing.jsonl")])
+    path.write_text(json.dumps(lines[0]) + "\nnot json\n")
+    with pytest.raises(ValueError, match=r"results\.jsonl line 2 is not JSON"):
+        run.cli(["--history", "--results", str(path)])
