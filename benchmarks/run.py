@@ -272,7 +272,7 @@ def format_history(groups: list[dict]) -> str:
         kind = r.get("ratio_kind")
         met = [m for m in g["met"] if m is not None]
         name = g["name"] + ("" if g["quick"] else " (full)")
-        spread = f"[{_fmt_ratio(min(rs), kind)}-{_fmt_ratio(max(rs), kind)}]"
+        spread = f"[{_fmt_ratio(min(rs), kind)}-{_fmt_ratio(max(rs), kind)}]" if len(rs) > 1 else "(one run)"
         body.append([
             name, str(len(rs)), f"{_fmt_ratio(statistics.median(rs), kind)} {spread}",
             _target(r), f"{sum(met)}/{len(met)} runs" if met else "-", ", ".join(g["commits"]),
