@@ -98,23 +98,24 @@ class S5Mixer(Mixer):
 
     def _scan_fft(self, u: Tensor, h0: Tensor | None) -> tuple[Tensor, Tensor]:
         """u [B, L, H] float32, h0 [B, P] complex or None -> y [B, L, H], final state [B, P].
-        Token-major throughout: B_bar u comes out of one matmul as interleaved (Re, Im) pairs, i.e.
-        a complex [B, L, P] view, the convolution runs along L (dim 1), and Re(C x) reads the
-        pairs back through one matmul; no transposes."""
+        B_bar u comes out of one matmul as interleaved (Re, Im) pairs, i.e. a complex [B, L, P] view;
+        the convolution runs channel-major ([B, P, L]: every FFT along contiguous rows, faster here
+        than along the strided L even with the two transposes; a training step ~5% faster), and
+        Re(C x) reads the pairs back through one matmul."""
         dtl, lbar, bbar, C, D = self._discrete()
         B, L, _ = u.shape
         P = self.d_state
         wb = torch.view_as_real(bbar).transpose(1, 2).reshape(2 * P, -1)  # rows Re, Im of B_bar: [2P, H]
         bu = torch.view_as_complex((u @ wb.t()).view(B, L, P, 2))  # B_bar u: [B, L, P]
-        l = torch.arange(L, device=u.device, dtype=torch.float32)[:, None]
-        mag = torch.exp(dtl.real * l)  # |Lambda_bar^l|: [L, P]
-        ang = dtl.imag * l
-        k = torch.complex(mag * torch.cos(ang), mag * torch.sin(ang))  # Lambda_bar^l: [L, P]
-        xs = fft_causal_conv(bu, k, dim=-2)  # [B, L, P]
+        l = torch.arange(L, device=u.device, dtype=torch.float32)
+        mag = torch.exp(dtl.real[:, None] * l)  # |Lambda_bar^l|: [P, L]
+        ang = dtl.imag[:, None] * l
+        k = torch.complex(mag * torch.cos(ang), mag * torch.sin(ang))  # Lambda_bar^l: [P, L]
+        xs = fft_causal_conv(bu.transpose(1, 2), k).transpose(1, 2)  # [B, L, P] (a view)
         if h0 is not None:
-            xs = xs + h0[:, None, :] * (k * lbar)  # free response Lambda_bar^(t+1) h0
+            xs = xs + h0[:, None, :] * (k * lbar[:, None]).t()  # free response Lambda_bar^(t+1) h0
         wc = torch.stack([C.real, -C.imag], -1).reshape(C.shape[0], 2 * P)  # [H, 2P]
-        y = torch.view_as_real(xs).reshape(B, L, 2 * P) @ wc.t()  # Re(C x): [B, L, H]
+        y = torch.view_as_real(xs.contiguous()).reshape(B, L, 2 * P) @ wc.t()  # Re(C x): [B, L, H]
         return y + u * D, xs[:, -1]
 
     def _step_params(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:

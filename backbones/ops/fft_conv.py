@@ -71,8 +71,10 @@ class _FFTCausalConv(torch.autograd.Function):
 def fft_causal_conv(u: Tensor, k: Tensor, dim: int = -1) -> Tensor:
     """y_t = sum_{s<=t} k_{t-s} u_s along the last dim: u [..., C, L], k [C, L] -> [..., C, L]
     (both real or both complex); dim=-2: along the second last, u [..., L, C], k [L, C].
-    Real FFTs along a strided dim are ~2x slower on a CPU than along contiguous rows; complex
-    ones ~1.4x, less than the transposes they save (S5)."""
+    FFTs along a strided dim are slower on a CPU than along contiguous rows (real ~2x, complex
+    ~1.6x: the library copies each batch into rows first), more than the transposes that make the
+    rows contiguous cost (S4D and S5 run channel-major). The two layouts agree to float tolerance,
+    not always bit for bit (the FFT library picks its algorithm by layout and batch)."""
     if dim not in (-1, -2) or u.is_complex() != k.is_complex() or u.shape[-2:] != k.shape:
         raise ValueError(
             f"fft_causal_conv: u [..., C, L] and k [C, L] (dim -1) or u [..., L, C] and k [L, C] (dim -2), "
