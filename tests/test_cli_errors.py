@@ -78,8 +78,7 @@ def test_sigterm_exits_143_and_sigint_130(tmp_path):
         "c.VERBS['wait'] = ('time:sleep', '')\n"
         "import time as t\n"
         "orig = t.sleep\n"
-        "t.sleep = lambda argv: orig(60)\n"
-        "print('ready', flush=True)\n"
+        "t.sleep = lambda argv: (print('ready', flush=True), orig(60))\n"  # inside main: handlers set
         "sys.exit(c.main(['wait']))\n"
     )
     for sig, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
