@@ -73,8 +73,9 @@ def test_io_errors_are_expected_failures(monkeypatch, capsys):
 
 def test_sigterm_exits_143_and_sigint_130(tmp_path):
     """A verb that waits forever, killed by each signal: the exit code says which."""
-    script = (
-        "import sys, time, ttm.cli as c\n"
+    script = (  # SIGINT as in a foreground process (a suite started in the background ignores it)
+        "import signal, sys, time, ttm.cli as c\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "c.VERBS['wait'] = ('time:sleep', '')\n"
         "import time as t\n"
         "orig = t.sleep\n"

@@ -433,4 +433,3 @@ def test_decoding_step_cache_follows_parameter_updates(name):
     other = (S4DMixer(8, d_state=6) if name == "s4d" else S5Mixer(8, d_state=6)).state_dict()
     m.load_state_dict(other)
     assert torch.allclose(step(True), step(False), atol=1e-6)
-
