@@ -207,15 +207,19 @@ def table_rows(results: list[dict]) -> list[list[str]]:
     return out
 
 
-def format_table(results: list[dict]) -> str:
-    head = ["case", "ours", "peer", "ratio [min-max]", "target", "met", "peak MB"]
-    body = table_rows(results)
+def render(head: list[str], body: list[list[str]], notes: list[str]) -> str:
+    """A plain-text table with aligned columns, then the notes (if any) after a blank line."""
     widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
 
     def line(cells: list[str]) -> str:
         return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
 
     lines = [line(head), line(["-" * w for w in widths])] + [line(b) for b in body]
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def format_table(results: list[dict]) -> str:
+    head = ["case", "ours", "peer", "ratio [min-max]", "target", "met", "peak MB"]
     notes = []
     for c in results:
         if c.get("error"):
@@ -228,7 +232,7 @@ def format_table(results: list[dict]) -> str:
                     f"{r['name']}: the target lies inside the spread over {r.get('rounds')} rounds: "
                     "the verdict is within the machine's noise"
                 )
-    return "\n".join(lines + ([""] + notes if notes else []))
+    return render(head, table_rows(results), notes)
 
 
 # ----------------------------------------------------------------------------- history
@@ -279,13 +283,7 @@ def format_history(groups: list[dict]) -> str:
         ])
         if 0 < sum(met) < len(met):
             notes.append(f"{name}: met in {sum(met)} of {len(met)} runs: the verdict changes from run to run")
-    widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
-
-    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body]
-                     + ([""] + notes if notes else []))
+    return render(head, body, notes)
 
 
 def read_records(path: Path) -> list[dict]:
