@@ -33,6 +33,7 @@ import torch
 
 from benchmarks.cases import CASES, RESULT_MARK, parse_sets
 from benchmarks.common import machine_state
+from ttm.util import read_jsonl_objects
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS = Path("runs") / "bench" / "results.jsonl"  # relative to the working directory
@@ -287,20 +288,13 @@ def format_history(groups: list[dict]) -> str:
 
 
 def read_records(path: Path) -> list[dict]:
-    """The JSON lines of a results file; a missing file or a line that is not JSON is an error naming it."""
-    path = Path(path)
-    if not path.is_file():
+    """The JSON lines of a results file (ttm.util.read_jsonl_objects: a line that is not a JSON
+    object is an error naming the file and line); a missing file is an error too."""
+    if not Path(path).is_file():
         raise ValueError(
             f"--history: no results file at {path} (run `ttm-bench bench` first, or pass --results)"
         )
-    out = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"--history: {path} line {i} is not JSON ({e.msg})") from None
-    return out
+    return [obj for _, obj in read_jsonl_objects(path)]
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -386,5 +386,5 @@ def test_history_summarises_ratios_across_runs_and_flags_flipping_verdicts(tmp_p
     with pytest.raises(ValueError, match=r"no results file at .*missing\.jsonl"):
         run.cli(["--history", "--results", str(tmp_path / "missing.jsonl")])
     path.write_text(json.dumps(lines[0]) + "\nnot json\n")
-    with pytest.raises(ValueError, match=r"results\.jsonl line 2 is not JSON"):
+    with pytest.raises(ValueError, match=r"results\.jsonl:2: invalid JSON"):
         run.cli(["--history", "--results", str(path)])
