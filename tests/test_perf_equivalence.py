@@ -366,6 +366,90 @@ def test_s4d_training_path_equals_reference_fwd_bwd():
         assert (a - r).abs().max() < 1e-9
 
 
+def _diag_inputs(b, l, p, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.randn(b, l, p, 2, dtype=dtype, generator=gen)
+    r, th = 0.3 + 0.69 * torch.rand(p, dtype=dtype, generator=gen), 3 * torch.rand(p, dtype=dtype, generator=gen)
+    lam = torch.stack([r * th.cos(), r * th.sin()], -1)  # |lam| < 1, any phase
+    return v, lam, torch.randn(b, p, 2, dtype=dtype, generator=gen)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("b,l,p", [(3, 37, 5), (1, 1, 3), (2, 176, 64)])
+@pytest.mark.parametrize("with_state", [True, False])
+def test_diag_scan_numba_equals_sequential_reference_fwd_bwd(b, l, p, dtype, tol, with_state):
+    """The numba recurrence and its hand-written adjoint vs autograd through the sequential loop:
+    the sequence, the final state and the gradients of v, lam and h0 (upstream gradients on both
+    outputs), relative to the largest reference value."""
+    from backbones.ops.diag_scan import _NumbaDiagScan, diag_scan_ref
+
+    v0, lam0, h00 = _diag_inputs(b, l, p, dtype)
+    gen = torch.Generator().manual_seed(1)
+    gx, gh = torch.randn(b, l, p, 2, dtype=dtype, generator=gen), torch.randn(b, p, 2, dtype=dtype, generator=gen)
+    outs = []
+    for fn in (diag_scan_ref, _NumbaDiagScan.apply):
+        v, lam, h0 = (t.clone().requires_grad_() for t in (v0, lam0, h00))
+        x, hT = fn(v, lam, h0 if with_state else None)
+        wrt = (v, lam, h0) if with_state else (v, lam)
+        outs.append([x, hT, *torch.autograd.grad((x * gx).sum() + (hT * gh).sum(), wrt)])
+    for a, r in zip(*reversed(outs), strict=True):
+        assert (a - r).abs().max() <= tol * max(1.0, r.abs().max().item())
+
+
+def test_diag_scan_gradcheck_and_closed_form():
+    """gradcheck of the numba path (float64); and the closed form x_t = lam^(t+1) h0 + sum_s lam^(t-s) v_s."""
+    from backbones.ops.diag_scan import _NumbaDiagScan, diag_scan
+
+    v, lam, h0 = (t.requires_grad_() for t in _diag_inputs(2, 6, 3, torch.float64))
+    assert torch.autograd.gradcheck(_NumbaDiagScan.apply, (v, lam, h0))
+    assert torch.autograd.gradcheck(lambda v, lam: _NumbaDiagScan.apply(v, lam, None), (v, lam))
+    x, hT = diag_scan(v, lam, h0)
+    vc, lc, hc = (torch.view_as_complex(t.detach()) for t in (v, lam, h0))
+    t = torch.arange(6)
+    lag = (t[:, None] - t[None, :]).to(torch.float64)  # [t, s]
+    pw = torch.where(lag >= 0, lc[:, None, None] ** lag.clamp(min=0), 0)  # lam^(t-s): [P, t, s]
+    want = torch.einsum("pts,bsp->btp", pw, vc) + lc ** (t[:, None] + 1.0) * hc[:, None]
+    assert torch.allclose(torch.view_as_complex(x.detach().contiguous()), want, atol=1e-12)
+    assert torch.equal(hT, x[:, -1])
+
+
+def test_diag_scan_rejects_bad_inputs():
+    from backbones.ops.diag_scan import diag_scan
+
+    v, lam, _ = _diag_inputs(2, 5, 3, torch.float32)
+    with pytest.raises(ValueError, match=r"lam .* \(4, 2\)"):
+        diag_scan(v, torch.zeros(4, 2))
+    with pytest.raises(ValueError, match=r"h0 .*\(2, 4, 2\)"):
+        diag_scan(v, lam, torch.zeros(2, 4, 2))
+    with pytest.raises(ValueError, match=r"one float dtype"):
+        diag_scan(v, lam.double())
+    with pytest.raises(ValueError, match=r"L >= 1"):
+        diag_scan(v[:, :0], lam)
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+def test_s5_recurrence_equals_fft_convolution_fwd_bwd(with_state):
+    """S5's two scans (the numba recurrence on CPU, the FFT convolution on GPUs) on the same mixer:
+    outputs, final state and the gradients of the input, the initial state and every parameter (float32)."""
+    from backbones.s5 import S5Mixer
+
+    torch.manual_seed(0)
+    m = S5Mixer(12, d_state=8)
+    u0, h00 = torch.randn(3, 45, 12), torch.randn(3, 8, dtype=torch.complex64) * 0.5
+    outs = []
+    for fft in (True, False):
+        m.zero_grad()
+        u, h0 = u0.clone().requires_grad_(), h00.clone().requires_grad_()
+        y, hT = m._scan(u, h0 if with_state else None, fft=fft)
+        loss = (y * y.detach().cos()).sum() + (hT.abs() ** 2).sum()
+        loss.backward()
+        outs.append([y, hT, u.grad] + ([h0.grad] if with_state else []) + [p.grad.clone() for p in m.parameters()
+                                                                             if p.grad is not None])
+    assert len(outs[0]) == len(outs[1]) > 5
+    for a, r in zip(*outs, strict=True):
+        assert (a - r).abs().max() <= 1e-5 * max(1.0, r.abs().max().item())
+
+
 @pytest.mark.parametrize("with_state", [False, True])
 def test_s5_fast_path_equals_package_fwd_bwd(with_state):
     """Our FFT scan vs the s5-pytorch package's associative scan: outputs and input and parameter

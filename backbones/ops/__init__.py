@@ -5,7 +5,9 @@
     mamba3          Mamba-3's SISO scan: sequential reference and chunked PyTorch form
     s4d_kernel      S4D's convolution kernel: blocked PyTorch reference, numba loops with a
                     closed-form backward
-    fft_conv        causal FFT convolution (S4D, S5): autograd reference, hand-written backward
+    fft_conv        causal FFT convolution (S4D; S5 on GPUs): autograd reference, hand-written backward
+    diag_scan       S5's diagonal complex recurrence: sequential reference, numba loops with a
+                    hand-written adjoint (CPU)
 
 Each kernel has a pure reference beside it; the Triton kernels from mamba_ssm and fla are
 checked against these references under TRITON_INTERPRET=1 (tests/test_kernels_interp.py).
