@@ -39,9 +39,10 @@ class SelfAttention(Mixer):
             state["v"][:, :, p : p + S] = v
             state["pos"] = p + S
             kc, vc = state["k"][:, :, : p + S], state["v"][:, :, : p + S]
-            # query i (absolute p+i) sees keys 0..p+i
-            mask = torch.ones(S, p + S, dtype=torch.bool, device=x.device).tril(diagonal=p)
-            y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=None if S == 1 else mask)
+            mask = None  # one query sees every cached key
+            if S > 1:  # query i (absolute p+i) sees keys 0..p+i
+                mask = torch.ones(S, p + S, dtype=torch.bool, device=x.device).tril(diagonal=p)
+            y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask)
         return self.out(y.transpose(1, 2).reshape(B, S, D))
 
     def context_flops_per_token(self, context_len: float) -> float:

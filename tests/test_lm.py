@@ -65,6 +65,16 @@ def test_study_positions_closed_form():
         resolve_positions("learned", True)
 
 
+@pytest.mark.parametrize("kind", ["sinusoidal", "study"])
+def test_position_rows_by_offset_equal_the_whole_table_bit_for_bit(kind):
+    """Rows computed from an offset are the whole table's rows exactly: generation takes its rows
+    from one table per call, and equals the sampled tokens of the row-by-row form it replaced."""
+    full = position_table(kind, 3001, 64)
+    for p in (0, 1, 37, 1499, 3000):
+        assert torch.equal(position_table(kind, 1, 64, offset=p)[0], full[p])
+    assert torch.equal(position_table(kind, 50, 64, offset=23), full[23:73])
+
+
 @pytest.mark.parametrize(("positions", "want"), [("auto", "none"), ("none", "none"), ("sinusoidal", "sinusoidal"),
                                                  ("study", "study")])
 def test_ssm_positions_are_a_knob(positions, want):
