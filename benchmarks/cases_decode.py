@@ -112,18 +112,20 @@ class _Decoder:
         self.step = lm.backbone.compiled_step() if compiled else lm.backbone.step
         te, tm = tiny_text(batch, text_len, text_dim)
         te, tm = torch.cat([te, te]), torch.cat([tm, torch.zeros_like(tm)])  # CFG: conditional + null
-        mem, _ = lm.memory(te, tm)  # [2B, M, D]
-        self.M = mem.shape[1]
-        self.state = lm.backbone.allocate_state(2 * batch, self.M + length + extra)
-        x = torch.cat(
-            [mem, torch.randn(2 * batch, length, mem.shape[-1]) * 0.5], 1
-        )  # a prefix of `length` frames
-        if lm.use_positions:
-            x = x + lm._pos(x.shape[1], 0, x)
-        self.h = lm.backbone(x, state=self.state)[:, -1]  # [2B, D]
+        with torch.inference_mode():  # as generate
+            mem, _ = lm.memory(te, tm)  # [2B, M, D]
+            self.M = mem.shape[1]
+            self.state = lm.backbone.allocate_state(2 * batch, self.M + length + extra)
+            x = torch.cat(
+                [mem, torch.randn(2 * batch, length, mem.shape[-1]) * 0.5], 1
+            )  # a prefix of `length` frames
+            if lm.use_positions:  # one table of every position's row, as generate
+                self.table = lm._pos(self.M + length + extra, 0, x)
+                x = x + self.table[: x.shape[1]]
+            self.h = lm.backbone(x, state=self.state)[:, -1]  # [2B, D]
         self.pos = x.shape[1]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def steps(self, n: int) -> None:
         lm, B = self.lm, self.B
         for _ in range(n):
@@ -132,7 +134,7 @@ class _Decoder:
             tok = g.argmax(-1).repeat(2, 1)  # [2B, K']
             x = lm.embed_tokens(tok[:, :, None])[:, 0]  # [2B, D]
             if lm.use_positions:
-                x = x + lm._pos(1, self.pos, x)[0]
+                x = x + self.table[self.pos]
             self.h = self.step(x, self.state)
             self.pos += 1
 
