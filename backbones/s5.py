@@ -105,7 +105,7 @@ class S5Mixer(Mixer):
         the pairs back through one matmul. In between, x_t = Lambda_bar x_{t-1} + B_bar u_t runs
         (`fft=None`: by device) as
           - the recurrence itself on CPU (`backbones.ops.diag_scan`: numba loops over the pairs in
-            place, O(B L P); a training step at the demo's shapes ~15% faster than the FFTs), or
+            place, O(B L P); a training step at the demo's shapes ~20% faster than with the FFTs), or
           - a causal convolution with Lambda_bar^l through complex FFTs (`fft=True`; GPUs), run
             channel-major ([B, P, L]: every FFT along contiguous rows, faster here than along the
             strided L even with the two transposes)."""
