@@ -42,6 +42,8 @@ if str(REPO) not in sys.path:  # runs from a plain checkout: the project need no
 
 import torch
 
+from ttm.util import code_version  # standard library only
+
 T_START = time.time()
 SECTIONS = ("env", "peak", "train", "decode", "kernels")
 # seconds each section may take at most (the global budget may cut them shorter)
@@ -260,20 +262,7 @@ def sec_env(ctx: Ctx, res: dict) -> dict:
     reg, failed = load_backbones()
     out["backbones"] = sorted(reg)
     out["backbones_failed"] = failed
-    try:
-        out["git_commit"] = (
-            subprocess.run(
-                ["git", "rev-parse", "HEAD"],
-                cwd=REPO,
-                check=False,
-                capture_output=True,
-                text=True,
-                timeout=10,
-            ).stdout.strip()
-            or None
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        out["git_commit"] = None
+    out["git_commit"] = code_version()  # "+dirty": the device ran uncommitted changes
     return out
 
 

@@ -33,7 +33,7 @@ import torch
 
 from benchmarks.cases import CASES, RESULT_MARK, parse_sets
 from benchmarks.common import machine_state
-from ttm.util import read_jsonl_objects
+from ttm.util import code_version, read_jsonl_objects
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS = Path("runs") / "bench" / "results.jsonl"  # relative to the working directory
@@ -95,18 +95,6 @@ def run_case(
 
 
 # ----------------------------------------------------------------------------- machine and record
-
-
-def git_commit(repo: Path = REPO) -> str | None:
-    try:
-        p = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=repo, check=False, capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if p.returncode != 0:
-        return None
-    return p.stdout.strip() or None
 
 
 def cpu_model() -> str:
@@ -260,7 +248,8 @@ def history(records: list[dict], only: list[str] | None = None, commit: str | No
                 )
                 g["ratios"].append(r["ratio"])
                 g["met"].append(r.get("met"))
-                c10 = (rec.get("git_commit") or "unknown")[:10]
+                c = rec.get("git_commit") or "unknown"
+                c10 = c[:10] + ("+dirty" if c.endswith("+dirty") else "")
                 if c10 not in g["commits"]:
                     g["commits"].append(c10)
                 g["row"] = r
@@ -366,7 +355,7 @@ def cli(argv: list[str] | None = None) -> int:
     speed["end"] = machine_state()
     record = {
         "timestamp": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "git_commit": git_commit(),
+        "git_commit": code_version(),  # "+dirty": uncommitted changes ran
         "machine": machine_info(a.threads),
         "machine_state": speed,
         "quick": a.quick,

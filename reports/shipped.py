@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import math
 import re
-import subprocess
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -30,7 +29,7 @@ from reports.build import report_parser, run_report, write_report
 from reports.regress import write_baseline
 from reports.results import axis_columns, collect, curves, read_json, read_results, run_configs, write_frame
 from ttm.config import IDENTITY_KEYS, check_settings_match, config_hash, config_view, settings_hash
-from ttm.util import atomic_write_json, atomic_write_text, get_dotted
+from ttm.util import atomic_write_json, atomic_write_text, code_version, get_dotted
 
 FORMAT = "ttm-bench-shipped/1"
 SHIPPED_FILES = ("results.csv", "results.jsonl", "curves.csv", "settings.json", "baseline.json", "report.md")
@@ -128,7 +127,7 @@ def ship_settings(grid: Path, configs: dict[str, dict], df: pd.DataFrame) -> dic
         "mode": manifest.get("mode"),
         "identity_keys": list(IDENTITY_KEYS),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "code": _code_version(),
+        "code": code_version(),
         "run": {k: manifest.get(k) for k in ("started", "finished", "workers", "threads_per_worker")}
         | {"wall_s": _wall_s(manifest)},
         "cells": cells,
@@ -142,19 +141,6 @@ def _wall_s(manifest: dict) -> float | None:
     except (KeyError, TypeError, ValueError):
         return None
     return t1 - t0
-
-
-def _code_version() -> str | None:
-    """The git commit of this checkout (with "+dirty" for uncommitted changes), None outside git."""
-    repo = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("+dirty" if dirty else "")
 
 
 def _present(v: Any) -> bool:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -80,7 +81,7 @@ def test_cli_appends_one_json_line(tmp_path, capsys):
     for when in ("start", "end"):  # the machine's measured speed brackets the run
         st = rec["machine_state"][when]
         assert st["matmul_gflops"] > 0.1 and st["copy_gbps"] > 0.1
-    assert rec["git_commit"] is None or len(rec["git_commit"]) == 40
+    assert rec["git_commit"] is None or re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", rec["git_commit"])
     (case,) = rec["results"]
     assert [r["name"] for r in case["rows"]] == ["decode_recurrent_vs_recompute[transformer]"]
 
@@ -370,19 +371,20 @@ def test_history_summarises_ratios_across_runs_and_flags_flipping_verdicts(tmp_p
     path = tmp_path / "results.jsonl"
     a, b = "a" * 40, "b" * 40
     lines = [rec(a, True, 1.46, 2.2), {"earlier": 1}, rec(a, True, 1.66), rec(b, True, 1.56)]
+    lines.append(rec(b + "+dirty", True, 1.56))  # uncommitted changes ran: kept apart in the commits
     lines.append(rec(a, False, 1.40))  # a full run
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     assert run.cli(["--history", "--results", str(path), "--only", "ssm_train_step"]) == 0
     out = capsys.readouterr().out
     quick = next(ln for ln in out.splitlines() if ln.startswith("ssm_train_step[s5] "))
-    assert "  3  " in quick and "1.56x [1.46x-1.66x]" in quick and "1/3 runs" in quick
-    assert "aaaaaaaaaa, bbbbbbbbbb" in quick
+    assert "  4  " in quick and "1.56x [1.46x-1.66x]" in quick and "1/4 runs" in quick
+    assert "aaaaaaaaaa, bbbbbbbbbb, bbbbbbbbbb+dirty" in quick
     assert "ssm_train_step[s5] (full)" in out and "1/1 runs" in out  # full runs kept apart
-    assert "met in 1 of 3 runs: the verdict changes from run to run" in out
+    assert "met in 1 of 4 runs: the verdict changes from run to run" in out
     assert "kv_cache_vs_musicgen" not in out  # --only
     assert run.cli(["--history", "--results", str(path), "--commit", "bbb"]) == 0
     out = capsys.readouterr().out
-    assert "  1  " in out and "1.56x (one run)" in out and "kv_cache" not in out
+    assert "  2  " in out and "1.56x [1.56x-1.56x]" in out and "kv_cache" not in out
     with pytest.raises(ValueError, match=r"no results file at .*missing\.jsonl"):
         run.cli(["--history", "--results", str(tmp_path / "missing.jsonl")])
     path.write_text(json.dumps(lines[0]) + "\nnot json\n")

@@ -1,9 +1,11 @@
-"""ttm.util: atomic writes keep ordinary permissions; hashing and dotted dicts."""
+"""ttm.util: atomic writes keep ordinary permissions; hashing and dotted dicts; the code version."""
 
 from __future__ import annotations
 
 import os
+import re
 import stat
+import subprocess
 import threading
 import time
 
@@ -11,7 +13,7 @@ import numpy as np
 import torch
 
 from ttm.audio import atomic_torch_save, save_audio
-from ttm.util import atomic_write_json, atomic_write_text, file_lock
+from ttm.util import atomic_write_json, atomic_write_text, code_version, file_lock
 
 
 def _mode(p) -> int:
@@ -64,3 +66,21 @@ def test_file_lock_makes_a_second_holder_wait(tmp_path):
         events.append("first out")
     t.join(5)
     assert events == ["first out", "second in", "second out"]
+
+
+def test_code_version_names_the_commit_and_says_when_tracked_files_changed(tmp_path):
+    """A clean checkout gives its commit; a changed tracked file adds "+dirty" (an untracked file
+    does not); outside git, None. Shipped results and bench runs record this."""
+    assert code_version(tmp_path) is None
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / "a.txt").write_text("1")
+    subprocess.run([*git, "add", "a.txt"], check=True)
+    subprocess.run([*git, "commit", "-qm", "a"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    assert code_version(tmp_path) == head and re.fullmatch(r"[0-9a-f]{40}", head)
+    (tmp_path / "new.txt").write_text("untracked")
+    assert code_version(tmp_path) == head
+    (tmp_path / "a.txt").write_text("2")
+    assert code_version(tmp_path) == head + "+dirty"
+    assert code_version() is None or re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", code_version())  # this checkout

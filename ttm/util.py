@@ -1,4 +1,4 @@
-"""Small helpers every floor uses: atomic writes, JSON hashing, dotted-key dicts.
+"""Small helpers every floor uses: atomic writes, JSON hashing, dotted-key dicts, the code version.
 
 Standard library only, so `reports/` and `ablations/` can use them without importing torch.
 """
@@ -10,6 +10,7 @@ import fcntl
 import hashlib
 import json
 import os
+import subprocess
 import tempfile
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -17,6 +18,25 @@ from pathlib import Path
 from typing import Any
 
 # ----------------------------------------------------------------------------- atomic writes and locks
+
+
+_PROJECT = Path(__file__).resolve().parents[1]
+
+
+def code_version(repo: str | os.PathLike | None = None) -> str | None:
+    """The git commit checked out in `repo` (default: this project's checkout), with "+dirty" when
+    tracked files differ from it; None outside git. What shipped results and bench runs record as
+    the code that produced them."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(repo or _PROJECT), *args], capture_output=True, text=True,
+                              check=True, timeout=20).stdout.strip()
+
+    try:
+        head = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired):
+        return None
+    return (head + ("+dirty" if dirty else "")) or None
 
 
 def _umask() -> int:
