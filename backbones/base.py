@@ -23,6 +23,7 @@ subclass decorated with `@register("name")`; nothing in the harness changes.
 from __future__ import annotations
 
 import importlib
+import json
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -393,6 +394,21 @@ class SizeResult:
         return abs(self.params - self.target) / self.target
 
 
+_PARAM_COUNTS: dict[tuple[type, str], int] = {}
+
+
+def backbone_params(cls: type[Backbone], kw: dict[str, Any]) -> int:
+    """Trainable parameters of `cls(**kw)`, built once on the meta device per class and kwargs in a
+    process: `size_to`'s searches revisit the same sizes, and a run builds its model twice (training,
+    then generation). Building can be slow (the s5-pytorch package initialises element by element:
+    ~0.1 s a layer on the meta device), so a sizing had taken 10-15 s for S5."""
+    key = (cls, json.dumps(kw, sort_keys=True, default=repr))
+    if key not in _PARAM_COUNTS:
+        with torch.device("meta"):
+            _PARAM_COUNTS[key] = count_params(cls(**kw))
+    return _PARAM_COUNTS[key]
+
+
 def size_to(
     name: str,
     target_params: int,
@@ -412,9 +428,7 @@ def size_to(
     cls = get_backbone_cls(name)
 
     def count(kw: dict[str, Any]) -> int:
-        with torch.device("meta"):
-            n = count_params(cls(**kw))
-        return n + (extra_params(kw) if extra_params else 0)
+        return backbone_params(cls, kw) + (extra_params(kw) if extra_params else 0)
 
     step = 1
     if vary == "d_model":

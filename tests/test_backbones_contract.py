@@ -148,3 +148,27 @@ def test_a_backbone_file_that_does_not_parse_is_one_clear_error(tmp_path, capsys
     assert f"{bad}: line 2: invalid syntax" in err and "Traceback" not in err
     assert main(["check-backbone", str(bad)]) == 2
     assert "expected FILE.py:Class" in capsys.readouterr().err
+
+
+def test_size_to_builds_each_size_once_per_process(monkeypatch):
+    """Sizing to a parameter budget builds each distinct size once (its count is kept), so a second
+    sizing in the same process (a run builds its model for training, then for generation) builds
+    nothing and gives the same answer, which is the count of the model it names."""
+    from backbones import base
+
+    monkeypatch.setattr(base, "_PARAM_COUNTS", {})
+    cls = base.get_backbone_cls("s4d")
+    built: list[str] = []
+    init = cls.__init__
+
+    def counting_init(self, *args, **kw):
+        built.append(json.dumps(kw, sort_keys=True))
+        init(self, *args, **kw)
+
+    monkeypatch.setattr(cls, "__init__", counting_init)
+    first = base.size_to("s4d", 60_000, d_model=32)
+    assert built and len(built) == len(set(built))  # no size built twice
+    n = len(built)
+    assert base.size_to("s4d", 60_000, d_model=32) == first and len(built) == n
+    monkeypatch.undo()
+    assert first.params == count_params(build_backbone("s4d", **first.kwargs))
