@@ -420,7 +420,8 @@ def size_to(
 ) -> SizeResult:
     """Choose `vary` (an integer knob, e.g. n_layers or d_model) so the parameter count
     (backbone + `extra_params(kwargs)`, e.g. the LM's embeddings and heads) is closest
-    to `target_params`. Models are built on the meta device (no memory).
+    to `target_params`. Models are built on the meta device (no memory), each size once per process
+    (`backbone_params`).
     When `vary` alone cannot reach `tol`, the other continuous knob (mlp_ratio or
     expand when the backbone has one) is fine-tuned. With `strict`, missing `tol` is an error
     that names the closest achievable count; otherwise the closest result is returned.
