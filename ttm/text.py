@@ -131,13 +131,15 @@ def build_text_encoder(
 ) -> TextEncoder:
     """`minilm` (path: default the packaged all-MiniLM-L6-v2) or `flan-t5` (path: hub id or local
     directory, default google/flan-t5-base; looked up in the local HF cache)."""
-    from transformers import AutoModel, AutoTokenizer, T5EncoderModel
+    from transformers import AutoModel, AutoTokenizer
 
     if name == "minilm":
         src = str(path) if path else minilm_path()
         model = load_pretrained(AutoModel, src, "minilm")
         tokenizer = load_pretrained(AutoTokenizer, src, "minilm tokenizer")
     elif name == "flan-t5":
+        from transformers import T5EncoderModel  # only here: T5's modeling code adds ~1 s to start-up
+
         src = str(path) if path else DEFAULT_FLAN_T5
         model = load_pretrained(T5EncoderModel, src, "flan-t5")
         tokenizer = load_pretrained(AutoTokenizer, src, "flan-t5 tokenizer")
