@@ -227,6 +227,12 @@ def format_table(results: list[dict]) -> str:
 # ----------------------------------------------------------------------------- history
 
 
+def short_commit(commit: str | None) -> str:
+    """A recorded commit as printed: its first 10 hex digits, with "+dirty" kept."""
+    c = commit or "unknown"
+    return c[:10] + ("+dirty" if c.endswith("+dirty") else "")
+
+
 def history(records: list[dict], only: list[str] | None = None, commit: str | None = None) -> list[dict]:
     """Every result row's ratios across recorded runs (quick and full runs apart), in first-seen order:
     [{name, quick, ratios, met, commits, row}], `row` the latest run's (its target and kind). `only`:
@@ -248,10 +254,9 @@ def history(records: list[dict], only: list[str] | None = None, commit: str | No
                 )
                 g["ratios"].append(r["ratio"])
                 g["met"].append(r.get("met"))
-                c = rec.get("git_commit") or "unknown"
-                c10 = c[:10] + ("+dirty" if c.endswith("+dirty") else "")
-                if c10 not in g["commits"]:
-                    g["commits"].append(c10)
+                short = short_commit(rec.get("git_commit"))
+                if short not in g["commits"]:
+                    g["commits"].append(short)
                 g["row"] = r
     return list(groups.values())
 
@@ -371,7 +376,7 @@ def cli(argv: list[str] | None = None) -> int:
         m = record["machine"]
         print(
             f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['threads']} threads; "
-            f"commit {(record['git_commit'] or 'unknown')[:10]}; {'quick' if a.quick else 'full'} run "
+            f"commit {short_commit(record['git_commit'])}; {'quick' if a.quick else 'full'} run "
             f"in {record['total_s']:.0f} s"
         )
         st = {k: f"{v['matmul_gflops']:.0f} GFLOP/s matmul, {v['copy_gbps']:.1f} GB/s copy"

@@ -20,25 +20,6 @@ from typing import Any
 # ----------------------------------------------------------------------------- atomic writes and locks
 
 
-_PROJECT = Path(__file__).resolve().parents[1]
-
-
-def code_version(repo: str | os.PathLike | None = None) -> str | None:
-    """The git commit checked out in `repo` (default: this project's checkout), with "+dirty" when
-    tracked files differ from it; None outside git. What shipped results and bench runs record as
-    the code that produced them."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(repo or _PROJECT), *args], capture_output=True, text=True,
-                              check=True, timeout=20).stdout.strip()
-
-    try:
-        head = git("rev-parse", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
-    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired):
-        return None
-    return (head + ("+dirty" if dirty else "")) or None
-
-
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -240,3 +221,25 @@ def read_jsonl_objects(path: str | os.PathLike) -> list[tuple[int, dict]]:
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")  # noqa: TRY004
             out.append((lineno, obj))
     return out
+
+
+# ----------------------------------------------------------------------------- code version
+
+
+_PROJECT = Path(__file__).resolve().parents[1]
+
+
+def code_version(repo: str | os.PathLike | None = None) -> str | None:
+    """The git commit checked out in `repo` (default: this project's checkout), with "+dirty" when
+    tracked files differ from it; None outside git. What shipped results and bench runs record as
+    the code that produced them."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(repo or _PROJECT), *args], capture_output=True, text=True,
+                              check=True, timeout=20).stdout.strip()
+
+    try:
+        head = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired):
+        return None
+    return (head + ("+dirty" if dirty else "")) or None

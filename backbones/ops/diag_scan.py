@@ -132,7 +132,7 @@ def scan_uses_numba(x: Tensor) -> bool:
 def diag_scan(v: Tensor, lam: Tensor, h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """`diag_scan_ref`, through the numba loops where `scan_uses_numba`: v [B, L, P, 2], lam [P, 2],
     h0 [B, P, 2] or None -> (x [B, L, P, 2], final state [B, P, 2])."""
-    _check(v, lam, h0)
     if not scan_uses_numba(v):
-        return diag_scan_ref(v, lam, h0)
+        return diag_scan_ref(v, lam, h0)  # checks its inputs
+    _check(v, lam, h0)
     return _NumbaDiagScan.apply(v, lam, h0)
