@@ -115,6 +115,25 @@ class Mixer(nn.Module):
         """One decoding step: `x [B, D] -> [B, D]`."""
         return self.forward(x[:, None], state)[:, 0]
 
+    def prepare_compiled_step(self) -> None:
+        """Run eagerly by `Backbone.compiled_step` before the compiled step: compute what that step
+        reads besides the parameters and the state (`_keep_compiled_consts`; S4D's and S5's
+        discretisation, which would otherwise be recomputed every token). Default: nothing."""
+
+    def _keep_compiled_consts(self, *consts: Tensor) -> None:
+        """Keep `consts` as `self.compiled_consts`, written in place into the previous ones when their
+        shapes and dtypes match: the compiled step reads them as inputs, so new values reach it
+        without recompiling."""
+        old = self.__dict__.get("compiled_consts")
+        with torch.inference_mode(False), torch.no_grad():  # ordinary tensors: writable in any mode
+            if old is not None and [(o.shape, o.dtype, o.device) for o in old] == [
+                (c.shape, c.dtype, c.device) for c in consts
+            ]:
+                for o, c in zip(old, consts, strict=True):
+                    o.copy_(c)
+            else:
+                self.__dict__["compiled_consts"] = tuple(c.clone() for c in consts)
+
     def scan_flops_per_token(self, seq_len: int) -> int:
         """Analytic forward FLOPs per token per layer of the scan (recurrences, FFT convs, SSD):
         the work beyond the weight matmuls and attention."""
@@ -272,7 +291,14 @@ class Backbone(nn.Module):
         Equal to `step` to float tolerance, not bit for bit; what each backbone gains is measured by
         `ttm-bench bench --only decode_compiled`. A mixer whose step uses complex tensors gives the
         compiler a real-arithmetic path (`torch.compiler.is_compiling()`; S4D, S5): the compiler
-        fuses no complex ops, and such a step ran at half its eager speed."""
+        fuses no complex ops, and such a step ran at half its eager speed.
+
+        Each call first runs every mixer's `prepare_compiled_step` (S4D's and S5's discretisation,
+        from the parameters as they are now), so the returned step decodes with the parameters of
+        this call: call it again after changing them (`generate` calls it once per call)."""
+        with torch.no_grad():
+            for blk in self.blocks:
+                blk.mixer.prepare_compiled_step()
         fn = self.__dict__.get("_compiled_step")
         if fn is None:
             cuda = next(self.parameters()).device.type == "cuda"

@@ -147,24 +147,26 @@ class S4DMixer(Mixer):
         return cached[1]
 
     def _recurrent(self, u: Tensor, state: State) -> Tensor:  # u [B, H] -> SSM output [B, H]
-        if torch.compiler.is_compiling():  # Backbone.compiled_step: real arithmetic, which the compiler fuses
-            return self._recurrent_real(u, state)
+        consts = self.__dict__.get("compiled_consts")
+        if torch.compiler.is_compiling() and consts is not None and consts[0].dtype == u.dtype:
+            return self._recurrent_real(u, state, consts[0])  # Backbone.compiled_step: real arithmetic
         _, dA, dB, C = self._step_params(u.dtype)
         h = dA * self._state(state, u.dtype) + dB * u[:, :, None]  # [B, H, N/2]
         state["ssm"].copy_(torch.view_as_real(h))
         return 2 * (h * C).sum(-1).real + u * self.D.to(u.dtype)
 
-    def _recurrent_real(self, u: Tensor, state: State) -> Tensor:
+    def prepare_compiled_step(self) -> None:
+        """Re and Im of dA, dB and C [6, H, N/2], contiguous, for `_recurrent_real`: the step's
+        discretisation once per `Backbone.compiled_step` call rather than every token."""
+        _, dA, dB, C = self._step_params(self._rtype(self.C))
+        self._keep_compiled_consts(torch.stack([dA.real, dA.imag, dB.real, dB.imag, C.real, C.imag]))
+
+    def _recurrent_real(self, u: Tensor, state: State, consts: Tensor) -> Tensor:
         """`_recurrent` on real and imaginary parts (complex tensors do not compile into fused
-        loops): the discretisation and the update h = dA h + dB u, y = 2 Re(C . h) + D u."""
+        loops): h = dA h + dB u, y = 2 Re(C . h) + D u, with consts = Re and Im of dA, dB and C
+        [6, H, N/2] from `prepare_compiled_step`."""
         rt = u.dtype
-        ar, ai = -torch.exp(self.log_A_real.to(rt)), self.A_imag.to(rt)  # A [H, N/2]
-        dt = torch.exp(self.log_dt.to(rt))[:, None]
-        mag = torch.exp(ar * dt)
-        dar, dai = mag * torch.cos(ai * dt), mag * torch.sin(ai * dt)  # dA = exp(dt A)
-        den = ar * ar + ai * ai  # dB = (dA - 1) / A
-        dbr, dbi = ((dar - 1) * ar + dai * ai) / den, (dai * ar - (dar - 1) * ai) / den
-        cr, ci = self.C[..., 0].to(rt), self.C[..., 1].to(rt)
+        dar, dai, dbr, dbi, cr, ci = consts
         hs = self._state_pairs(state, rt)  # [B, H, N/2, 2]
         hr, hi, uu = hs[..., 0], hs[..., 1], u[:, :, None]
         nr = dar * hr - dai * hi + dbr * uu

@@ -157,24 +157,24 @@ class S5Mixer(Mixer):
         h.mul_(lbar).add_(torch.complex(bu[:, :P], bu[:, P:]))
         return torch.cat([h.real, h.imag], 1) @ cw + u * D  # Re(C h) + D u
 
+    def prepare_compiled_step(self) -> None:
+        """`_step_params` for `_step_real`, Lambda_bar as (Re, Im) [2, P]: the step's discretisation
+        once per `Backbone.compiled_step` call rather than every token."""
+        lbar, bw, cw, D = self._step_params()
+        self._keep_compiled_consts(torch.stack([lbar.real, lbar.imag]), bw, cw, D)
+
     def _step_real(self, u: Tensor, h: Tensor) -> Tensor:
         """`_step` on real and imaginary parts (complex tensors do not compile into fused loops), with
-        the discretisation in the step: u [B, H] float32; h [B, P, 2] updated in place -> y [B, H]."""
-        seq = self.ssm.seq
-        lr, li = self.Lambda[:, 0].float(), self.Lambda[:, 1].float()  # Lambda [P]
-        step = torch.exp(seq.log_step.float())
-        mag = torch.exp(lr * step)
-        abr, abi = mag * torch.cos(li * step), mag * torch.sin(li * step)  # Lambda_bar = exp(dt Lambda)
-        den = lr * lr + li * li  # (Lambda_bar - 1) / Lambda
-        wr, wi = ((abr - 1) * lr + abi * li) / den, (abi * lr - (abr - 1) * li) / den
-        br, bi = seq.B[..., 0].float(), seq.B[..., 1].float()  # B [P, H]
-        bur = u @ (wr[:, None] * br - wi[:, None] * bi).t()  # Re(B_bar u): [B, P]
-        bui = u @ (wr[:, None] * bi + wi[:, None] * br).t()
+        the constants of `prepare_compiled_step` (Backbone.compiled_step; compiled otherwise, the
+        step traces the complex path): u [B, H] float32; h [B, P, 2] updated in place -> y [B, H]."""
+        lam, bw, cw, D = self.__dict__["compiled_consts"]  # [2, P], [H, 2P], [2P, H], [H]
+        P = self.d_state
+        bu = u @ bw  # [B, 2P]: Re and Im of B_bar u
         hr, hi = h[..., 0], h[..., 1]
-        nr, ni = abr * hr - abi * hi + bur, abr * hi + abi * hr + bui
+        nr = lam[0] * hr - lam[1] * hi + bu[:, :P]
+        ni = lam[0] * hi + lam[1] * hr + bu[:, P:]
         h.copy_(torch.stack([nr, ni], -1))
-        cr, ci = self.C[..., 0].float(), self.C[..., 1].float()  # C [H, P]
-        return nr @ cr.t() - ni @ ci.t() + u * seq.D.float()  # Re(C h) + D u
+        return torch.cat([nr, ni], 1) @ cw + u * D  # Re(C h) + D u
 
     def _ssm(self, x: Tensor, state: State | None) -> Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -183,7 +183,7 @@ class S5Mixer(Mixer):
                 if state is None:
                     return self._scan(u, None)[0]
                 h = self._checked_state(state, x)
-                if x.shape[1] == 1 and torch.compiler.is_compiling():  # Backbone.compiled_step
+                if x.shape[1] == 1 and torch.compiler.is_compiling() and "compiled_consts" in self.__dict__:
                     return self._step_real(u[:, 0], h)[:, None]
                 hc = torch.view_as_complex(h)
                 if x.shape[1] == 1:

@@ -206,6 +206,33 @@ def test_compiled_step_equals_eager_step(backbone, cond):
     assert torch.equal(a, b)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", ["s4d", "s5"])
+def test_compiled_step_follows_changed_parameters_without_recompiling(backbone):
+    """S4D's and S5's compiled steps read their discretisation from `prepare_compiled_step`, run by
+    each `compiled_step()` call: after the parameters change (a training step), the next call's
+    step equals the eager step with the new parameters, and nothing recompiles (the constants are
+    written in place). Compiled without `compiled_step`, the step still equals the eager one."""
+    torch._dynamo.reset()
+    lm = make_lm("prefix", backbone=backbone)
+    bb = lm.backbone
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        s0 = bb.allocate_state(3, 16)
+        bb.compiled_step()(x, s0)
+    with torch.no_grad():
+        for p in bb.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        se, sc = bb.allocate_state(3, 16), bb.allocate_state(3, 16)
+        torch.testing.assert_close(bb.compiled_step()(x, sc), bb.step(x, se), atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()
+    fresh = make_lm("prefix", backbone=backbone).backbone
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(fresh.step)(x, fresh.allocate_state(3, 16)),
+                                   fresh.step(x, fresh.allocate_state(3, 16)), atol=1e-5, rtol=1e-5)
+
+
 def test_per_codebook_loss_and_its_gradient_match_the_closed_form():
     """loss_k = mean over predicted positions of -log softmax(logits)[target]; its gradient wrt the
     logits is (softmax - onehot) / count_k at those positions and 0 where nothing is predicted."""
