@@ -156,23 +156,25 @@ class S4DMixer(Mixer):
         return 2 * (h * C).sum(-1).real + u * self.D.to(u.dtype)
 
     def prepare_compiled_step(self) -> None:
-        """Re and Im of dA, dB and C [6, H, N/2], contiguous, for `_recurrent_real`: the step's
-        discretisation once per `Backbone.compiled_step` call rather than every token."""
+        """The constants of `_recurrent_real`, laid out as the state's (Re, Im) pairs [4, H, N]:
+        (Re dA, Re dA), (-Im dA, Im dA), (Re dB, Im dB) and (Re C, -Im C) per mode. Computed once per
+        `Backbone.compiled_step` call (the step's discretisation) rather than every token."""
         _, dA, dB, C = self._step_params(self._rtype(self.C))
-        self._keep_compiled_consts(torch.stack([dA.real, dA.imag, dB.real, dB.imag, C.real, C.imag]))
+        pairs = [(dA.real, dA.real), (-dA.imag, dA.imag), (dB.real, dB.imag), (C.real, -C.imag)]
+        self._keep_compiled_consts(torch.stack([torch.stack(p, -1).flatten(-2) for p in pairs]))
 
     def _recurrent_real(self, u: Tensor, state: State, consts: Tensor) -> Tensor:
-        """`_recurrent` on real and imaginary parts (complex tensors do not compile into fused
-        loops): h = dA h + dB u, y = 2 Re(C . h) + D u, with consts = Re and Im of dA, dB and C
-        [6, H, N/2] from `prepare_compiled_step`."""
-        rt = u.dtype
-        dar, dai, dbr, dbi, cr, ci = consts
-        hs = self._state_pairs(state, rt)  # [B, H, N/2, 2]
-        hr, hi, uu = hs[..., 0], hs[..., 1], u[:, :, None]
-        nr = dar * hr - dai * hi + dbr * uu
-        ni = dar * hi + dai * hr + dbi * uu
-        hs.copy_(torch.stack([nr, ni], -1))
-        return 2 * (nr * cr - ni * ci).sum(-1) + u * self.D.to(rt)
+        """`_recurrent` on the state's interleaved (Re, Im) pairs (complex tensors do not compile into
+        fused loops): h = dA h + dB u is a1 * h + a2 * swap(h) + b u, with swap exchanging each
+        pair; y = 2 Re(C . h) + D u is a sum over pairs of c * h. `consts` = (a1, a2, b, c) [4, H, N]
+        from `prepare_compiled_step`. Whole rows in the state's layout: no strided Re/Im reads and
+        no stacking before the write (1.1x over separate Re and Im parts)."""
+        a1, a2, b, c = consts
+        hs = self._state_pairs(state, u.dtype)  # [B, H, N/2, 2]
+        h = hs.flatten(-2)  # [B, H, N]
+        new = a1 * h + a2 * hs.flip(-1).flatten(-2) + b * u[:, :, None]
+        hs.copy_(new.view_as(hs))
+        return 2 * (new * c).sum(-1) + u * self.D.to(u.dtype)
 
     def step(self, x: Tensor, state: State) -> Tensor:  # [B, H] -> [B, H]
         return self._post(self._recurrent(x.to(self._rtype(x)), state).to(x.dtype))
