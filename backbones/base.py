@@ -134,6 +134,11 @@ class Mixer(nn.Module):
             else:
                 self.__dict__["compiled_consts"] = tuple(c.clone() for c in consts)
 
+    def _compiling_consts(self) -> tuple[Tensor, ...] | None:
+        """The constants of `prepare_compiled_step` while torch.compile traces the step, else None
+        (eager, or compiled without `Backbone.compiled_step`: the mixer's own step runs)."""
+        return self.__dict__.get("compiled_consts") if torch.compiler.is_compiling() else None
+
     def scan_flops_per_token(self, seq_len: int) -> int:
         """Analytic forward FLOPs per token per layer of the scan (recurrences, FFT convs, SSD):
         the work beyond the weight matmuls and attention."""

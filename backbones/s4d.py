@@ -147,8 +147,8 @@ class S4DMixer(Mixer):
         return cached[1]
 
     def _recurrent(self, u: Tensor, state: State) -> Tensor:  # u [B, H] -> SSM output [B, H]
-        consts = self.__dict__.get("compiled_consts")
-        if torch.compiler.is_compiling() and consts is not None and consts[0].dtype == u.dtype:
+        consts = self._compiling_consts()
+        if consts is not None and consts[0].dtype == u.dtype:
             return self._recurrent_real(u, state, consts[0])  # Backbone.compiled_step: real arithmetic
         _, dA, dB, C = self._step_params(u.dtype)
         h = dA * self._state(state, u.dtype) + dB * u[:, :, None]  # [B, H, N/2]

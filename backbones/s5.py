@@ -163,11 +163,11 @@ class S5Mixer(Mixer):
         lbar, bw, cw, D = self._step_params()
         self._keep_compiled_consts(torch.stack([lbar.real, lbar.imag]), bw, cw, D)
 
-    def _step_real(self, u: Tensor, h: Tensor) -> Tensor:
+    def _step_real(self, u: Tensor, h: Tensor, consts: tuple[Tensor, ...]) -> Tensor:
         """`_step` on real and imaginary parts (complex tensors do not compile into fused loops), with
-        the constants of `prepare_compiled_step` (Backbone.compiled_step; compiled otherwise, the
-        step traces the complex path): u [B, H] float32; h [B, P, 2] updated in place -> y [B, H]."""
-        lam, bw, cw, D = self.__dict__["compiled_consts"]  # [2, P], [H, 2P], [2P, H], [H]
+        the constants of `prepare_compiled_step`: u [B, H] float32; h [B, P, 2] updated in place
+        -> y [B, H]."""
+        lam, bw, cw, D = consts  # [2, P], [H, 2P], [2P, H], [H]
         P = self.d_state
         bu = u @ bw  # [B, 2P]: Re and Im of B_bar u
         hr, hi = h[..., 0], h[..., 1]
@@ -183,8 +183,9 @@ class S5Mixer(Mixer):
                 if state is None:
                     return self._scan(u, None)[0]
                 h = self._checked_state(state, x)
-                if x.shape[1] == 1 and torch.compiler.is_compiling() and "compiled_consts" in self.__dict__:
-                    return self._step_real(u[:, 0], h)[:, None]
+                consts = self._compiling_consts() if x.shape[1] == 1 else None
+                if consts is not None:  # Backbone.compiled_step
+                    return self._step_real(u[:, 0], h, consts)[:, None]
                 hc = torch.view_as_complex(h)
                 if x.shape[1] == 1:
                     return self._step(u[:, 0], hc)[:, None]
