@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+import ttm
 from benchmarks.cases import CASES, RESULT_MARK, parse_sets
 from benchmarks.common import machine_state
 from ttm.util import code_version, read_jsonl_objects
@@ -118,6 +119,9 @@ def machine_info(threads: int | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "threads": threads or torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        # libgomp's spin count, and whether `import ttm` set it (before torch loaded)
+        "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
+        "gomp_spincount_by_ttm": ttm.OPENMP_DEFAULTS_SET,
     }
 
 

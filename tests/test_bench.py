@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import ttm
 from backbones.base import registered
 from benchmarks import cases, common, run
 
@@ -78,6 +79,8 @@ def test_cli_appends_one_json_line(tmp_path, capsys):
     assert rec["overrides"]["frames"] == 3
     m = rec["machine"]
     assert m["cores"] >= 1 and m["torch"] == torch.__version__ and m["threads"] == 1 and m["cpu"]
+    assert m["gomp_spincount"] == os.environ.get("GOMP_SPINCOUNT")
+    assert m["gomp_spincount_by_ttm"] is ttm.OPENMP_DEFAULTS_SET
     for when in ("start", "end"):  # the machine's measured speed brackets the run
         st = rec["machine_state"][when]
         assert st["matmul_gflops"] > 0.1 and st["copy_gbps"] > 0.1
@@ -390,3 +393,23 @@ def test_history_summarises_ratios_across_runs_and_flags_flipping_verdicts(tmp_p
     path.write_text(json.dumps(lines[0]) + "\nnot json\n")
     with pytest.raises(ValueError, match=r"results\.jsonl:2: invalid JSON"):
         run.cli(["--history", "--results", str(path)])
+
+
+@pytest.mark.parametrize(
+    ("env", "code", "expected"),
+    [
+        ({}, "import ttm", "3000 True"),
+        ({"GOMP_SPINCOUNT": "77"}, "import ttm", "77 False"),  # the user's value stays
+        ({"OMP_WAIT_POLICY": "PASSIVE"}, "import ttm", "None False"),  # a GOMP_SPINCOUNT would override it
+        ({}, "import torch, ttm", "None False"),  # too late: libgomp read its settings when torch loaded
+    ],
+)
+def test_import_ttm_sets_gomp_spincount_only_before_torch(env, code, expected):
+    """`import ttm` shortens libgomp's spinning (ttm.GOMP_SPINCOUNT) unless the user chose a spin count
+    or wait policy, and says whether it did; checked in a fresh interpreter."""
+    base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    out = subprocess.run(
+        [sys.executable, "-c", f"{code}; import os; print(os.environ.get('GOMP_SPINCOUNT'), ttm.OPENMP_DEFAULTS_SET)"],
+        env={**base, **env}, capture_output=True, text=True, check=True,
+    ).stdout.split()
+    assert " ".join(out) == expected.replace("3000", ttm.GOMP_SPINCOUNT)
