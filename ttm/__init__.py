@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 #: bit the same (only when idle threads sleep changes).
 GOMP_SPINCOUNT = "10000"
 
+
 def _openmp_defaults() -> bool:
     """Set GOMP_SPINCOUNT when the user set neither it nor OMP_WAIT_POLICY and torch is not yet
     imported (libgomp reads it once, when torch loads it); True when it was set here."""
