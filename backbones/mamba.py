@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backbones.base import Backbone, Mixer, State, register
-from backbones.mamba2 import causal_conv_silu
+from backbones.mamba2 import causal_conv_silu, numba_usable
 from backbones.ops.dispatch import KernelSwitch, check_mode, kernel_available, load_kernel
 from backbones.ops.selective_scan import _nb, selective_scan, selective_scan_ref  # noqa: F401 (re-exported)
 
@@ -109,13 +109,18 @@ class MambaMixer(KernelSwitch, Mixer):
         if conv is not None:
             xc = conv(xi.contiguous(), w[:, 0], self.conv1d.bias, activation="silu")
             padded = F.pad(xi, (k, 0)) if state is not None else None
+            self.record_path("conv", conv, *CONV_KERNEL, "")
         elif state is None and self.fused_conv and self.conv1d.bias is not None:
-            xc = causal_conv_silu(xi.transpose(1, 2), w, self.conv1d.bias).transpose(1, 2)  # [B, D, S] view
+            nb = self.kernel != "reference" and self.scan_backend != "torch" and numba_usable(xi)
+            xc = causal_conv_silu(xi.transpose(1, 2), w, self.conv1d.bias, numba=nb).transpose(1, 2)  # [B, D, S]
             padded = None
+            self.record_path("conv", None, "", "", "backbones.mamba2.causal_conv_silu"
+                             + (" (numba: backbones.ops.fused_cpu)" if nb else ""))
         else:
             left = xi.new_zeros(Bsz, xi.shape[1], k) if state is None else state["conv"].to(xi.dtype)
             padded = torch.cat([left, xi], dim=-1)  # [B, D, k + S]
             xc = F.silu(F.conv1d(padded, w, self.conv1d.bias, groups=self.d_inner))  # [B, D, S]
+            self.record_path("conv", None, "", "", "torch.nn.functional.conv1d")
         if state is not None:
             state["conv"].copy_(padded[:, :, padded.shape[-1] - k :])
         xc = xc.transpose(1, 2)  # [B, S, D]

@@ -26,6 +26,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils.flop_counter import FlopCounterMode
 
 from backbones.base import Backbone, Mixer, State, register
+from backbones.ops import fused_cpu
 from backbones.ops.dispatch import KernelSwitch, check_mode, kernel_available, load_kernel
 
 MAMBA2_KNOBS = ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size", "kernel", "use_kernel")
@@ -42,6 +43,21 @@ def _chunk_scan_kernel():
     """mamba_ssm's Triton SSD kernel, or None when it does not import (the reason is in
     `backbones.ops.dispatch.load_kernel`'s error)."""
     return load_kernel(*SSD_KERNEL) if kernel_available(*SSD_KERNEL) else None
+
+
+def numba_usable(t: Tensor) -> bool:
+    """Whether the fused numba kernels of `backbones.ops.fused_cpu` can run on tensors like t (float32
+    on CPU, numba installed). The mixers pass `numba=` explicitly; False runs the eager torch code
+    beside each kernel (`_SSDScan`'s torch lines, `_CausalConvSiLU`, `_GatedRMSNormFn`). Never while
+    torch.compile traces (numpy calls break its graph) or on fake tensors (FLOP counting: no data)."""
+    return (fused_cpu.AVAILABLE and t.device.type == "cpu" and t.dtype == torch.float32
+            and not torch.compiler.is_compiling() and not is_fake(t))
+
+
+def _check_numba(t: Tensor) -> None:
+    if not numba_usable(t):
+        raise ValueError(f"numba=True needs numba installed and float32 CPU tensors, got {t.dtype} on "
+                         f"{t.device.type} (numba {'installed' if fused_cpu.AVAILABLE else 'missing'})")
 
 
 # ----------------------------------------------------------------------------- SSD
@@ -153,7 +169,8 @@ class _SSDScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
-                initial_state: Tensor | None, chunk_size: int) -> tuple[Tensor, Tensor]:
+                initial_state: Tensor | None, chunk_size: int, numba: bool) -> tuple[Tensor, Tensor]:
+        ctx.numba = numba
         with torch.autocast(x.device.type, enabled=False):  # the SSM's dtype (>= fp32), as the backward
             return _SSDScan._forward(ctx, x, dt, A, B, C, D, initial_state, chunk_size)
 
@@ -232,10 +249,12 @@ class _SSDScan(torch.autograd.Function):
         gend[:, -1] = (gstates[:, -1] * final).sum((2, 4))
         gs = gstates.view(b, c, g, n, hg * p)
         gBt = gs @ _grouped(xw, g).transpose(-1, -2)  # [b, c, g, n, q]
-        gxdt = _ungrouped(Bt.transpose(-1, -2) @ gs, h).mul_(torch.exp(Acs[:, :, -1:] - Acs)[..., None])
+        G1 = _ungrouped(Bt.transpose(-1, -2) @ gs, h)  # d(x dt) through the states, times f1
+        f1 = torch.exp(Acs[:, :, -1:] - Acs)  # [b, c, q, h]
 
         # 1. within each chunk
         N = b * c
+        fast = ctx.numba and not by_matrix and len(saved) == 3
         if by_matrix:
             gCB, gxd = _diag_by_matrix_backward(saved, gy.view(N, q, h, p))
             gCB = gCB.view(b, c, g, q, q)
@@ -243,31 +262,39 @@ class _SSDScan(torch.autograd.Function):
             eo, ei, u = saved[:3]
             gin = _grouped(gy * eo, g)  # [b, c, g, q, hg p]
             gCB = (gin @ _grouped(u, g).transpose(-1, -2)).tril_()  # [b, c, g, q, q]
-            gxd = _ungrouped(CB.transpose(-1, -2) @ gin, h).mul_(ei)
+            gxd = _ungrouped(CB.transpose(-1, -2) @ gin, h)  # times ei
+            if not fast:
+                gxd.mul_(ei)
             if len(saved) > 3:  # the chunks run with the decay matrix
                 idx, *sm = saved[3:]
                 gCB.view(N, g, q, q)[idx], gxd.view(N, q, h, p)[idx] = _diag_by_matrix_backward(
                     sm, gy.view(N, q, h, p)[idx])
-        gxdt += gxd.view(b, c, q, h, p)
         gC += gCB @ Bt.transpose(-1, -2)
         gBt += Cg.transpose(-1, -2) @ gCB
 
-        # the decays, then x dt = x * dt and Acs = cumsum(dt * A)
-        gAcs = (gy * y.view(b, c, q, h, p)).sum(-1) - (xdt * gxdt).sum(-1)  # [b, c, q, h]
-        gAcs[:, :, -1] += gend.view(b, c, h)
-        gdA = gAcs.flip(2).cumsum(2).flip(2).view(b, c * q, h)  # reverse cumsum within each chunk
-        gxdt, gy = gxdt.view(b, c * q, h, p), gy.view(b, c * q, h, p)
-        gdt = gdA * A + (gxdt * x).sum(-1)
-        gA = (gdA * dt).sum((0, 1))
-        gx = gxdt * dt[..., None]
-        gD = None
-        if D is not None:
-            gx.addcmul_(gy, D[:, None])
-            gD = (gy * x).sum((0, 1, 3))
+        if fast:  # the decays, d x, d dt, d A and d D in one pass
+            gx, gdt, gA, gD = fused_cpu.ssd_grad_tail(
+                gy, y.view(b, c, q, h, p), xdt, G1, f1, gxd, ei[..., 0], x.view(b, c, q, h, p),
+                dt.view(b, c, q, h), A, D, gend.view(b, c, h))
+            gx, gdt = gx.view(b, c * q, h, p), gdt.view(b, c * q, h)
+        else:
+            gxdt = G1.mul_(f1[..., None]).add_(gxd.view(b, c, q, h, p))
+            # the decays, then x dt = x * dt and Acs = cumsum(dt * A)
+            gAcs = (gy * y.view(b, c, q, h, p)).sum(-1) - (xdt * gxdt).sum(-1)  # [b, c, q, h]
+            gAcs[:, :, -1] += gend.view(b, c, h)
+            gdA = gAcs.flip(2).cumsum(2).flip(2).view(b, c * q, h)  # reverse cumsum within each chunk
+            gxdt, gy = gxdt.view(b, c * q, h, p), gy.view(b, c * q, h, p)
+            gdt = gdA * A + (gxdt * x).sum(-1)
+            gA = (gdA * dt).sum((0, 1))
+            gx = gxdt * dt[..., None]
+            gD = None
+            if D is not None:
+                gx.addcmul_(gy, D[:, None])
+                gD = (gy * x).sum((0, 1, 3))
         gB = gBt.permute(0, 1, 4, 2, 3).reshape(b, c * q, g, n)
         gC = gC.transpose(2, 3).reshape(b, c * q, g, n)
         ginit = ginit.permute(0, 1, 3, 4, 2).reshape(b, h, p, n) if has_init else None
-        return gx[:, :l], gdt[:, :l], gA, gB[:, :l], gC[:, :l], gD, ginit, None
+        return gx[:, :l], gdt[:, :l], gA, gB[:, :l], gC[:, :l], gD, ginit, None, None
 
 
 def _grouped(t: Tensor, g: int) -> Tensor:
@@ -295,10 +322,12 @@ def _pad_to_chunks(x: Tensor, dt: Tensor, B: Tensor, C: Tensor, chunk_size: int)
 
 def _ssd_fused(
     x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, D: Tensor | None,
-    initial_state: Tensor | None,
+    initial_state: Tensor | None, numba: bool,
 ) -> tuple[Tensor, Tensor]:
     """`ssd_chunked(fused=True)`."""
-    return _SSDScan.apply(x, dt, A, B, C, D, initial_state, chunk_size)
+    if numba:
+        _check_numba(x)
+    return _SSDScan.apply(x, dt, A, B, C, D, initial_state, chunk_size, numba)
 
 
 def ssd_chunked(
@@ -311,6 +340,7 @@ def ssd_chunked(
     D: Tensor | None = None,
     initial_state: Tensor | None = None,
     fused: bool = True,
+    numba: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Chunked SSD scan (the "minimal SSD" algorithm of the Mamba2 paper).
 
@@ -323,10 +353,14 @@ def ssd_chunked(
     `fused=True` runs the whole scan as one autograd Function (`_SSDScan`: in-place mask/exp,
     a hand-written backward with no graph of small ops and no [b, h, c, q, q] gradient products
     beyond one); `fused=False` is the plain-autograd reference (tests check that both agree,
-    forward and backward).
+    forward and backward). `numba=True` (fused only; float32 CPU tensors) runs the last part of its
+    backward, from d(x dt) to the gradients of x, dt, A and D, as one numba pass
+    (`backbones.ops.fused_cpu.ssd_grad_tail`, equal to the torch lines to float rounding).
     """
     if fused:
-        return _ssd_fused(x, dt, A, B, C, chunk_size, D, initial_state)
+        return _ssd_fused(x, dt, A, B, C, chunk_size, D, initial_state, numba)
+    if numba:
+        raise ValueError("ssd_chunked: numba=True needs fused=True (the reference is plain autograd)")
     b, l, h, p = x.shape
     g, n = B.shape[-2:]
     hg = h // g
@@ -444,9 +478,13 @@ class _CausalConvSiLU(torch.autograd.Function):
         return gx, gw, gp.sum((0, 1))
 
 
-def causal_conv_silu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+def causal_conv_silu(x: Tensor, weight: Tensor, bias: Tensor, numba: bool = False) -> Tensor:
     """silu(causal depthwise conv(x)): x [b, l, c], weight [c, 1, K] (nn.Conv1d's), bias [c];
-    computed in x's dtype, as F.conv1d under autocast."""
+    computed in x's dtype, as F.conv1d under autocast. `numba=True` (float32 CPU): the fused kernel
+    `backbones.ops.fused_cpu.causal_conv_silu_fused`, else `_CausalConvSiLU`."""
+    if numba:
+        _check_numba(x)
+        return fused_cpu.causal_conv_silu_fused(x, weight, bias)
     return _CausalConvSiLU.apply(x, weight[:, 0].to(x.dtype), bias.to(x.dtype))
 
 
@@ -490,12 +528,17 @@ class GatedRMSNorm(nn.Module):
         self.group_size, self.eps = group_size, eps
         self.weight = nn.Parameter(torch.ones(d))
 
-    def forward(self, y: Tensor, z: Tensor) -> Tensor:
+    def forward(self, y: Tensor, z: Tensor, numba: bool = False) -> Tensor:
+        """`numba=True` (float32 CPU, fused): `backbones.ops.fused_cpu.gated_rms_norm_fused`."""
         if not self.fused:
             return self.reference(y, z)
         shape, gs = y.shape, self.group_size
-        out = _GatedRMSNormFn.apply(y.reshape(*shape[:-1], -1, gs), z.reshape(*shape[:-1], -1, gs),
-                                    self.weight.view(-1, gs), self.eps)
+        fn = _GatedRMSNormFn.apply
+        if numba:
+            _check_numba(y)
+            _check_numba(z)
+            fn = fused_cpu.gated_rms_norm_fused
+        out = fn(y.reshape(*shape[:-1], -1, gs), z.reshape(*shape[:-1], -1, gs), self.weight.view(-1, gs), self.eps)
         return out.reshape(shape)
 
     def reference(self, y: Tensor, z: Tensor) -> Tensor:
@@ -506,6 +549,10 @@ class GatedRMSNorm(nn.Module):
         y = y.reshape(*shape[:-1], shape[-1] // self.group_size, self.group_size)
         y = F.rms_norm(y, (self.group_size,), eps=self.eps)
         return y.reshape(shape) * self.weight
+
+
+#: in_proj's product is padded to a multiple of this many columns (`Mamba2Mixer._in_proj_split`)
+_PAD = 8
 
 
 class Mamba2Mixer(KernelSwitch, Mixer):
@@ -578,17 +625,32 @@ class Mamba2Mixer(KernelSwitch, Mixer):
     def _split(self, zxbcdt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
 
+    def _in_proj_split(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """in_proj(x) split into z, xBC, dt, with the product's width padded to a multiple of
+        `_PAD` by zero weight rows whose columns the split drops: MKL's GEMMs run 1.1x faster
+        forward and backward on 624 columns than on 622 (the demo's width)."""
+        w = self.in_proj.weight  # [width, d_model]
+        pad = -w.shape[0] % _PAD
+        if pad == 0:
+            return self._split(self.in_proj(x))
+        zxbcdt = F.linear(x, torch.cat([w, w.new_zeros(pad, w.shape[1])]))  # [..., width + pad]
+        return torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads, pad], dim=-1)[:3]
+
     def _ssm_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return torch.promote_types(dtype, torch.float32)
 
     def forward(self, x: Tensor, state: State | None = None) -> Tensor:
         b, l, _ = x.shape
-        z, xBC, dt = self._split(self.in_proj(x))  # [b, l, d_inner], [b, l, conv_dim], [b, l, h]
+        z, xBC, dt = self._in_proj_split(x)  # [b, l, d_inner], [b, l, conv_dim], [b, l, h]
+        nb = self.kernel != "reference" and numba_usable(xBC)  # the fused CPU kernels (backbones.ops.fused_cpu)
+        via = f" (numba: {fused_cpu.__name__})" if nb else ""
 
         # causal depthwise conv, continuing from the state's window when given
         if state is None and self.fused_conv:
-            xBC = causal_conv_silu(xBC, self.conv1d.weight, self.conv1d.bias)  # [b, l, conv_dim]
+            xBC = causal_conv_silu(xBC, self.conv1d.weight, self.conv1d.bias, numba=nb)  # [b, l, conv_dim]
+            self.record_path("conv", None, "", "", f"backbones.mamba2.causal_conv_silu{via}")
         else:
+            self.record_path("conv", None, "", "", "torch.nn.functional.conv1d")
             xt = xBC.transpose(1, 2)  # [b, conv_dim, l]
             if state is None:
                 xt = F.pad(xt, (self.d_conv - 1, 0))
@@ -603,7 +665,9 @@ class Mamba2Mixer(KernelSwitch, Mixer):
         init = None if state is None else state["ssm"]
 
         kernel = self.pick_kernel(x, *SSD_KERNEL)  # CPU tensors too when asked (Triton interpreter)
-        self.record_path("scan", kernel, *SSD_KERNEL, "backbones.mamba2.ssd_chunked")
+        sd = self._ssm_dtype(x.dtype)
+        snb = nb and self.fused_ssd and sd == torch.float32
+        self.record_path("scan", kernel, *SSD_KERNEL, "backbones.mamba2.ssd_chunked" + (via if snb else ""))
         if kernel is not None:
             A = -torch.exp(self.A_log.float())
             out = kernel(
@@ -613,24 +677,29 @@ class Mamba2Mixer(KernelSwitch, Mixer):
             )
             y, final = (out if state is not None else (out, None))
         else:
-            sd = self._ssm_dtype(x.dtype)
             dts = F.softplus(dt.to(sd) + self.dt_bias.to(sd))  # [b, l, h]
             A = -torch.exp(self.A_log.to(sd))  # [h]
             y, final = ssd_chunked(
                 xs.to(sd), dts, A, Bm.to(sd), Cm.to(sd),
                 pure_chunk_size(self.chunk_size, self.headdim, self.d_state, l),
                 self.D.to(sd), None if init is None else init.to(sd), fused=self.fused_ssd,
+                numba=snb,
             )
         if state is not None:
             state["ssm"].copy_(final)
         y = y.to(x.dtype).reshape(b, l, self.d_inner)
-        return self.out_proj(self._gated_norm(y, z))
+        return self.out_proj(self._gated_norm(y, z, nb, record=True))
 
-    def _gated_norm(self, y: Tensor, z: Tensor) -> Tensor:
+    def _gated_norm(self, y: Tensor, z: Tensor, numba: bool = False, record: bool = False) -> Tensor:
+        """`numba`: the fused CPU kernel (the parallel forward; decoding steps run the eager norm and
+        record their path under "step"); `record`: record the path under "norm"."""
         kernel = self.pick_kernel(y, *NORM_KERNEL)
-        self.record_path("norm", kernel, *NORM_KERNEL, "backbones.mamba2.GatedRMSNorm")
+        numba = numba and kernel is None and self.norm.fused
+        if record:
+            via = f" (numba: {fused_cpu.__name__})" if numba else ""
+            self.record_path("norm", kernel, *NORM_KERNEL, f"backbones.mamba2.GatedRMSNorm{via}")
         if kernel is None:
-            return self.norm(y, z)
+            return self.norm(y, z, numba=numba)
         return kernel(y, self.norm.weight, None, z=z, eps=self.norm.eps, group_size=self.norm.group_size,
                       norm_before_gate=False)
 
@@ -714,10 +783,12 @@ class Mamba2Mixer(KernelSwitch, Mixer):
 
     def train_flops_uncounted(self, batch: int, seq_len: int) -> int:
         """causal_conv_silu's taps (the counter saw F.conv1d's): 2 K FLOPs per channel and
-        token forward, as much again for each of the input and weight gradients."""
-        if not self.fused_conv:
-            return 0
-        return 3 * 2 * batch * seq_len * self.conv_dim * self.d_conv
+        token forward, as much again for each of the input and weight gradients; less the
+        counted products of in_proj's padded columns (zero weights, no model FLOPs: forward and
+        both gradients)."""
+        pad = -self.in_proj.weight.shape[0] % _PAD
+        conv = 3 * 2 * batch * seq_len * self.conv_dim * self.d_conv if self.fused_conv else 0
+        return conv - 3 * 2 * batch * seq_len * self.d_model * pad
 
 
 def mamba2_mixer_kwargs(backbone: str, mixer_kwargs: dict[str, Any], own: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -153,3 +153,15 @@ def test_s4d_train_step_flops_count_the_kernel_once(numba, monkeypatch):
     assert got["scan_seen"] == (0 if numba else n * 3 * 2 * 2 * d * m * half * nb)
     assert got["scan"] == 3 * B * P * bb.scan_flops_per_token(P)
     assert got["total"] == got["counted"] + got["scan"]
+
+
+def test_mamba2_in_proj_padding_adds_no_counted_flops(monkeypatch):
+    """in_proj's product padded to a multiple of 8 columns (zero weights) counts the same training
+    FLOPs as the unpadded product: the counter's extra products are taken out again."""
+    from backbones import mamba2
+
+    lm = tiny_lm("prefix", "mamba2", d_state=7, headdim=8, chunk_size=64)
+    assert lm.backbone.blocks[0].mixer.in_proj.weight.shape[0] % 8 != 0  # 150 columns: 2 padded
+    padded = count_train_step_flops(lm, *batch())
+    monkeypatch.setattr(mamba2, "_PAD", 1)
+    assert count_train_step_flops(lm, *batch()) == padded

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from backbones.base import build_backbone
-from backbones.ops import dispatch
+from backbones.ops import dispatch, fused_cpu
 from backbones.ops.dispatch import KernelUnavailable, kernel_paths
 
 
@@ -50,8 +50,8 @@ def test_reference_never_loads_a_kernel(monkeypatch):
     m(torch.randn(1, 5, 16))
     m.step(torch.randn(1, 16), m.allocate_state(1, 5))
     assert list(kernel_paths(m).values()) == [{"kernel": "reference", "ran": {
-        "scan": "reference: backbones.mamba2.ssd_chunked", "norm": "reference: backbones.mamba2.GatedRMSNorm",
-        "step": "reference: backbones.mamba2.Mamba2Mixer.step"}}]
+        "conv": "reference: backbones.mamba2.causal_conv_silu", "scan": "reference: backbones.mamba2.ssd_chunked",
+        "norm": "reference: backbones.mamba2.GatedRMSNorm", "step": "reference: backbones.mamba2.Mamba2Mixer.step"}}]
 
 
 def test_bad_knob_value_is_rejected():
@@ -75,7 +75,8 @@ def test_run_summary_records_the_path_each_mixer_ran(tmp_path):
             progress=False)
     paths = s["kernel_paths"]
     assert paths and all(p["kernel"] == "auto" for p in paths.values())
-    assert {p["ran"]["scan"] for p in paths.values()} == {"reference: backbones.mamba2.ssd_chunked"}
+    assert {p["ran"]["scan"] for p in paths.values()} == {
+        "reference: backbones.mamba2.ssd_chunked" + (" (numba: backbones.ops.fused_cpu)" if fused_cpu.AVAILABLE else "")}
 
 
 def test_configs_of_earlier_runs_with_use_kernel_still_build():

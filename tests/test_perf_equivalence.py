@@ -517,3 +517,156 @@ def test_decoding_step_cache_follows_parameter_updates(name):
     other = (S4DMixer(8, d_state=6) if name == "s4d" else S5Mixer(8, d_state=6)).state_dict()
     m.load_state_dict(other)
     assert torch.allclose(step(True), step(False), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- numba kernels (float32 CPU)
+
+needs_numba = pytest.mark.skipif(not mamba2.fused_cpu.AVAILABLE, reason="numba is not installed")
+_F32_TOL = 2e-5  # of each output's largest magnitude: float32 rounding in another summation order
+
+
+def _close(name, a, r, tol=_F32_TOL):
+    assert a.shape == r.shape, name
+    assert (a - r).abs().max().item() <= tol * max(1.0, r.abs().max().item()), name
+
+
+@needs_numba
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("with_state", [True, False])
+@pytest.mark.parametrize(
+    "shape,chunk,with_D",
+    [
+        ((3, 37, 4, 3, 2, 5), 8, True),  # two groups, padded last chunk, 3 sequences over 2 threads
+        ((2, 50, 6, 4, 1, 7), 16, False),  # no skip
+        ((1, 9, 2, 2, 1, 3), 4, True),  # one sequence
+    ],
+)
+def test_ssd_numba_tail_equals_reference_fwd_bwd(shape, chunk, with_D, with_state, threads):
+    """`ssd_chunked(numba=True)` (the backward's last part in one numba pass) against the autograd
+    reference: output, final state and the gradient of every input; batch slices on 1 and 2 threads."""
+    ins = _ssd_inputs(*shape, torch.float32, seed=2)
+    with torch.no_grad():
+        ins[1].mul_(0.3)  # decays of the size a model starts with
+    x, dt, A, B, C, D, h0 = ins
+    D = D if with_D else None
+    wrt = [t for t in (x, dt, A, B, C, D, h0 if with_state else None) if t is not None]
+
+    def run(**kw):
+        y, final = ssd_chunked(x, dt, A, B, C, chunk, D, h0 if with_state else None, **kw)
+        loss = (y * torch.cos(y)).sum() + (final * final.detach().sin()).sum()
+        return [y, final, *torch.autograd.grad(loss, wrt)]
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fast = run(fused=True, numba=True)
+    finally:
+        torch.set_num_threads(old)
+    ref = run(fused=False)
+    for name, a, r in zip(["y", "final", "dx", "ddt", "dA", "dB", "dC", "dD", "dh0"], fast, ref):
+        _close(name, a, r)
+
+
+@needs_numba
+@pytest.mark.parametrize("way", ["decay matrix", "mixed"])
+def test_ssd_numba_falls_back_to_torch_lines_off_the_factorised_way(way, monkeypatch):
+    """The numba pass covers the factorised way only; chunks run with the decay matrix take the torch
+    lines, bit for bit the same as numba=False."""
+    _force_chunk_ways(monkeypatch, way)
+    ins = _ssd_inputs(2, 37, 4, 3, 2, 5, torch.float32, seed=4)
+    x, dt, A, B, C, D, h0 = ins
+    outs = []
+    for nb in (True, False):
+        y, final = ssd_chunked(x, dt, A, B, C, 8, D, h0, fused=True, numba=nb)
+        outs.append([y, final, *torch.autograd.grad((y * y.cos()).sum() + final.sum(), ins)])
+    for a, r in zip(*outs, strict=True):
+        assert torch.equal(a, r)
+
+
+def test_numba_flag_refuses_what_it_cannot_run():
+    ins = _ssd_inputs(1, 8, 2, 2, 1, 3, torch.float64)
+    with pytest.raises(ValueError, match="float32 CPU tensors, got torch.float64"):
+        ssd_chunked(*ins[:5], 4, ins[5], None, fused=True, numba=True)
+    with pytest.raises(ValueError, match="needs fused=True"):
+        ssd_chunked(*[t.float() for t in ins[:5]], 4, None, None, fused=False, numba=True)
+    with pytest.raises(ValueError, match="float32 CPU tensors, got torch.float64"):
+        causal_conv_silu(torch.randn(1, 4, 3, dtype=torch.float64), torch.randn(3, 1, 2), torch.randn(3), numba=True)
+
+
+@needs_numba
+@pytest.mark.parametrize("b,l,c,K", [(3, 23, 5, 4), (1, 2, 3, 4), (3, 7, 4, 1), (2, 9, 6, 2)])
+def test_causal_conv_silu_numba_equals_conv1d_fwd_bwd(b, l, c, K):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(b, l, c, generator=gen).transpose(0, 1).contiguous().transpose(0, 1)  # strided, as from a split
+    w, bias, gy = torch.randn(c, 1, K, generator=gen), torch.randn(c, generator=gen), torch.randn(b, l, c, generator=gen)
+    ins = [t.requires_grad_() for t in (x, w, bias)]
+
+    def ref(x, w, bias):
+        return F.silu(F.conv1d(F.pad(x.transpose(1, 2), (K - 1, 0)), w, bias, groups=c)).transpose(1, 2)
+
+    fast, slow = causal_conv_silu(*ins, numba=True), ref(*ins)
+    _close("out", fast, slow)
+    for name, a, r in zip(["dx", "dw", "dbias"], torch.autograd.grad(fast, ins, gy), torch.autograd.grad(slow, ins, gy),
+                          strict=True):
+        _close(name, a, r)
+
+
+@needs_numba
+@pytest.mark.parametrize("group_size", [12, 4])
+def test_gated_rmsnorm_numba_equals_reference_fwd_bwd(group_size):
+    from backbones.mamba2 import GatedRMSNorm
+
+    torch.manual_seed(0)
+    norm = GatedRMSNorm(12, group_size)
+    with torch.no_grad():
+        norm.weight.normal_()
+    y, z = (torch.randn(3, 5, 12, requires_grad=True) for _ in range(2))
+    gout = torch.randn(3, 5, 12)
+    fast = norm(y, z, numba=True)
+    ref = norm.reference(y, z)
+    _close("out", fast, ref)
+    for name, a, r in zip(["dy", "dz", "dweight"], torch.autograd.grad(fast, (y, z, norm.weight), gout),
+                          torch.autograd.grad(ref, (y, z, norm.weight), gout), strict=True):
+        _close(name, a, r)
+
+
+@needs_numba
+@pytest.mark.parametrize("make", [_mamba1_mixer, _mamba2_mixer], ids=["mamba1", "mamba2"])
+def test_mixer_numba_path_equals_reference_path_and_is_recorded(make):
+    """A float32 mixer on CPU runs the numba kernels with kernel="auto" and the torch code with
+    kernel="reference": the same output and gradients to float32 rounding; each run records its path."""
+    from backbones.ops.dispatch import kernel_paths
+
+    torch.manual_seed(0)
+    m, d, L = make()
+    m = m.float()
+    x = torch.randn(3, L, d, requires_grad=True)
+    outs, ran = [], []
+    for mode in ("auto", "reference"):
+        m.kernel, m.kernel_path = mode, None
+        m.zero_grad()
+        y = m(x)
+        (gx,) = torch.autograd.grad((y * y.detach().cos()).sum(), x, retain_graph=True)
+        (y * y.detach().cos()).sum().backward()
+        outs.append([y, gx] + [p.grad.clone() for p in m.parameters()])
+        ran.append(next(iter(kernel_paths(m).values()))["ran"])
+    for a, r in zip(*outs, strict=True):
+        _close("mixer", a, r, tol=1e-4)
+    assert ran[0]["conv"] == "reference: backbones.mamba2.causal_conv_silu (numba: backbones.ops.fused_cpu)"
+    assert ran[1]["conv"] == "reference: backbones.mamba2.causal_conv_silu"
+    if "norm" in ran[0]:  # Mamba2: the scan's backward tail and the gated norm too
+        assert ran[0]["scan"].endswith("(numba: backbones.ops.fused_cpu)") and "numba" not in ran[1]["scan"]
+        assert ran[0]["norm"].endswith("(numba: backbones.ops.fused_cpu)") and "numba" not in ran[1]["norm"]
+
+
+def test_mamba2_in_proj_padding_changes_no_value():
+    """in_proj's product padded with zero weight rows to a multiple of 8 columns: the split equals the
+    unpadded product's, and the weight's gradient keeps its shape (float64: the same to rounding)."""
+    torch.manual_seed(0)
+    m = Mamba2Mixer(16, d_state=3, headdim=8).double()  # width 2*32 + 2*3 + 4 = 74: 6 padded columns
+    assert m.in_proj.weight.shape[0] % 8 != 0
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    for a, r in zip(m._in_proj_split(x), m._split(m.in_proj(x)), strict=True):
+        assert a.shape == r.shape and (a - r).abs().max() < 1e-12
+    sum(t.sum() for t in m._in_proj_split(x)).backward()
+    assert m.in_proj.weight.grad.shape == m.in_proj.weight.shape

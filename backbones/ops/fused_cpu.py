@@ -1,0 +1,264 @@
+"""Fused CPU kernels (numba) for the Mamba mixers' elementwise work, apart from the modules that use
+them. On CPU this work is memory-bound in eager PyTorch: every op streams a [B, L, C] tensor through
+memory (the causal conv ran ~17 passes, the gated norm ~12, the end of the SSD backward ~20). Each
+kernel here reads its inputs once per direction, keeps one sequence's rows in cache, and recomputes
+cheap intermediates in the backward instead of saving them.
+
+- `causal_conv_silu_fused`: silu(causal depthwise conv1d(x) + bias), channels last (Mamba1 and
+  Mamba2); the references are `backbones.mamba2._CausalConvSiLU` and `F.conv1d`.
+- `gated_rms_norm_fused`: rmsnorm(y * silu(z)) * weight per group (Mamba2); the reference is
+  `backbones.mamba2.GatedRMSNorm.reference` (F.rms_norm and autograd).
+- `ssd_grad_tail`: the chunked SSD's backward from d(x dt) to the gradients of x, dt, A and D
+  (`backbones.mamba2._SSDScan`, its factorised way); the reference is the torch code beside the call.
+
+All agree with their references to float32 rounding (tests), not bit for bit: the sums run in
+another order and exp is the vectorised Cephes exp of `backbones.ops.selective_scan`. Numba's
+error model is numpy's (no zero-division check, which would keep the loops scalar). Batch slices
+run on torch.get_num_threads() threads (the kernels release the GIL); per-parameter gradients are
+summed per slice, then over slices. The mixers pick these kernels for float32 CPU tensors when
+numba imports (`backbones.mamba2.numba_usable`) and record it in their kernel paths.
+"""
+
+from __future__ import annotations
+
+import numpy as _np
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from backbones.ops.selective_scan import _nb, _run_batched, _vexp
+
+AVAILABLE = _nb is not None
+
+if _nb is not None:
+
+    @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
+    def _nb_conv_fwd(x, wt, bias, out, b0, b1):  # pragma: no cover - jitted
+        # x, out [B, L, C]; wt [K, C]; bias [C]
+        L, Cn, K = x.shape[1], x.shape[2], wt.shape[0]
+        acc = _np.empty(Cn, _np.float32)
+        one = _np.float32(1.0)
+        for b in range(b0, b1):
+            for t in range(L):
+                for c in range(Cn):
+                    acc[c] = bias[c]
+                for k in range(max(0, K - 1 - t), K):
+                    s = t - (K - 1) + k
+                    for c in range(Cn):
+                        acc[c] += x[b, s, c] * wt[k, c]
+                for c in range(Cn):
+                    a = acc[c]
+                    out[b, t, c] = a / (one + _vexp(-a))
+
+    @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
+    def _nb_conv_bwd(x, wt, bias, g, gx, gw, gb, b0, b1):  # pragma: no cover - jitted
+        # x, g, gx [B, L, C]; wt [K, C]; gw [B, K, C], gb [B, C]: per-sequence partial sums
+        L, Cn, K = x.shape[1], x.shape[2], wt.shape[0]
+        gp = _np.empty((L, Cn), _np.float32)  # d pre-activation of one sequence
+        one = _np.float32(1.0)
+        for b in range(b0, b1):
+            gw[b] = 0
+            gb[b] = 0
+            for t in range(L):  # recompute the pre-activation, then silu'
+                for c in range(Cn):
+                    gp[t, c] = bias[c]
+                for k in range(max(0, K - 1 - t), K):
+                    s = t - (K - 1) + k
+                    for c in range(Cn):
+                        gp[t, c] += x[b, s, c] * wt[k, c]
+                for c in range(Cn):
+                    a = gp[t, c]
+                    sg = one / (one + _vexp(-a))
+                    v = g[b, t, c] * sg * (one + a * (one - sg))
+                    gp[t, c] = v
+                    gb[b, c] += v
+                for k in range(max(0, K - 1 - t), K):  # x_s feeds tap k of output t
+                    s = t - (K - 1) + k
+                    for c in range(Cn):
+                        gw[b, k, c] += gp[t, c] * x[b, s, c]
+            for s in range(L):  # gx_s = sum_k gp_{s + K-1-k} w_k
+                for c in range(Cn):
+                    gx[b, s, c] = 0
+                for k in range(max(0, s + K - L), K):
+                    t = s + (K - 1) - k
+                    for c in range(Cn):
+                        gx[b, s, c] += gp[t, c] * wt[k, c]
+
+    @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
+    def _nb_norm_fwd(y, z, w, eps, out, r, b0, b1):  # pragma: no cover - jitted
+        # y, z, out [B, R, G, S]; w [G, S]; r [B, R, G] (1 / rms, kept for the backward)
+        R, G, S = y.shape[1], y.shape[2], y.shape[3]
+        u = _np.empty(S, _np.float32)
+        one = _np.float32(1.0)
+        for b in range(b0, b1):
+            for i in range(R):
+                for gi in range(G):
+                    ss = _np.float32(0.0)
+                    for j in range(S):
+                        zv = z[b, i, gi, j]
+                        v = y[b, i, gi, j] * (zv / (one + _vexp(-zv)))
+                        u[j] = v
+                        ss += v * v
+                    rv = one / _np.sqrt(ss / _np.float32(S) + eps)
+                    r[b, i, gi] = rv
+                    for j in range(S):
+                        out[b, i, gi, j] = u[j] * rv * w[gi, j]
+
+    @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
+    def _nb_norm_bwd(y, z, w, r, g, gy, gz, gw, b0, b1):  # pragma: no cover - jitted
+        # gw [B, G, S]: per-sequence partial sums; the rest as in _nb_norm_fwd
+        R, G, S = y.shape[1], y.shape[2], y.shape[3]
+        n = _np.empty(S, _np.float32)
+        sg = _np.empty(S, _np.float32)
+        gn = _np.empty(S, _np.float32)
+        one = _np.float32(1.0)
+        for b in range(b0, b1):
+            gw[b] = 0
+            for i in range(R):
+                for gi in range(G):
+                    rv = r[b, i, gi]
+                    dot = _np.float32(0.0)
+                    for j in range(S):
+                        zv = z[b, i, gi, j]
+                        s = one / (one + _vexp(-zv))
+                        sg[j] = s
+                        nv = y[b, i, gi, j] * zv * s * rv  # n = u r, u = y silu(z)
+                        n[j] = nv
+                        gv = g[b, i, gi, j]
+                        gw[b, gi, j] += gv * nv
+                        gnv = gv * w[gi, j]
+                        gn[j] = gnv
+                        dot += gnv * nv
+                    dot = dot / _np.float32(S)
+                    for j in range(S):
+                        gu = rv * (gn[j] - n[j] * dot)
+                        zv = z[b, i, gi, j]
+                        s = sg[j]
+                        gy[b, i, gi, j] = gu * zv * s
+                        gz[b, i, gi, j] = gu * y[b, i, gi, j] * s * (one + zv * (one - s))
+
+
+    @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
+    def _nb_ssd_grad_tail(gy, y, xdt, G1, f1, G2, f2, x, dt, A, D, gend, gx, gdt, gA, gD, b0, b1):  # pragma: no cover
+        # gy, y, xdt, G1, G2, x, gx [B, C, Q, H, P]; f1, f2, dt, gdt [B, C, Q, H]; A, D [H];
+        # gend [B, C, H]; gA, gD [B, H]: per-sequence partial sums. d(x dt) = G1 f1 + G2 f2.
+        C, Q, H, P = gy.shape[1], gy.shape[2], gy.shape[3], gy.shape[4]
+        gacs = _np.empty((Q, H), _np.float32)  # d Acs of one chunk
+        s3 = _np.empty((Q, H), _np.float32)  # d(x dt) . x
+        run = _np.empty(H, _np.float32)
+        for b in range(b0, b1):
+            gA[b] = 0
+            gD[b] = 0
+            for c in range(C):
+                for q in range(Q):
+                    for h in range(H):
+                        a1, a2, d, dd = f1[b, c, q, h], f2[b, c, q, h], dt[b, c, q, h], D[h]
+                        s1 = _np.float32(0.0)
+                        s2 = _np.float32(0.0)
+                        s3v = _np.float32(0.0)
+                        s4 = _np.float32(0.0)
+                        for p in range(P):
+                            g = gy[b, c, q, h, p]
+                            gxd = G1[b, c, q, h, p] * a1 + G2[b, c, q, h, p] * a2
+                            xv = x[b, c, q, h, p]
+                            s1 += g * y[b, c, q, h, p]
+                            s2 += xdt[b, c, q, h, p] * gxd
+                            s3v += gxd * xv
+                            s4 += g * xv
+                            gx[b, c, q, h, p] = gxd * d + g * dd
+                        gacs[q, h] = s1 - s2
+                        s3[q, h] = s3v
+                        gD[b, h] += s4
+                for h in range(H):
+                    gacs[Q - 1, h] += gend[b, c, h]
+                    run[h] = 0
+                for q in range(Q - 1, -1, -1):  # d (dt A) = reverse cumsum of d Acs within the chunk
+                    for h in range(H):
+                        run[h] += gacs[q, h]
+                        gdt[b, c, q, h] = run[h] * A[h] + s3[q, h]
+                        gA[b, h] += run[h] * dt[b, c, q, h]
+
+
+def _np32(t: Tensor):
+    """A C-contiguous numpy view of t (a copy when t is strided: numba vectorises the channel
+    loops only over arrays it knows to be contiguous; a strided one ran 3-4x slower)."""
+    return t.detach().contiguous().numpy()
+
+
+class _ConvSiLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, wt: Tensor, bias: Tensor) -> Tensor:
+        x = x.contiguous()  # [B, L, C]
+        out = torch.empty_like(x)
+        arrs = [_np32(t) for t in (x, wt, bias)]
+        _run_batched(lambda b0, b1: _nb_conv_fwd(*arrs, out.numpy(), b0, b1), x.shape[0])
+        ctx.save_for_backward(x, wt, bias)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: Tensor):
+        x, wt, bias = ctx.saved_tensors
+        B = x.shape[0]
+        gx = torch.empty_like(x)
+        gw = x.new_empty(B, *wt.shape)
+        gb = x.new_empty(B, wt.shape[1])
+        arrs = [_np32(t) for t in (x, wt, bias, g)]
+        _run_batched(lambda b0, b1: _nb_conv_bwd(*arrs, gx.numpy(), gw.numpy(), gb.numpy(), b0, b1), B)
+        return gx, gw.sum(0), gb.sum(0)
+
+
+def causal_conv_silu_fused(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """silu(causal depthwise conv1d(x) + bias): x [b, l, c] float32 CPU, weight [c, 1, K]
+    (nn.Conv1d's), bias [c] -> [b, l, c]."""
+    return _ConvSiLU.apply(x, weight[:, 0].t().contiguous(), bias)
+
+
+class _GatedNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y: Tensor, z: Tensor, weight: Tensor, eps: float) -> Tensor:
+        y, z = y.contiguous(), z.contiguous()  # [B, R, G, S]
+        out = torch.empty_like(y)
+        r = y.new_empty(y.shape[:-1])
+        arrs = [_np32(t) for t in (y, z, weight)]
+        _run_batched(lambda b0, b1: _nb_norm_fwd(*arrs, _np.float32(eps), out.numpy(), r.numpy(), b0, b1),
+                     y.shape[0])
+        ctx.save_for_backward(y, z, weight, r)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: Tensor):
+        y, z, weight, r = ctx.saved_tensors
+        B = y.shape[0]
+        gy, gz = torch.empty_like(y), torch.empty_like(y)
+        gw = y.new_empty(B, *weight.shape)
+        arrs = [_np32(t) for t in (y, z, weight, r, g)]
+        _run_batched(lambda b0, b1: _nb_norm_bwd(*arrs, gy.numpy(), gz.numpy(), gw.numpy(), b0, b1), B)
+        return gy, gz, gw.sum(0), None
+
+
+def gated_rms_norm_fused(y: Tensor, z: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """rmsnorm(y * silu(z)) * weight per group: y, z [b, r, G, S] float32 CPU, weight [G, S]
+    -> [b, r, G, S]."""
+    return _GatedNorm.apply(y, z, weight, eps)
+
+
+def ssd_grad_tail(gy: Tensor, y: Tensor, xdt: Tensor, G1: Tensor, f1: Tensor, G2: Tensor, f2: Tensor,
+                  x: Tensor, dt: Tensor, A: Tensor, D: Tensor | None, gend: Tensor
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """The last part of the chunked SSD's backward (`backbones.mamba2._SSDScan.backward`), one pass:
+    gy, y, xdt, G1, G2, x [b, c, q, h, p]; f1, f2, dt [b, c, q, h]; A, D [h]; gend [b, c, h] (d Acs at
+    each chunk's last position through the state passing). With d(x dt) = G1 f1 + G2 f2:
+    d Acs = (gy . y) - (x dt . d(x dt)) (+ gend), d(dt A) its reverse cumsum within each chunk, and
+    returns d x = d(x dt) dt + gy D [b, c, q, h, p], d dt = d(dt A) A + d(x dt) . x [b, c, q, h],
+    d A [h] and d D [h] (None without D)."""
+    b, c, q, h = gy.shape[:4]
+    gx = torch.empty_like(gy)
+    gdt = dt.new_empty(b, c, q, h)
+    gA, gD = A.new_empty(b, h), A.new_empty(b, h)
+    Dv = A.new_zeros(h) if D is None else D
+    arrs = [_np32(t) for t in (gy, y, xdt, G1, f1, G2, f2, x, dt, A, Dv, gend)]
+    _run_batched(lambda b0, b1: _nb_ssd_grad_tail(*arrs, gx.numpy(), gdt.numpy(), gA.numpy(), gD.numpy(),
+                                                  b0, b1), b)
+    return gx, gdt, gA.sum(0), None if D is None else gD.sum(0)
