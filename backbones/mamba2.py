@@ -9,6 +9,9 @@
 Training uses the chunked SSD algorithm: a pure-PyTorch version (CPU, and the GPU
 fallback; no data-dependent Python control flow, so torch.compile can trace it) or,
 on CUDA when `mamba_ssm` is installed, its Triton kernel `mamba_chunk_scan_combined`.
+On CPU in float32 the conv + SiLU, the gated norm and the end of the SSD backward run as
+numba kernels (`backbones.ops.fused_cpu`; kernel="reference" runs the torch code beside them),
+and in_proj's product is padded to a multiple of 8 columns (MKL's faster shapes).
 Both accept an initial state and return the final one, so `forward(x, state)`
 continues a sequence (prefill). Decoding uses the recurrence one token at a time.
 """

@@ -8,6 +8,8 @@
     fft_conv        causal FFT convolution (S4D; S5 on GPUs): autograd reference, hand-written backward
     diag_scan       S5's diagonal complex recurrence: sequential reference, numba loops with a
                     hand-written adjoint (CPU)
+    fused_cpu       numba kernels for the Mamba mixers' elementwise work on CPU: causal conv + SiLU,
+                    gated RMSNorm, the end of the SSD backward (references in backbones.mamba2)
 
 Each kernel has a pure reference beside it; the Triton kernels from mamba_ssm and fla are
 checked against these references under TRITON_INTERPRET=1 (tests/test_kernels_interp.py).

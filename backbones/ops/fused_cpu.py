@@ -186,6 +186,9 @@ def _np32(t: Tensor):
 
 
 class _ConvSiLU(torch.autograd.Function):
+    """x [B, L, C], wt [K, C], bias [C] -> silu(causal conv) [B, L, C]; the backward recomputes the
+    pre-activation from x (nothing but the inputs is saved)."""
+
     @staticmethod
     def forward(ctx, x: Tensor, wt: Tensor, bias: Tensor) -> Tensor:
         x = x.contiguous()  # [B, L, C]
@@ -215,6 +218,9 @@ def causal_conv_silu_fused(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
 
 
 class _GatedNorm(torch.autograd.Function):
+    """y, z [B, R, G, S], weight [G, S] -> [B, R, G, S]; saves the inputs and 1 / rms per group, the
+    backward recomputes silu(z) and the normalised values."""
+
     @staticmethod
     def forward(ctx, y: Tensor, z: Tensor, weight: Tensor, eps: float) -> Tensor:
         y, z = y.contiguous(), z.contiguous()  # [B, R, G, S]
