@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backbones.base import Backbone, Mixer, State, register
-from backbones.mamba2 import causal_conv_silu, numba_usable
+from backbones.mamba2 import causal_conv_silu, numba_note, numba_usable
 from backbones.ops.dispatch import KernelSwitch, check_mode, kernel_available, load_kernel
 from backbones.ops.selective_scan import _nb, selective_scan, selective_scan_ref  # noqa: F401 (re-exported)
 
@@ -105,22 +105,22 @@ class MambaMixer(KernelSwitch, Mixer):
         k = self.d_conv - 1
         w = self.conv1d.weight  # [D, 1, d_conv]
         scan = self._cuda_scan(x, state)
+        backend = "torch" if self.kernel == "reference" else self.scan_backend  # the CPU scan's, and the conv's
         conv = load_kernel(*CONV_KERNEL) if scan is not None and kernel_available(*CONV_KERNEL) else None
         if conv is not None:
             xc = conv(xi.contiguous(), w[:, 0], self.conv1d.bias, activation="silu")
             padded = F.pad(xi, (k, 0)) if state is not None else None
             self.record_path("conv", conv, *CONV_KERNEL, "")
         elif state is None and self.fused_conv and self.conv1d.bias is not None:
-            nb = self.kernel != "reference" and self.scan_backend != "torch" and numba_usable(xi)
+            nb = backend != "torch" and numba_usable(xi)
             xc = causal_conv_silu(xi.transpose(1, 2), w, self.conv1d.bias, numba=nb).transpose(1, 2)  # [B, D, S]
             padded = None
-            self.record_path("conv", None, "", "", "backbones.mamba2.causal_conv_silu"
-                             + (" (numba: backbones.ops.fused_cpu)" if nb else ""))
+            self.record_path("conv", None, *CONV_KERNEL, f"backbones.mamba2.causal_conv_silu{numba_note(nb)}")
         else:
             left = xi.new_zeros(Bsz, xi.shape[1], k) if state is None else state["conv"].to(xi.dtype)
             padded = torch.cat([left, xi], dim=-1)  # [B, D, k + S]
             xc = F.silu(F.conv1d(padded, w, self.conv1d.bias, groups=self.d_inner))  # [B, D, S]
-            self.record_path("conv", None, "", "", "torch.nn.functional.conv1d")
+            self.record_path("conv", None, *CONV_KERNEL, "torch.nn.functional.conv1d")
         if state is not None:
             state["conv"].copy_(padded[:, :, padded.shape[-1] - k :])
         xc = xc.transpose(1, 2)  # [B, S, D]
@@ -134,7 +134,6 @@ class MambaMixer(KernelSwitch, Mixer):
             )  # fmt: skip
             y, hT = out if state is not None else (out, None)
             y = y.transpose(1, 2)  # [B, S, D], includes the D skip
-        backend = "torch" if self.kernel == "reference" else self.scan_backend
         if scan is None:
             h0 = None if state is None else state["ssm"]
             y, hT = selective_scan(xc, dt, A, Bm, Cm, h0, chunk=self.chunk, backend=backend)

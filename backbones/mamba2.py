@@ -57,6 +57,11 @@ def numba_usable(t: Tensor) -> bool:
             and not torch.compiler.is_compiling() and not is_fake(t))
 
 
+def numba_note(numba: bool) -> str:
+    """The suffix a recorded reference path carries when the fused CPU kernels ran in it."""
+    return f" (numba: {fused_cpu.__name__})" if numba else ""
+
+
 def _check_numba(t: Tensor) -> None:
     if not numba_usable(t):
         raise ValueError(f"numba=True needs numba installed and float32 CPU tensors, got {t.dtype} on "
@@ -646,7 +651,7 @@ class Mamba2Mixer(KernelSwitch, Mixer):
         b, l, _ = x.shape
         z, xBC, dt = self._in_proj_split(x)  # [b, l, d_inner], [b, l, conv_dim], [b, l, h]
         nb = self.kernel != "reference" and numba_usable(xBC)  # the fused CPU kernels (backbones.ops.fused_cpu)
-        via = f" (numba: {fused_cpu.__name__})" if nb else ""
+        via = numba_note(nb)
 
         # causal depthwise conv, continuing from the state's window when given
         if state is None and self.fused_conv:
@@ -699,8 +704,7 @@ class Mamba2Mixer(KernelSwitch, Mixer):
         kernel = self.pick_kernel(y, *NORM_KERNEL)
         numba = numba and kernel is None and self.norm.fused
         if record:
-            via = f" (numba: {fused_cpu.__name__})" if numba else ""
-            self.record_path("norm", kernel, *NORM_KERNEL, f"backbones.mamba2.GatedRMSNorm{via}")
+            self.record_path("norm", kernel, *NORM_KERNEL, f"backbones.mamba2.GatedRMSNorm{numba_note(numba)}")
         if kernel is None:
             return self.norm(y, z, numba=numba)
         return kernel(y, self.norm.weight, None, z=z, eps=self.norm.eps, group_size=self.norm.group_size,

@@ -32,20 +32,26 @@ AVAILABLE = _nb is not None
 
 if _nb is not None:
 
+    @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy", inline="always")
+    def _nb_conv_pre(x, wt, bias, b, t, acc):  # pragma: no cover - jitted
+        # acc [C] = bias + sum_k w_k x_{t-K+1+k}: the pre-activation of sequence b at step t
+        Cn, K = x.shape[2], wt.shape[0]
+        for c in range(Cn):
+            acc[c] = bias[c]
+        for k in range(max(0, K - 1 - t), K):
+            s = t - (K - 1) + k
+            for c in range(Cn):
+                acc[c] += x[b, s, c] * wt[k, c]
+
     @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
     def _nb_conv_fwd(x, wt, bias, out, b0, b1):  # pragma: no cover - jitted
         # x, out [B, L, C]; wt [K, C]; bias [C]
-        L, Cn, K = x.shape[1], x.shape[2], wt.shape[0]
+        L, Cn = x.shape[1], x.shape[2]
         acc = _np.empty(Cn, _np.float32)
         one = _np.float32(1.0)
         for b in range(b0, b1):
             for t in range(L):
-                for c in range(Cn):
-                    acc[c] = bias[c]
-                for k in range(max(0, K - 1 - t), K):
-                    s = t - (K - 1) + k
-                    for c in range(Cn):
-                        acc[c] += x[b, s, c] * wt[k, c]
+                _nb_conv_pre(x, wt, bias, b, t, acc)
                 for c in range(Cn):
                     a = acc[c]
                     out[b, t, c] = a / (one + _vexp(-a))
@@ -60,12 +66,7 @@ if _nb is not None:
             gw[b] = 0
             gb[b] = 0
             for t in range(L):  # recompute the pre-activation, then silu'
-                for c in range(Cn):
-                    gp[t, c] = bias[c]
-                for k in range(max(0, K - 1 - t), K):
-                    s = t - (K - 1) + k
-                    for c in range(Cn):
-                        gp[t, c] += x[b, s, c] * wt[k, c]
+                _nb_conv_pre(x, wt, bias, b, t, gp[t])
                 for c in range(Cn):
                     a = gp[t, c]
                     sg = one / (one + _vexp(-a))
