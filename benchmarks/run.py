@@ -42,6 +42,33 @@ DEFAULT_RESULTS = Path("runs") / "bench" / "results.jsonl"  # relative to the wo
 
 # ----------------------------------------------------------------------------- running
 
+PROC_STAT = Path("/proc/stat")
+#: steal above this share of a case's CPU time gets a note under the table
+STEAL_NOTE_PCT = 2.0
+
+
+def cpu_times(path: Path = PROC_STAT) -> tuple[int, int] | None:
+    """(steal, total) CPU time in clock ticks over all CPUs since boot, from the "cpu" line of
+    /proc/stat (Linux); None where there is no such file. Steal is the time a virtual machine's
+    CPUs were ready to run while the hypervisor ran something else: a neighbour's load."""
+    try:
+        fields = path.read_text().splitlines()[0].split()
+    except OSError:
+        return None
+    if fields[0] != "cpu" or len(fields) < 9:
+        raise ValueError(f"{path}: expected a first line 'cpu user nice system idle iowait irq softirq "
+                         f"steal ...', got {' '.join(fields[:4])!r}")
+    ticks = [int(v) for v in fields[1:]]
+    return ticks[7], sum(ticks[:8])  # guest time is already counted in user and nice
+
+
+def steal_pct(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """The share of CPU time stolen by the hypervisor between two `cpu_times` readings, in %."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return 100.0 * (after[0] - before[0]) / (after[1] - before[1])
+
+
 
 def run_case(
     name: str,
@@ -66,7 +93,7 @@ def run_case(
         cmd += ["--set", f"{k}={json.dumps(v)}"]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), cpu_times()
     try:
         p = subprocess.run(
             cmd, cwd=REPO, env=env, check=False, capture_output=True, text=True, timeout=timeout
@@ -77,9 +104,10 @@ def run_case(
             "rows": [],
             "wall_s": time.perf_counter() - t0,
             "peak_mb": None,
+            "cpu_steal_pct": steal_pct(cpu0, cpu_times()),
             "error": f"timed out after {timeout:.0f} s",
         }
-    wall = time.perf_counter() - t0
+    wall, steal = time.perf_counter() - t0, steal_pct(cpu0, cpu_times())
     line = next((ln for ln in reversed(p.stdout.splitlines()) if ln.startswith(RESULT_MARK)), None)
     if line is None:
         tail = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -88,10 +116,12 @@ def run_case(
             "rows": [],
             "wall_s": wall,
             "peak_mb": None,
+            "cpu_steal_pct": steal,
             "error": f"exit code {p.returncode}, no result: {tail}",
         }
     out = json.loads(line[len(RESULT_MARK) :])
     out["process_wall_s"] = wall
+    out["cpu_steal_pct"] = steal  # the whole machine's, over the case's process (None: not Linux)
     return out
 
 
@@ -217,6 +247,9 @@ def format_table(results: list[dict]) -> str:
     for c in results:
         if c.get("error"):
             notes.append(f"{c['case']}: ERROR {c['error']}")
+        if (c.get("cpu_steal_pct") or 0.0) >= STEAL_NOTE_PCT:
+            notes.append(f"{c['case']}: the hypervisor took {c['cpu_steal_pct']:.1f}% of the CPU time while "
+                         "it ran (steal): a neighbour's load, which moves its timings")
         for r in c.get("rows", []):
             if r.get("note"):
                 notes.append(f"{r['name']}: {r['note']}")
@@ -239,8 +272,9 @@ def short_commit(commit: str | None) -> str:
 
 def history(records: list[dict], only: list[str] | None = None, commit: str | None = None) -> list[dict]:
     """Every result row's ratios across recorded runs (quick and full runs apart), in first-seen order:
-    [{name, quick, ratios, met, commits, row}], `row` the latest run's (its target and kind). `only`:
-    these cases; `commit`: runs whose git commit starts with it. Lines without results are skipped."""
+    [{name, quick, ratios, met, steal, commits, row}], `row` the latest run's (its target and kind),
+    `steal` each run's `cpu_steal_pct` of the case (None: not recorded). `only`: these cases; `commit`:
+    runs whose git commit starts with it. Lines without results are skipped."""
     groups: dict[tuple[str, bool], dict] = {}
     for rec in records:
         if "results" not in rec or (commit and not (rec.get("git_commit") or "").startswith(commit)):
@@ -254,10 +288,11 @@ def history(records: list[dict], only: list[str] | None = None, commit: str | No
                 quick = bool(rec.get("quick"))
                 g = groups.setdefault(
                     (r["name"], quick),
-                    {"name": r["name"], "quick": quick, "ratios": [], "met": [], "commits": []},
+                    {"name": r["name"], "quick": quick, "ratios": [], "met": [], "steal": [], "commits": []},
                 )
                 g["ratios"].append(r["ratio"])
                 g["met"].append(r.get("met"))
+                g["steal"].append(c.get("cpu_steal_pct"))
                 short = short_commit(rec.get("git_commit"))
                 if short not in g["commits"]:
                     g["commits"].append(short)
@@ -266,9 +301,10 @@ def history(records: list[dict], only: list[str] | None = None, commit: str | No
 
 
 def format_history(groups: list[dict]) -> str:
-    """A table of `history`: runs, the median of the runs' ratios with their [min-max], the target and
-    in how many runs it was met; a note for every row whose verdict differs between runs."""
-    head = ["case", "runs", "ratio: median of runs [min-max]", "target", "met", "commits"]
+    """A table of `history`: runs, the median of the runs' ratios with their [min-max], the target, in
+    how many runs it was met and the runs' CPU steal [min-max]; a note for every row whose verdict
+    differs between runs."""
+    head = ["case", "runs", "ratio: median of runs [min-max]", "target", "met", "steal %", "commits"]
     body, notes = [], []
     for g in groups:
         r, rs = g["row"], g["ratios"]
@@ -276,9 +312,11 @@ def format_history(groups: list[dict]) -> str:
         met = [m for m in g["met"] if m is not None]
         name = g["name"] + ("" if g["quick"] else " (full)")
         spread = f"[{_fmt_ratio(min(rs), kind)}-{_fmt_ratio(max(rs), kind)}]" if len(rs) > 1 else "(one run)"
+        st = [v for v in g.get("steal", []) if v is not None]
+        steal = "-" if not st else f"{st[0]:.1f}" if len(st) == 1 else f"[{min(st):.1f}-{max(st):.1f}]"
         body.append([
             name, str(len(rs)), f"{_fmt_ratio(statistics.median(rs), kind)} {spread}",
-            _target(r), f"{sum(met)}/{len(met)} runs" if met else "-", ", ".join(g["commits"]),
+            _target(r), f"{sum(met)}/{len(met)} runs" if met else "-", steal, ", ".join(g["commits"]),
         ])
         if 0 < sum(met) < len(met):
             notes.append(f"{name}: met in {sum(met)} of {len(met)} runs: the verdict changes from run to run")

@@ -36,6 +36,7 @@ def test_run_case_decode_tiny_is_well_formed():
     assert "error" not in res, res.get("error")
     assert res["case"] == "decode_recurrent_vs_recompute"
     assert res["peak_mb"] >= res["base_mb"] > 0
+    assert res["cpu_steal_pct"] is None or 0.0 <= res["cpu_steal_pct"] <= 100.0  # None: no /proc/stat
     rows = {r["name"]: r for r in res["rows"]}
     assert set(rows) == {f"decode_recurrent_vs_recompute[{n}]" for n in names}
     for r in rows.values():
@@ -363,9 +364,11 @@ def test_paired_best_of_keeps_the_fastest_call_of_each_round():
 
 
 def test_history_summarises_ratios_across_runs_and_flags_flipping_verdicts(tmp_path, capsys):
-    def rec(commit, quick, ratio, musicgen=None):
+    def rec(commit, quick, ratio, musicgen=None, steal=None):
         rows = [common.row("ssm_train_step[s5]", 1.0, 1.0, "s", ratio, "slowdown", 1.5, op="<=")]
         cases = [{"case": "ssm_train_step", "rows": rows}]
+        if steal is not None:
+            cases[0]["cpu_steal_pct"] = steal
         if musicgen is not None:
             mg = common.row("kv_cache_vs_musicgen", 1.0, 1.0, "s", musicgen, "speedup", 3.0)
             cases.append({"case": "kv_cache_vs_musicgen", "rows": [mg]})
@@ -373,7 +376,8 @@ def test_history_summarises_ratios_across_runs_and_flags_flipping_verdicts(tmp_p
 
     path = tmp_path / "results.jsonl"
     a, b = "a" * 40, "b" * 40
-    lines = [rec(a, True, 1.46, 2.2), {"earlier": 1}, rec(a, True, 1.66), rec(b, True, 1.56)]
+    lines = [rec(a, True, 1.46, 2.2), {"earlier": 1}, rec(a, True, 1.66, steal=6.25)]
+    lines.append(rec(b, True, 1.56, steal=0.5))
     lines.append(rec(b + "+dirty", True, 1.56))  # uncommitted changes ran: kept apart in the commits
     lines.append(rec(a, False, 1.40))  # a full run
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
@@ -382,7 +386,9 @@ def test_history_summarises_ratios_across_runs_and_flags_flipping_verdicts(tmp_p
     quick = next(ln for ln in out.splitlines() if ln.startswith("ssm_train_step[s5] "))
     assert "  4  " in quick and "1.56x [1.46x-1.66x]" in quick and "1/4 runs" in quick
     assert "aaaaaaaaaa, bbbbbbbbbb, bbbbbbbbbb+dirty" in quick
-    assert "ssm_train_step[s5] (full)" in out and "1/1 runs" in out  # full runs kept apart
+    assert "[0.5-6.2]" in quick  # the runs' steal, where recorded
+    full = next(ln for ln in out.splitlines() if ln.startswith("ssm_train_step[s5] (full)"))
+    assert "1/1 runs" in full and " - " in full  # full runs kept apart; no steal recorded
     assert "met in 1 of 4 runs: the verdict changes from run to run" in out
     assert "kv_cache_vs_musicgen" not in out  # --only
     assert run.cli(["--history", "--results", str(path), "--commit", "bbb"]) == 0
@@ -413,3 +419,30 @@ def test_import_ttm_sets_gomp_spincount_only_before_torch(env, code, expected):
         env={**base, **env}, capture_output=True, text=True, check=True,
     ).stdout.split()
     assert " ".join(out) == expected
+
+
+def test_steal_is_read_from_proc_stat_and_noted_under_the_table(tmp_path):
+    """`cpu_times` reads (steal, total) from /proc/stat's cpu line (guest time is inside user/nice, so
+    not added again); a case's steal share between two readings gets a note from 2%."""
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 5 20 800 10 0 5 60 40 0\ncpu0 50 2 10 400 5 0 2 30 20 0\n")
+    assert run.cpu_times(stat) == (60, 1000)
+    stat.write_text("cpu  190 5 30 1500 10 0 5 100 80 0\n")
+    assert run.cpu_times(stat) == (100, 1840)
+    assert run.steal_pct((60, 1000), (100, 1840)) == pytest.approx(100 * 40 / 840)
+    assert run.steal_pct(None, (100, 1840)) is None and run.steal_pct((60, 1000), (60, 1000)) is None
+    assert run.cpu_times(tmp_path / "missing") is None
+    stat.write_text("intr 1 2 3\n")
+    with pytest.raises(ValueError, match=r"stat: expected a first line 'cpu user nice system idle"):
+        run.cpu_times(stat)
+    if run.cpu_times() is not None:  # this machine's own: steal within total
+        steal, total = run.cpu_times()
+        assert 0 <= steal <= total
+
+    row = {"name": "c[x]", "ours": 1.0, "peer": 2.0, "unit": "s", "ours_label": "a", "peer_label": "b",
+           "ratio": 2.0, "kind": "speedup", "target": None, "met": None, "status": "ok"}
+    noted = run.format_table([{"case": "c", "peak_mb": 1.0, "cpu_steal_pct": 4.76, "rows": [row]}])
+    assert "c: the hypervisor took 4.8% of the CPU time while it ran (steal)" in noted
+    for quiet in (1.9, None):
+        table = run.format_table([{"case": "c", "peak_mb": 1.0, "cpu_steal_pct": quiet, "rows": [row]}])
+        assert "steal" not in table
