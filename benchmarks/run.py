@@ -271,8 +271,9 @@ def short_commit(commit: str | None) -> str:
 
 
 def history(records: list[dict], only: list[str] | None = None, commit: str | None = None) -> list[dict]:
-    """Every result row's ratios across recorded runs (quick and full runs apart), in first-seen order:
-    [{name, quick, ratios, met, steal, commits, row}], `row` the latest run's (its target and kind),
+    """Every result row's ratios across recorded runs (quick and full runs apart, and runs at different
+    thread counts), in first-seen order: [{name, quick, threads, ratios, met, steal, commits, row}], `row`
+    the latest run's (its target and kind),
     `steal` each run's `cpu_steal_pct` of the case (None: not recorded). `only`: these cases; `commit`:
     runs whose git commit starts with it. Lines without results are skipped."""
     groups: dict[tuple[str, bool], dict] = {}
@@ -285,10 +286,11 @@ def history(records: list[dict], only: list[str] | None = None, commit: str | No
             for r in c.get("rows", []):
                 if r.get("ratio") is None:
                     continue
-                quick = bool(rec.get("quick"))
+                quick, threads = bool(rec.get("quick")), (rec.get("machine") or {}).get("threads")
                 g = groups.setdefault(
-                    (r["name"], quick),
-                    {"name": r["name"], "quick": quick, "ratios": [], "met": [], "steal": [], "commits": []},
+                    (r["name"], quick, threads),
+                    {"name": r["name"], "quick": quick, "threads": threads,
+                     "ratios": [], "met": [], "steal": [], "commits": []},
                 )
                 g["ratios"].append(r["ratio"])
                 g["met"].append(r.get("met"))
@@ -306,11 +308,15 @@ def format_history(groups: list[dict]) -> str:
     differs between runs."""
     head = ["case", "runs", "ratio: median of runs [min-max]", "target", "met", "steal %", "commits"]
     body, notes = [], []
+    several = len({g.get("threads") for g in groups}) > 1  # then each row names its thread count
     for g in groups:
         r, rs = g["row"], g["ratios"]
         kind = r.get("ratio_kind")
         met = [m for m in g["met"] if m is not None]
-        name = g["name"] + ("" if g["quick"] else " (full)")
+        th = g.get("threads")
+        threads = "threads not recorded" if th is None else f"{th} thread{'' if th == 1 else 's'}"
+        tags = ([] if g["quick"] else ["full"]) + ([threads] if several else [])
+        name = g["name"] + (f" ({', '.join(tags)})" if tags else "")
         spread = f"[{_fmt_ratio(min(rs), kind)}-{_fmt_ratio(max(rs), kind)}]" if len(rs) > 1 else "(one run)"
         st = [v for v in g.get("steal", []) if v is not None]
         steal = "-" if not st else f"{st[0]:.1f}" if len(st) == 1 else f"[{min(st):.1f}-{max(st):.1f}]"

@@ -394,6 +394,13 @@ def test_history_summarises_ratios_across_runs_and_flags_flipping_verdicts(tmp_p
     assert run.cli(["--history", "--results", str(path), "--commit", "bbb"]) == 0
     out = capsys.readouterr().out
     assert "  2  " in out and "1.56x [1.56x-1.56x]" in out and "kv_cache" not in out
+    one_thread = rec(a, True, 1.30)
+    one_thread["machine"] = {"threads": 1}  # the others recorded no thread count
+    path.write_text("\n".join(json.dumps(x) for x in [*lines, one_thread]) + "\n")
+    assert run.cli(["--history", "--results", str(path), "--only", "ssm_train_step"]) == 0
+    out = capsys.readouterr().out  # runs at another thread count are kept apart, and named
+    assert re.search(r"ssm_train_step\[s5\] \(1 thread\) +1 +1\.3x \(one run\)", out), out
+    assert re.search(r"ssm_train_step\[s5\] \(threads not recorded\) +4 +1\.56x \[1\.46x-1\.66x\]", out)
     with pytest.raises(ValueError, match=r"no results file at .*missing\.jsonl"):
         run.cli(["--history", "--results", str(tmp_path / "missing.jsonl")])
     path.write_text(json.dumps(lines[0]) + "\nnot json\n")
