@@ -69,7 +69,6 @@ def steal_pct(before: tuple[int, int] | None, after: tuple[int, int] | None) -> 
     return 100.0 * (after[0] - before[0]) / (after[1] - before[1])
 
 
-
 def run_case(
     name: str,
     quick: bool = False,
@@ -272,11 +271,11 @@ def short_commit(commit: str | None) -> str:
 
 def history(records: list[dict], only: list[str] | None = None, commit: str | None = None) -> list[dict]:
     """Every result row's ratios across recorded runs (quick and full runs apart, and runs at different
-    thread counts), in first-seen order: [{name, quick, threads, ratios, met, steal, commits, row}], `row`
-    the latest run's (its target and kind),
-    `steal` each run's `cpu_steal_pct` of the case (None: not recorded). `only`: these cases; `commit`:
-    runs whose git commit starts with it. Lines without results are skipped."""
-    groups: dict[tuple[str, bool], dict] = {}
+    thread counts), in first-seen order: [{name, quick, threads, ratios, met, steal, commits, row}];
+    `row` is the latest run's (its target and kind), `steal` each run's `cpu_steal_pct` of the case
+    (None: not recorded). `only`: these cases; `commit`: runs whose git commit starts with it. Lines
+    without results are skipped."""
+    groups: dict[tuple[str, bool, int | None], dict] = {}
     for rec in records:
         if "results" not in rec or (commit and not (rec.get("git_commit") or "").startswith(commit)):
             continue
