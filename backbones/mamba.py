@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from backbones.base import Backbone, Mixer, State, register
 from backbones.mamba2 import causal_conv_silu, numba_note, numba_usable
+from backbones.ops import fused_cpu
 from backbones.ops.dispatch import KernelSwitch, check_mode, kernel_available, load_kernel
 from backbones.ops.selective_scan import _nb, selective_scan, selective_scan_ref  # noqa: F401 (re-exported)
 
@@ -134,16 +135,21 @@ class MambaMixer(KernelSwitch, Mixer):
             )  # fmt: skip
             y, hT = out if state is not None else (out, None)
             y = y.transpose(1, 2)  # [B, S, D], includes the D skip
+        gated = False
         if scan is None:
             h0 = None if state is None else state["ssm"]
             y, hT = selective_scan(xc, dt, A, Bm, Cm, h0, chunk=self.chunk, backend=backend)
-            y = y + xc * self.D
+            # the skip and the gate in one numba pass each way with the CPU kernels, else in torch
+            gated = backend != "torch" and self.D.dtype == y.dtype and all(numba_usable(t) for t in (y, xc, z))
+            y = fused_cpu.skip_gate_fused(y, xc, self.D, z) if gated else y + xc * self.D
         why = "" if scan is not None or self.kernel != "kernel" else "; the CUDA scan cannot start from a state"
-        self.record_path("scan", scan, *SCAN_KERNEL, f"backbones.ops.selective_scan(backend={backend}){why}")
+        self.record_path("scan", scan, *SCAN_KERNEL, f"backbones.ops.selective_scan(backend={backend}){why}"
+                         + ("; skip and gate: backbones.ops.fused_cpu.skip_gate_fused" if gated else ""))
         if state is not None:
             state["ssm"].copy_(hT)
             state["pos"] = state.get("pos", 0) + S
-        y = y.to(x.dtype) * F.silu(z)
+        if not gated:
+            y = y.to(x.dtype) * F.silu(z)
         return self.out_proj(y)
 
     def step(self, x: Tensor, state: State) -> Tensor:  # [B, d_model] -> [B, d_model]

@@ -612,6 +612,28 @@ def test_causal_conv_silu_numba_equals_conv1d_fwd_bwd(b, l, c, K):
 
 
 @needs_numba
+@pytest.mark.parametrize("threads", [1, 2])
+def test_skip_gate_numba_equals_torch_fwd_bwd(threads, monkeypatch):
+    """Mamba1's (y + x D) * silu(z) as one numba pass each way against the torch lines it replaces:
+    output and the gradients of y, x, D and z (a strided z, as in_proj's chunk gives it), with the
+    per-sequence partial sums of d D over 1 and 2 threads."""
+    from backbones.ops import fused_cpu as fc
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    gen = torch.Generator().manual_seed(3)
+    y, x = (torch.randn(3, 7, 5, generator=gen, requires_grad=True) for _ in range(2))
+    D = torch.randn(5, generator=gen, requires_grad=True)
+    zz = (torch.randn(3, 7, 10, generator=gen) * 3).requires_grad_()  # large |z| too: silu's tails
+    gout = torch.randn(3, 7, 5, generator=gen)
+    fast = fc.skip_gate_fused(y, x, D, zz[..., 5:])
+    ref = (y + x * D) * F.silu(zz[..., 5:])
+    _close("out", fast, ref)
+    for name, a, r in zip(["dy", "dx", "dD", "dz"], torch.autograd.grad(fast, (y, x, D, zz), gout),
+                          torch.autograd.grad(ref, (y, x, D, zz), gout), strict=True):
+        _close(name, a, r)
+
+
+@needs_numba
 @pytest.mark.parametrize("group_size", [12, 4])
 def test_gated_rmsnorm_numba_equals_reference_fwd_bwd(group_size):
     from backbones.mamba2 import GatedRMSNorm
@@ -657,6 +679,9 @@ def test_mixer_numba_path_equals_reference_path_and_is_recorded(make):
     if "norm" in ran[0]:  # Mamba2: the scan's backward tail and the gated norm too
         assert ran[0]["scan"].endswith("(numba: backbones.ops.fused_cpu)") and "numba" not in ran[1]["scan"]
         assert ran[0]["norm"].endswith("(numba: backbones.ops.fused_cpu)") and "numba" not in ran[1]["norm"]
+    else:  # Mamba1: the skip and the gate after the scan too
+        gate = "; skip and gate: backbones.ops.fused_cpu.skip_gate_fused"
+        assert ran[0]["scan"].endswith(gate) and gate not in ran[1]["scan"]
 
 
 def test_mamba2_in_proj_padding_changes_no_value():

@@ -10,6 +10,8 @@ cheap intermediates in the backward instead of saving them.
   `backbones.mamba2.GatedRMSNorm.reference` (F.rms_norm and autograd).
 - `ssd_grad_tail`: the chunked SSD's backward from d(x dt) to the gradients of x, dt, A and D
   (`backbones.mamba2._SSDScan`, its factorised way); the reference is the torch code beside the call.
+- `skip_gate_fused`: Mamba1's (y + x D) * silu(z) after its scan; the reference is the torch lines of
+  `backbones.mamba.MambaMixer.forward`.
 
 All agree with their references to float32 rounding (tests), not bit for bit: the sums run in
 another order and exp is the vectorised Cephes exp of `backbones.ops.selective_scan`. Numba's
@@ -180,6 +182,36 @@ if _nb is not None:
                         gA[b, h] += run[h] * dt[b, c, q, h]
 
 
+    @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
+    def _nb_skip_gate_fwd(y, x, D, z, out, b0, b1):  # pragma: no cover - jitted
+        # y, x, z, out [B, L, C]; D [C]: out = (y + x D) silu(z)
+        L, Cn = y.shape[1], y.shape[2]
+        one = _np.float32(1.0)
+        for b in range(b0, b1):
+            for t in range(L):
+                for c in range(Cn):
+                    zv = z[b, t, c]
+                    out[b, t, c] = (y[b, t, c] + x[b, t, c] * D[c]) * (zv / (one + _vexp(-zv)))
+
+    @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
+    def _nb_skip_gate_bwd(y, x, D, z, g, gy, gx, gz, gD, b0, b1):  # pragma: no cover - jitted
+        # gD [B, C]: per-sequence partial sums; the rest as in _nb_skip_gate_fwd. With v = y + x D and
+        # s = sigmoid(z): d v = g z s, d z = g v s (1 + z (1 - s)), d x = d v D, d D = sum d v x
+        L, Cn = y.shape[1], y.shape[2]
+        one = _np.float32(1.0)
+        for b in range(b0, b1):
+            gD[b] = 0
+            for t in range(L):
+                for c in range(Cn):
+                    zv = z[b, t, c]
+                    s = one / (one + _vexp(-zv))
+                    gv = g[b, t, c] * zv * s
+                    gy[b, t, c] = gv
+                    gx[b, t, c] = gv * D[c]
+                    gD[b, c] += gv * x[b, t, c]
+                    gz[b, t, c] = g[b, t, c] * (y[b, t, c] + x[b, t, c] * D[c]) * s * (one + zv * (one - s))
+
+
 def _np32(t: Tensor):
     """A C-contiguous numpy view of t (a copy when t is strided: numba vectorises the channel
     loops only over arrays it knows to be contiguous; a strided one ran 3-4x slower)."""
@@ -269,3 +301,35 @@ def ssd_grad_tail(gy: Tensor, y: Tensor, xdt: Tensor, G1: Tensor, f1: Tensor, G2
     _run_batched(lambda b0, b1: _nb_ssd_grad_tail(*arrs, gx.numpy(), gdt.numpy(), gA.numpy(), gD.numpy(),
                                                   b0, b1), b)
     return gx, gdt, gA.sum(0), None if D is None else gD.sum(0)
+
+
+class _SkipGate(torch.autograd.Function):
+    """(y + x D) * silu(z): y, x, z [B, L, C], D [C] -> [B, L, C]; saves the inputs, the backward
+    recomputes y + x D and sigmoid(z)."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, x: Tensor, D: Tensor, z: Tensor) -> Tensor:
+        out = y.new_empty(y.shape)
+        arrs = [_np32(t) for t in (y, x, D, z)]
+        _run_batched(lambda b0, b1: _nb_skip_gate_fwd(*arrs, out.numpy(), b0, b1), y.shape[0])
+        ctx.save_for_backward(y, x, D, z)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: Tensor):
+        y, x, D, z = ctx.saved_tensors
+        B = y.shape[0]
+        gy, gx, gz = (y.new_empty(y.shape) for _ in range(3))
+        gD = y.new_empty(B, D.shape[0])
+        arrs = [_np32(t) for t in (y, x, D, z, g)]
+        outs = [t.numpy() for t in (gy, gx, gz, gD)]
+        _run_batched(lambda b0, b1: _nb_skip_gate_bwd(*arrs, *outs, b0, b1), B)
+        return gy, gx, gD.sum(0), gz
+
+
+def skip_gate_fused(y: Tensor, x: Tensor, D: Tensor, z: Tensor) -> Tensor:
+    """Mamba1's scan output with its skip, gated: (y + x D) * silu(z), y, x, z [b, l, c] float32 CPU,
+    D [c] -> [b, l, c], one pass each way (torch runs ~4 forward and ~6 backward passes); the
+    reference is those torch lines in `backbones.mamba.MambaMixer.forward`."""
+    return _SkipGate.apply(y, x, D, z)
