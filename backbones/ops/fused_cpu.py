@@ -181,7 +181,6 @@ if _nb is not None:
                         gdt[b, c, q, h] = run[h] * A[h] + s3[q, h]
                         gA[b, h] += run[h] * dt[b, c, q, h]
 
-
     @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
     def _nb_skip_gate_fwd(y, x, D, z, out, b0, b1):  # pragma: no cover - jitted
         # y, x, z, out [B, L, C]; D [C]: out = (y + x D) silu(z)
