@@ -107,13 +107,13 @@ class MambaMixer(KernelSwitch, Mixer):
         w = self.conv1d.weight  # [D, 1, d_conv]
         scan = self._cuda_scan(x, state)
         backend = "torch" if self.kernel == "reference" else self.scan_backend  # the CPU scan's, and the conv's
+        nb = backend != "torch" and numba_usable(xi)  # the numba kernels of backbones.ops.fused_cpu
         conv = load_kernel(*CONV_KERNEL) if scan is not None and kernel_available(*CONV_KERNEL) else None
         if conv is not None:
             xc = conv(xi.contiguous(), w[:, 0], self.conv1d.bias, activation="silu")
             padded = F.pad(xi, (k, 0)) if state is not None else None
             self.record_path("conv", conv, *CONV_KERNEL, "")
         elif state is None and self.fused_conv and self.conv1d.bias is not None:
-            nb = backend != "torch" and numba_usable(xi)
             xc = causal_conv_silu(xi.transpose(1, 2), w, self.conv1d.bias, numba=nb).transpose(1, 2)  # [B, D, S]
             padded = None
             self.record_path("conv", None, *CONV_KERNEL, f"backbones.mamba2.causal_conv_silu{numba_note(nb)}")
@@ -135,20 +135,18 @@ class MambaMixer(KernelSwitch, Mixer):
             )  # fmt: skip
             y, hT = out if state is not None else (out, None)
             y = y.transpose(1, 2)  # [B, S, D], includes the D skip
-        gated = False
         if scan is None:
             h0 = None if state is None else state["ssm"]
             y, hT = selective_scan(xc, dt, A, Bm, Cm, h0, chunk=self.chunk, backend=backend)
-            # the skip and the gate in one numba pass each way with the CPU kernels, else in torch
-            gated = backend != "torch" and self.D.dtype == y.dtype and all(numba_usable(t) for t in (y, xc, z))
-            y = fused_cpu.skip_gate_fused(y, xc, self.D, z) if gated else y + xc * self.D
+            # with the numba kernels (CPU: scan is None), the skip and the gate in one pass each way
+            y = fused_cpu.skip_gate_fused(y, xc, self.D, z) if nb else y + xc * self.D
         why = "" if scan is not None or self.kernel != "kernel" else "; the CUDA scan cannot start from a state"
         self.record_path("scan", scan, *SCAN_KERNEL, f"backbones.ops.selective_scan(backend={backend}){why}"
-                         + ("; skip and gate: backbones.ops.fused_cpu.skip_gate_fused" if gated else ""))
+                         + ("; skip and gate: backbones.ops.fused_cpu.skip_gate_fused" if nb else ""))
         if state is not None:
             state["ssm"].copy_(hT)
             state["pos"] = state.get("pos", 0) + S
-        if not gated:
+        if not nb:
             y = y.to(x.dtype) * F.silu(z)
         return self.out_proj(y)
 

@@ -217,6 +217,13 @@ def _np32(t: Tensor):
     return t.detach().contiguous().numpy()
 
 
+def _launch(kernel, batch: int, *args) -> None:
+    """kernel(*args, b0, b1) over slices of the batch (`_run_batched`), each tensor argument passed as
+    a C-contiguous numpy view (`_np32`; a new output tensor is one already, so the kernel writes it)."""
+    arrs = [_np32(a) if isinstance(a, Tensor) else a for a in args]
+    _run_batched(lambda b0, b1: kernel(*arrs, b0, b1), batch)
+
+
 class _ConvSiLU(torch.autograd.Function):
     """x [B, L, C], wt [K, C], bias [C] -> silu(causal conv) [B, L, C]; the backward recomputes the
     pre-activation from x (nothing but the inputs is saved)."""
@@ -225,8 +232,7 @@ class _ConvSiLU(torch.autograd.Function):
     def forward(ctx, x: Tensor, wt: Tensor, bias: Tensor) -> Tensor:
         x = x.contiguous()  # [B, L, C]
         out = torch.empty_like(x)
-        arrs = [_np32(t) for t in (x, wt, bias)]
-        _run_batched(lambda b0, b1: _nb_conv_fwd(*arrs, out.numpy(), b0, b1), x.shape[0])
+        _launch(_nb_conv_fwd, x.shape[0], x, wt, bias, out)
         ctx.save_for_backward(x, wt, bias)
         return out
 
@@ -238,8 +244,7 @@ class _ConvSiLU(torch.autograd.Function):
         gx = torch.empty_like(x)
         gw = x.new_empty(B, *wt.shape)
         gb = x.new_empty(B, wt.shape[1])
-        arrs = [_np32(t) for t in (x, wt, bias, g)]
-        _run_batched(lambda b0, b1: _nb_conv_bwd(*arrs, gx.numpy(), gw.numpy(), gb.numpy(), b0, b1), B)
+        _launch(_nb_conv_bwd, B, x, wt, bias, g, gx, gw, gb)
         return gx, gw.sum(0), gb.sum(0)
 
 
@@ -258,9 +263,7 @@ class _GatedNorm(torch.autograd.Function):
         y, z = y.contiguous(), z.contiguous()  # [B, R, G, S]
         out = torch.empty_like(y)
         r = y.new_empty(y.shape[:-1])
-        arrs = [_np32(t) for t in (y, z, weight)]
-        _run_batched(lambda b0, b1: _nb_norm_fwd(*arrs, _np.float32(eps), out.numpy(), r.numpy(), b0, b1),
-                     y.shape[0])
+        _launch(_nb_norm_fwd, y.shape[0], y, z, weight, _np.float32(eps), out, r)
         ctx.save_for_backward(y, z, weight, r)
         return out
 
@@ -271,8 +274,7 @@ class _GatedNorm(torch.autograd.Function):
         B = y.shape[0]
         gy, gz = torch.empty_like(y), torch.empty_like(y)
         gw = y.new_empty(B, *weight.shape)
-        arrs = [_np32(t) for t in (y, z, weight, r, g)]
-        _run_batched(lambda b0, b1: _nb_norm_bwd(*arrs, gy.numpy(), gz.numpy(), gw.numpy(), b0, b1), B)
+        _launch(_nb_norm_bwd, B, y, z, weight, r, g, gy, gz, gw)
         return gy, gz, gw.sum(0), None
 
 
@@ -296,9 +298,7 @@ def ssd_grad_tail(gy: Tensor, y: Tensor, xdt: Tensor, G1: Tensor, f1: Tensor, G2
     gdt = dt.new_empty(b, c, q, h)
     gA, gD = A.new_empty(b, h), A.new_empty(b, h)
     Dv = A.new_zeros(h) if D is None else D
-    arrs = [_np32(t) for t in (gy, y, xdt, G1, f1, G2, f2, x, dt, A, Dv, gend)]
-    _run_batched(lambda b0, b1: _nb_ssd_grad_tail(*arrs, gx.numpy(), gdt.numpy(), gA.numpy(), gD.numpy(),
-                                                  b0, b1), b)
+    _launch(_nb_ssd_grad_tail, b, gy, y, xdt, G1, f1, G2, f2, x, dt, A, Dv, gend, gx, gdt, gA, gD)
     return gx, gdt, gA.sum(0), None if D is None else gD.sum(0)
 
 
@@ -309,8 +309,7 @@ class _SkipGate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y: Tensor, x: Tensor, D: Tensor, z: Tensor) -> Tensor:
         out = y.new_empty(y.shape)
-        arrs = [_np32(t) for t in (y, x, D, z)]
-        _run_batched(lambda b0, b1: _nb_skip_gate_fwd(*arrs, out.numpy(), b0, b1), y.shape[0])
+        _launch(_nb_skip_gate_fwd, y.shape[0], y, x, D, z, out)
         ctx.save_for_backward(y, x, D, z)
         return out
 
@@ -321,9 +320,7 @@ class _SkipGate(torch.autograd.Function):
         B = y.shape[0]
         gy, gx, gz = (y.new_empty(y.shape) for _ in range(3))
         gD = y.new_empty(B, D.shape[0])
-        arrs = [_np32(t) for t in (y, x, D, z, g)]
-        outs = [t.numpy() for t in (gy, gx, gz, gD)]
-        _run_batched(lambda b0, b1: _nb_skip_gate_bwd(*arrs, *outs, b0, b1), B)
+        _launch(_nb_skip_gate_bwd, B, y, x, D, z, g, gy, gx, gz, gD)
         return gy, gx, gD.sum(0), gz
 
 
