@@ -89,10 +89,13 @@ class MambaMixer(KernelSwitch, Mixer):
         self.out_proj = nn.Linear(di, d_model, bias=bias)
 
     # -- pieces shared by forward and step
-    def _ssm_params(self, xc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _ssm_params(self, xc: Tensor, numba: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """dt [..., D], B and C [..., N] from the conv's output; numba: dt through
+        `fused_cpu.dt_proj_softplus` (xc [B, S, D] float32 on CPU)."""
         dtr, Bm, Cm = self.x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.softplus(self.dt_proj(dtr))  # [..., D]
-        return dt, Bm, Cm
+        if numba:
+            return fused_cpu.dt_proj_softplus(dtr, self.dt_proj.weight, self.dt_proj.bias), Bm, Cm
+        return F.softplus(self.dt_proj(dtr)), Bm, Cm
 
     def _cuda_scan(self, x: Tensor, state: State | None):
         """mamba_ssm's scan for this call, or None (it cannot continue from a state)."""
@@ -125,7 +128,7 @@ class MambaMixer(KernelSwitch, Mixer):
         if state is not None:
             state["conv"].copy_(padded[:, :, padded.shape[-1] - k :])
         xc = xc.transpose(1, 2)  # [B, S, D]
-        dt, Bm, Cm = self._ssm_params(xc)
+        dt, Bm, Cm = self._ssm_params(xc, numba=nb and scan is None)
         A = -torch.exp(self.A_log.float())  # [D, N]
         if scan is not None:
             out = scan(
@@ -142,7 +145,8 @@ class MambaMixer(KernelSwitch, Mixer):
             y = fused_cpu.skip_gate_fused(y, xc, self.D, z) if nb else y + xc * self.D
         why = "" if scan is not None or self.kernel != "kernel" else "; the CUDA scan cannot start from a state"
         self.record_path("scan", scan, *SCAN_KERNEL, f"backbones.ops.selective_scan(backend={backend}){why}"
-                         + ("; skip and gate: backbones.ops.fused_cpu.skip_gate_fused" if nb else ""))
+                         + ("; dt: backbones.ops.fused_cpu.dt_proj_softplus; skip and gate: "
+               "backbones.ops.fused_cpu.skip_gate_fused" if nb else ""))
         if state is not None:
             state["ssm"].copy_(hT)
             state["pos"] = state.get("pos", 0) + S

@@ -634,6 +634,30 @@ def test_skip_gate_numba_equals_torch_fwd_bwd(threads, monkeypatch):
 
 
 @needs_numba
+@pytest.mark.parametrize("threads", [1, 2])
+def test_dt_proj_softplus_numba_equals_torch_fwd_bwd(threads, monkeypatch):
+    """Mamba1's dt = softplus(r W^T + b) (numba softplus, products in other layouts) against
+    F.softplus(F.linear(...)): output and the gradients of r (a column slice, as x_proj's split gives
+    it), W and b; pre-activations over softplus's whole range, including past torch's threshold of 20
+    and far below zero (dt ~ 1e-9, where a relative error of log1p shows)."""
+    from backbones.ops import fused_cpu as fc
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    gen = torch.Generator().manual_seed(4)
+    xp = torch.randn(3, 9, 12, generator=gen, requires_grad=True)
+    W = torch.randn(11, 4, generator=gen, requires_grad=True)
+    b = (torch.linspace(-25, 25, 11)).requires_grad_()  # with r W^T, pre from ~-30 to ~30
+    gout = torch.randn(3, 9, 11, generator=gen)
+    fast = fc.dt_proj_softplus(xp[..., 2:6], W, b)
+    ref = F.softplus(F.linear(xp[..., 2:6], W, b))
+    assert fast.shape == ref.shape and fast.dtype == torch.float32
+    assert ((fast - ref).abs() <= 4e-7 * ref.abs() + 1e-30).all(), "softplus relative error above 4e-7"
+    for name, a, r in zip(["dr", "dW", "db"], torch.autograd.grad(fast, (xp, W, b), gout),
+                          torch.autograd.grad(ref, (xp, W, b), gout), strict=True):
+        _close(name, a, r)
+
+
+@needs_numba
 @pytest.mark.parametrize("group_size", [12, 4])
 def test_gated_rmsnorm_numba_equals_reference_fwd_bwd(group_size):
     from backbones.mamba2 import GatedRMSNorm
@@ -680,8 +704,8 @@ def test_mixer_numba_path_equals_reference_path_and_is_recorded(make):
         assert ran[0]["scan"].endswith("(numba: backbones.ops.fused_cpu)") and "numba" not in ran[1]["scan"]
         assert ran[0]["norm"].endswith("(numba: backbones.ops.fused_cpu)") and "numba" not in ran[1]["norm"]
     else:  # Mamba1: the skip and the gate after the scan too
-        gate = "; skip and gate: backbones.ops.fused_cpu.skip_gate_fused"
-        assert ran[0]["scan"].endswith(gate) and gate not in ran[1]["scan"]
+        fused = "; dt: backbones.ops.fused_cpu.dt_proj_softplus; skip and gate: backbones.ops.fused_cpu.skip_gate_fused"
+        assert ran[0]["scan"].endswith(fused) and "fused_cpu" not in ran[1]["scan"]
 
 
 def test_mamba2_in_proj_padding_changes_no_value():

@@ -10,7 +10,8 @@
                     hand-written adjoint (CPU)
     fused_cpu       numba kernels for the Mamba mixers' elementwise work on CPU: causal conv + SiLU,
                     gated RMSNorm, the end of the SSD backward (references in backbones.mamba2),
-                    Mamba1's skip and gate (reference in backbones.mamba)
+                    Mamba1's dt (low-rank projection + softplus), skip and gate (references in
+                    backbones.mamba)
 
 Each kernel has a pure reference beside it; the Triton kernels from mamba_ssm and fla are
 checked against these references under TRITON_INTERPRET=1 (tests/test_kernels_interp.py).

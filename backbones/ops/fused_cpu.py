@@ -12,6 +12,8 @@ cheap intermediates in the backward instead of saving them.
   (`backbones.mamba2._SSDScan`, its factorised way); the reference is the torch code beside the call.
 - `skip_gate_fused`: Mamba1's (y + x D) * silu(z) after its scan; the reference is the torch lines of
   `backbones.mamba.MambaMixer.forward`.
+- `dt_proj_softplus`: Mamba1's dt = softplus(r W^T + b) from x_proj's low-rank slice; the reference is
+  `backbones.mamba.MambaMixer._ssm_params`'s torch line.
 
 All agree with their references to float32 rounding (tests), not bit for bit: the sums run in
 another order and exp is the vectorised Cephes exp of `backbones.ops.selective_scan`. Numba's
@@ -210,6 +212,49 @@ if _nb is not None:
                     gD[b, c] += gv * x[b, t, c]
                     gz[b, t, c] = g[b, t, c] * (y[b, t, c] + x[b, t, c] * D[c]) * s * (one + zv * (one - s))
 
+    @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy", inline="always")
+    def _softplus_parts(v):  # pragma: no cover - jitted
+        # (softplus(v), sigmoid(v)) as torch's (threshold 20: softplus(v) = v above it), from one exp:
+        # with e = exp(-|v|) in (0, 1], softplus = max(v, 0) + log1p(e) and log1p(e) = 2 atanh(s),
+        # s = e / (2 + e) <= 1/3, by its odd series to s^15 (relative error < 1e-9: no cancellation
+        # for small e, and the loop vectorises, unlike libm's log1p)
+        one = _np.float32(1.0)
+        e = _vexp(-abs(v))
+        s = e / (_np.float32(2.0) + e)
+        s2 = s * s
+        p = _np.float32(1 / 15)
+        p = p * s2 + _np.float32(1 / 13)
+        p = p * s2 + _np.float32(1 / 11)
+        p = p * s2 + _np.float32(1 / 9)
+        p = p * s2 + _np.float32(1 / 7)
+        p = p * s2 + _np.float32(1 / 5)
+        p = p * s2 + _np.float32(1 / 3)
+        p = p * s2 + one
+        sp = max(v, _np.float32(0.0)) + _np.float32(2.0) * s * p
+        r = one / (one + e)
+        return (v if v > _np.float32(20.0) else sp), (r if v >= _np.float32(0.0) else e * r)
+
+    @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
+    def _nb_softplus_fwd(pre, out, b0, b1):  # pragma: no cover - jitted
+        # pre, out [B, L, C]: out = softplus(pre)
+        L, Cn = pre.shape[1], pre.shape[2]
+        for b in range(b0, b1):
+            for t in range(L):
+                for c in range(Cn):
+                    out[b, t, c] = _softplus_parts(pre[b, t, c])[0]
+
+    @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
+    def _nb_softplus_bwd(pre, g, gpre, gb, b0, b1):  # pragma: no cover - jitted
+        # gpre [B, L, C] = g sigmoid(pre); gb [B, C]: its per-sequence sums (the bias gradient)
+        L, Cn = pre.shape[1], pre.shape[2]
+        for b in range(b0, b1):
+            gb[b] = 0
+            for t in range(L):
+                for c in range(Cn):
+                    v = g[b, t, c] * _softplus_parts(pre[b, t, c])[1]
+                    gpre[b, t, c] = v
+                    gb[b, c] += v
+
 
 def _np32(t: Tensor):
     """A C-contiguous numpy view of t (a copy when t is strided: numba vectorises the channel
@@ -329,3 +374,39 @@ def skip_gate_fused(y: Tensor, x: Tensor, D: Tensor, z: Tensor) -> Tensor:
     D [c] -> [b, l, c], one pass each way (torch runs ~4 forward and ~6 backward passes); the
     reference is those torch lines in `backbones.mamba.MambaMixer.forward`."""
     return _SkipGate.apply(y, x, D, z)
+
+
+class _DtProjSoftplus(torch.autograd.Function):
+    """softplus(r W^T + b): r [B, L, R], W [C, R], b [C] -> [B, L, C]; saves r, W and the
+    pre-activation. The backward's two products run in the layouts MKL is fast at for a small R:
+    (r^T d) [R, C] and (W^T d^T) [R, BL], each used transposed (autograd's d^T r and d W, with the
+    [C, R] or [BL, R] result, ran 2.5-5x slower at the demo's R = 8)."""
+
+    @staticmethod
+    def forward(ctx, r: Tensor, W: Tensor, b: Tensor) -> Tensor:
+        pre = torch.nn.functional.linear(r, W, b).contiguous()  # [B, L, C]
+        out = torch.empty_like(pre)
+        _launch(_nb_softplus_fwd, pre.shape[0], pre, out)
+        ctx.save_for_backward(r, W, pre)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: Tensor):
+        r, W, pre = ctx.saved_tensors
+        B, L, C = pre.shape
+        gpre = torch.empty_like(pre)
+        gb = pre.new_empty(B, C)
+        _launch(_nb_softplus_bwd, B, pre, g, gpre, gb)
+        d = gpre.view(B * L, C)
+        gr = (W.t() @ d.t()).t().view(B, L, -1) if ctx.needs_input_grad[0] else None  # [B, L, R]
+        gW = (r.reshape(B * L, -1).t() @ d).t() if ctx.needs_input_grad[1] else None  # [C, R]
+        return gr, gW, gb.sum(0)
+
+
+def dt_proj_softplus(r: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """Mamba1's dt: softplus(r weight^T + bias), r [b, l, R] float32 CPU, weight [C, R] (dt_proj's),
+    bias [C] -> [b, l, C]; the softplus one numba pass each way (torch's runs libm's log1p per element,
+    ~2 ns each), the low-rank products in fast layouts (`_DtProjSoftplus`). The reference is
+    `F.softplus(F.linear(r, weight, bias))`."""
+    return _DtProjSoftplus.apply(r, weight, bias)
