@@ -289,13 +289,17 @@ def _run_batched(fn, batch: int) -> None:
     if n == 1:
         fn(0, batch)
         return
-    if _POOL is None or _POOL[0] != os.getpid() or _POOL[1] < n:  # a forked child needs its own threads
+    if _POOL is None or _POOL[0] != os.getpid() or _POOL[1] < n - 1:  # a forked child needs its own threads
         from concurrent.futures import ThreadPoolExecutor
 
-        _POOL = (os.getpid(), n, ThreadPoolExecutor(max_workers=n, thread_name_prefix="mamba-scan"))
+        _POOL = (os.getpid(), n - 1, ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="mamba-scan"))
     edges = [batch * i // n for i in range(n + 1)]
-    for f in [_POOL[2].submit(fn, edges[i], edges[i + 1]) for i in range(n)]:
-        f.result()
+    rest = [_POOL[2].submit(fn, edges[i], edges[i + 1]) for i in range(1, n)]
+    try:
+        fn(edges[0], edges[1])  # the first slice on the calling thread: one hand-off fewer
+    finally:
+        for f in rest:
+            f.result()
 
 
 class _NumbaScan(torch.autograd.Function):
