@@ -128,7 +128,7 @@ class MambaMixer(KernelSwitch, Mixer):
         if state is not None:
             state["conv"].copy_(padded[:, :, padded.shape[-1] - k :])
         xc = xc.transpose(1, 2)  # [B, S, D]
-        dt, Bm, Cm = self._ssm_params(xc, numba=nb and scan is None)
+        dt, Bm, Cm = self._ssm_params(xc, numba=nb)  # nb implies CPU, where scan is None
         A = -torch.exp(self.A_log.float())  # [D, N]
         if scan is not None:
             out = scan(
@@ -144,9 +144,10 @@ class MambaMixer(KernelSwitch, Mixer):
             # with the numba kernels (CPU: scan is None), the skip and the gate in one pass each way
             y = fused_cpu.skip_gate_fused(y, xc, self.D, z) if nb else y + xc * self.D
         why = "" if scan is not None or self.kernel != "kernel" else "; the CUDA scan cannot start from a state"
-        self.record_path("scan", scan, *SCAN_KERNEL, f"backbones.ops.selective_scan(backend={backend}){why}"
-                         + ("; dt: backbones.ops.fused_cpu.dt_proj_softplus; skip and gate: "
-               "backbones.ops.fused_cpu.skip_gate_fused" if nb else ""))
+        fused = ("; dt: backbones.ops.fused_cpu.dt_proj_softplus; skip and gate: "
+                 "backbones.ops.fused_cpu.skip_gate_fused") if nb else ""
+        self.record_path("scan", scan, *SCAN_KERNEL,
+                         f"backbones.ops.selective_scan(backend={backend}){why}{fused}")
         if state is not None:
             state["ssm"].copy_(hT)
             state["pos"] = state.get("pos", 0) + S

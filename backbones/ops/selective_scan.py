@@ -280,7 +280,8 @@ _POOL: tuple[int, int, object] | None = None  # (pid, workers, ThreadPoolExecuto
 
 
 def _run_batched(fn, batch: int) -> None:
-    """Run fn(b0, b1) over the batch, split across torch.get_num_threads() threads (the kernels release the GIL).
+    """Run fn(b0, b1) over the batch, split across torch.get_num_threads() threads: the calling thread
+    takes the first slice, a pool the others (the kernels release the GIL).
     The extra threads share cores with torch's OpenMP workers, which spin after each parallel op before
     they sleep: with libgomp's default (~3 ms) the split gained nothing inside a training step; `import
     ttm` shortens it (ttm.GOMP_SPINCOUNT)."""
