@@ -719,3 +719,38 @@ def test_mamba2_in_proj_padding_changes_no_value():
         assert a.shape == r.shape and (a - r).abs().max() < 1e-12
     sum(t.sum() for t in m._in_proj_split(x)).backward()
     assert m.in_proj.weight.grad.shape == m.in_proj.weight.shape
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_run_batched_covers_the_batch_once_and_waits_for_every_slice(threads, monkeypatch):
+    """The numba kernels' batch split: every sequence in exactly one slice, the first slice on the
+    calling thread; when that slice raises, the error reaches the caller only after the pool's slices
+    have finished (none is left writing into a buffer the caller may free)."""
+    import threading
+    import time
+
+    from backbones.ops import selective_scan as ss
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    seen, where = [], []
+
+    def fn(b0, b1):
+        seen.extend(range(b0, b1))
+        where.append((b0, threading.current_thread() is threading.main_thread()))
+
+    ss._run_batched(fn, 7)
+    assert sorted(seen) == list(range(7))
+    assert dict(where)[0] is True and all(not main for b0, main in where if b0 != 0)
+
+    if threads > 1:
+        done = []
+
+        def failing(b0, b1):
+            if b0 == 0:
+                raise RuntimeError("first slice failed")
+            time.sleep(0.05)
+            done.append(b0)
+
+        with pytest.raises(RuntimeError, match="first slice failed"):
+            ss._run_batched(failing, 6)
+        assert len(done) == threads - 1
