@@ -384,7 +384,7 @@ class _DtProjSoftplus(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, r: Tensor, W: Tensor, b: Tensor) -> Tensor:
-        pre = torch.nn.functional.linear(r, W, b).contiguous()  # [B, L, C]
+        pre = torch.nn.functional.linear(r, W, b)  # [B, L, C], contiguous
         out = torch.empty_like(pre)
         _launch(_nb_softplus_fwd, pre.shape[0], pre, out)
         ctx.save_for_backward(r, W, pre)
