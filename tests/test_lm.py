@@ -233,6 +233,23 @@ def test_compiled_step_follows_changed_parameters_without_recompiling(backbone):
                                    fresh.step(x, fresh.allocate_state(3, 16)), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
+def test_compiled_steps_of_two_models_do_not_share_a_frame():
+    """Each backbone compiles its step as a frame of its own (`Backbone._own_step_frame`): a second
+    model of another class and size compiles afresh instead of recompiling the first's frame (which
+    gave it symbolic sizes and a slower graph), and each still equals its eager step."""
+    torch._dynamo.reset()
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        for backbone in ("mamba2", "s4d"):
+            bb = make_lm("prefix", backbone=backbone).eval().backbone
+            se, sc = bb.allocate_state(3, 16), bb.allocate_state(3, 16)
+            with torch._dynamo.config.patch(error_on_recompile=True):  # its first compile is not a recompile
+                yc = bb.compiled_step()(x, sc)
+            torch.testing.assert_close(yc, bb.step(x, se), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(bb.compiled_step()(x, sc), bb.step(x, se), atol=1e-5, rtol=1e-5)
+
+
 def test_per_codebook_loss_and_its_gradient_match_the_closed_form():
     """loss_k = mean over predicted positions of -log softmax(logits)[target]; its gradient wrt the
     logits is (softmax - onehot) / count_k at those positions and 0 where nothing is predicted."""
