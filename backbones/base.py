@@ -22,7 +22,6 @@ subclass decorated with `@register("name")`; nothing in the harness changes.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import types
@@ -322,8 +321,7 @@ class Backbone(nn.Module):
         Mamba2's had been compiled before it in the process. Models of one class and configuration
         share a name (the same sizes), each instance its own graphs."""
         f = type(self).step
-        tag = hashlib.sha1(json.dumps(self.config(), sort_keys=True, default=str).encode()).hexdigest()[:10]
-        name = f"{type(self).__name__}_step_{tag}"
+        name = f"{type(self).__name__}.step({', '.join(f'{k}={v!r}' for k, v in sorted(self.config().items()))})"
         code = f.__code__.replace(co_name=name, co_qualname=name)
         return types.MethodType(types.FunctionType(code, f.__globals__, name, f.__defaults__, f.__closure__), self)
 
