@@ -322,8 +322,10 @@ class Backbone(nn.Module):
         share a name (the same sizes), each instance its own graphs."""
         f = type(self).step
         name = f"{type(self).__name__}.step({', '.join(f'{k}={v!r}' for k, v in sorted(self.config().items()))})"
-        code = f.__code__.replace(co_name=name, co_qualname=name)
-        return types.MethodType(types.FunctionType(code, f.__globals__, name, f.__defaults__, f.__closure__), self)
+        own = types.FunctionType(f.__code__.replace(co_name=name, co_qualname=name), f.__globals__, name,
+                                 f.__defaults__, f.__closure__)
+        own.__kwdefaults__ = f.__kwdefaults__  # a subclass's step may take keyword-only arguments
+        return own.__get__(self)
 
     @property
     def constant_state(self) -> bool:

@@ -250,6 +250,23 @@ def test_compiled_steps_of_two_models_do_not_share_a_frame():
             torch.testing.assert_close(bb.compiled_step()(x, sc), bb.step(x, se), atol=1e-5, rtol=1e-5)
 
 
+def test_own_step_frame_keeps_a_subclass_step_and_its_keyword_defaults():
+    """The frame `compiled_step` compiles is the subclass's own `step` (zero-argument super() and
+    keyword-only defaults included), under a name that carries its class and configuration."""
+    base = type(make_lm().backbone)
+
+    class Scaled(base):
+        def step(self, x, state, memory=None, memory_mask=None, *, scale=2.0):
+            return super().step(x, state, memory, memory_mask) * scale
+
+    bb = Scaled(d_model=32, n_layers=1, n_heads=4).eval()
+    frame = bb._own_step_frame()
+    assert frame.__name__.startswith("Scaled.step(") and "d_model=32" in frame.__name__
+    x = torch.randn(2, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(frame(x, bb.allocate_state(2, 4)), bb.step(x, bb.allocate_state(2, 4)))
+
+
 def test_per_codebook_loss_and_its_gradient_match_the_closed_form():
     """loss_k = mean over predicted positions of -log softmax(logits)[target]; its gradient wrt the
     logits is (softmax - onehot) / count_k at those positions and 0 where nothing is predicted."""
