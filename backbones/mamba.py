@@ -10,6 +10,8 @@ kernel and a chunked PyTorch scan). Knobs `kernel` ("auto" | "kernel" | "referen
 causal_conv1d's conv when installed) for forward passes that start from a zero state;
 the reference is `selective_scan` with `scan_backend` ("auto" | "numba" | "torch").
 The CUDA extension cannot run without a GPU, so this kernel is never checked on CPU.
+A decoding step on float32 CPU tensors runs as two numba passes around x_proj
+(`backbones.ops.fused_cpu.mamba_step_fused`; kernel="reference" or scan_backend="torch": the torch code).
 """
 
 from __future__ import annotations
@@ -156,7 +158,18 @@ class MambaMixer(KernelSwitch, Mixer):
         return self.out_proj(y)
 
     def step(self, x: Tensor, state: State) -> Tensor:  # [B, d_model] -> [B, d_model]
-        xi, z = self.in_proj(x).chunk(2, dim=-1)  # [B, D]
+        xz = self.in_proj(x)
+        # decoding (no grad) on float32 CPU tensors: two numba passes around x_proj (fused_cpu.mamba_step_fused)
+        nb = (self.kernel != "reference" and self.scan_backend != "torch" and not torch.is_grad_enabled()
+              and numba_usable(xz) and state["ssm"].dtype == state["conv"].dtype == torch.float32)
+        self.record_path("step", None, "", "", f"backbones.mamba.MambaMixer.step{numba_note(nb)}")
+        if nb:
+            y = fused_cpu.mamba_step_fused(
+                xz, state["conv"], self.conv1d.weight[:, 0], self.conv1d.bias, self.x_proj,
+                self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D, state["ssm"])
+            state["pos"] = state.get("pos", 0) + 1
+            return self.out_proj(y)
+        xi, z = xz.chunk(2, dim=-1)  # [B, D]
         window = torch.cat([state["conv"].to(xi.dtype), xi[:, :, None]], dim=-1)  # [B, D, d_conv]
         xc = (window * self.conv1d.weight[:, 0]).sum(-1)
         if self.conv1d.bias is not None:

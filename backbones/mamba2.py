@@ -13,7 +13,8 @@ On CPU in float32 the conv + SiLU, the gated norm and the end of the SSD backwar
 numba kernels (`backbones.ops.fused_cpu`; kernel="reference" runs the torch code beside them),
 and in_proj's product is padded to a multiple of 8 columns (MKL's faster shapes).
 Both accept an initial state and return the final one, so `forward(x, state)`
-continues a sequence (prefill). Decoding uses the recurrence one token at a time.
+continues a sequence (prefill). Decoding uses the recurrence one token at a time: on float32 CPU
+tensors as one numba pass from in_proj's output to the gated norm (`fused_cpu.mamba2_step_fused`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from backbones.base import Backbone, Mixer, State, register
 from backbones.ops import fused_cpu
 from backbones.ops.dispatch import KernelSwitch, check_mode, kernel_available, load_kernel
+from backbones.ops.fused_cpu import numba_usable
 
 MAMBA2_KNOBS = ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size", "kernel", "use_kernel")
 
@@ -46,15 +48,6 @@ def _chunk_scan_kernel():
     """mamba_ssm's Triton SSD kernel, or None when it does not import (the reason is in
     `backbones.ops.dispatch.load_kernel`'s error)."""
     return load_kernel(*SSD_KERNEL) if kernel_available(*SSD_KERNEL) else None
-
-
-def numba_usable(t: Tensor) -> bool:
-    """Whether the fused numba kernels of `backbones.ops.fused_cpu` can run on tensors like t (float32
-    on CPU, numba installed). The mixers pass `numba=` explicitly; False runs the eager torch code
-    beside each kernel (`_SSDScan`'s torch lines, `_CausalConvSiLU`, `_GatedRMSNormFn`). Never while
-    torch.compile traces (numpy calls break its graph) or on fake tensors (FLOP counting: no data)."""
-    return (fused_cpu.AVAILABLE and t.device.type == "cpu" and t.dtype == torch.float32
-            and not torch.compiler.is_compiling() and not is_fake(t))
 
 
 def numba_note(numba: bool) -> str:
@@ -712,7 +705,17 @@ class Mamba2Mixer(KernelSwitch, Mixer):
 
     def step(self, x: Tensor, state: State) -> Tensor:  # [b, d_model] -> [b, d_model]
         b = x.shape[0]
-        z, xBC, dt = self._split(self.in_proj(x))  # [b, d_inner], [b, conv_dim], [b, h]
+        zxbcdt = self.in_proj(x)
+        # decoding (no grad) on float32 CPU tensors and states, without mamba_ssm's step kernel: one numba pass
+        if (self.kernel != "reference" and not torch.is_grad_enabled() and numba_usable(zxbcdt)
+                and state["ssm"].dtype == state["conv"].dtype == torch.float32
+                and self.pick_kernel(x, *STEP_KERNEL) is None):
+            self.record_path("step", None, *STEP_KERNEL, f"backbones.mamba2.Mamba2Mixer.step{numba_note(True)}")
+            y = fused_cpu.mamba2_step_fused(
+                zxbcdt, state["conv"], self.conv1d.weight[:, 0], self.conv1d.bias, self.dt_bias, self.A_log,
+                self.D, self.norm.weight, self.norm.eps, state["ssm"], self.d_inner, self.ngroups)
+            return self.out_proj(y)
+        z, xBC, dt = self._split(zxbcdt)  # [b, d_inner], [b, conv_dim], [b, h]
         conv = state["conv"]  # [b, conv_dim, d_conv-1]: the last inputs, oldest first
         w = self.conv1d.weight[:, 0]  # [conv_dim, d_conv]
         xc = torch.addcmul(self.conv1d.bias, xBC, w[:, -1])  # newest tap

@@ -11,7 +11,8 @@ as in the paper's minimal implementation):
 
 Training runs the equivalent causal convolution y = K * u + D u with the kernel
 K_l = 2 Re(sum_n C_n dB_n dA_n^l) (length L, backbones.ops.s4d_kernel) through FFTs of length
->= 2L (backbones.ops.fft_conv, with a hand-written backward); decoding runs the recurrence.
+>= 2L (backbones.ops.fft_conv, with a hand-written backward); decoding runs the recurrence (on float32
+CPU tensors with its GELU as one numba pass, `backbones.ops.fused_cpu.s4d_step_fused`).
 A prefill from a state adds the state's free response 2 Re(C dA^{t+1} h) and returns the
 final state dA^S h + sum_s dA^{S-1-s} dB u_s.
 
@@ -30,12 +31,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backbones.base import Backbone, Mixer, State, register
+from backbones.ops import fused_cpu
 from backbones.ops.fft_conv import fft_causal_conv
+from backbones.ops.fused_cpu import numba_usable
 from backbones.ops.s4d_kernel import kernel_blocks, kernel_uses_numba, s4d_kernel
 
 
 class S4DMixer(Mixer):
     """S4D layer: SSM (FFT convolution / recurrence) + GELU + GLU output. State: complex [B, H, N/2] as real pairs."""
+
+    #: decoding steps (no grad) on float32 CPU tensors run the recurrence and the GELU as one numba pass
+    #: (`backbones.ops.fused_cpu.s4d_step_fused`); False runs `_recurrent` and F.gelu (the reference)
+    fused_step = True
 
     def __init__(
         self,
@@ -93,7 +100,9 @@ class S4DMixer(Mixer):
         return 2 * (W.real[:, None, :] @ Vr - W.imag[:, None, :] @ Vi)[:, 0]
 
     def _post(self, y: Tensor) -> Tensor:
-        y = F.gelu(y)
+        return self._out(F.gelu(y))
+
+    def _out(self, y: Tensor) -> Tensor:
         return F.glu(self.out(y), dim=-1) if self.glu else self.out(y)
 
     @staticmethod
@@ -177,6 +186,9 @@ class S4DMixer(Mixer):
         return 2 * (new * c).sum(-1) + u * self.D.to(u.dtype)
 
     def step(self, x: Tensor, state: State) -> Tensor:  # [B, H] -> [B, H]
+        if self.fused_step and not torch.is_grad_enabled() and numba_usable(x):
+            _, dA, dB, C = self._step_params(torch.float32)
+            return self._out(fused_cpu.s4d_step_fused(x, self._state_pairs(state, torch.float32), dA, dB, C, self.D))
         return self._post(self._recurrent(x.to(self._rtype(x)), state).to(x.dtype))
 
     def allocate_state(self, batch_size, max_len, device=None, dtype=None) -> State:

@@ -28,7 +28,7 @@ hand-written backward (backbones.ops.diag_scan). S5 is time-invariant (Lambda_ba
 is the same at every step), so on GPUs it runs as the equivalent causal convolution of B_bar u with
 Lambda_bar^l per state through complex FFTs of length >= 2L (backbones.ops.fft_conv);
 y = Re(C x) + D u. A decoding step is the recurrence (a few [B, P] ops instead of the package's
-vmap'd scan). The tests check every path against the package's forward, values and gradients.
+vmap'd scan; on float32 CPU tensors numba passes around its two products, `fused_cpu.s5_step_fused`). The tests check every path against the package's forward, values and gradients.
 """
 
 from __future__ import annotations
@@ -41,8 +41,10 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from backbones.base import Backbone, Mixer, State, register
+from backbones.ops import fused_cpu
 from backbones.ops.diag_scan import diag_scan, scan_uses_numba
 from backbones.ops.fft_conv import fft_causal_conv
+from backbones.ops.fused_cpu import numba_usable
 
 _ACTIVATIONS = ("half_glu1", "half_glu2", "gelu")
 
@@ -51,6 +53,9 @@ class S5Mixer(Mixer):
     """S5 SSM + gated activation. State: complex [B, P] as real pairs [B, P, 2] (float32)."""
 
     use_package = False  # True: run the s5-pytorch package's forward (the reference path)
+    #: decoding steps (no grad) on float32 CPU tensors: the recurrence, the skip and GELU as numba passes
+    #: around the two products (`backbones.ops.fused_cpu.s5_step_fused`); False runs `_step` and F.gelu
+    fused_step = True
 
     def __init__(
         self,
@@ -210,9 +215,20 @@ class S5Mixer(Mixer):
             )
         return h
 
+    def step(self, x: Tensor, state: State) -> Tensor:  # [B, H] -> [B, H]
+        if not (self.fused_step and not self.use_package and not torch.is_grad_enabled() and numba_usable(x)):
+            return super().step(x, state)
+        with torch.autocast(device_type=x.device.type, enabled=False):  # float32, as `_ssm`
+            lbar, bw, cw, D = self._step_params()
+            s, y = fused_cpu.s5_step_fused(x, self._checked_state(state, x[:, None]), lbar, bw, cw, D)
+        return self._gate(s, y)
+
     def forward(self, x: Tensor, state: State | None = None) -> Tensor:  # [B, S, H]
         s = self._ssm(x, state).to(x.dtype)
-        y = F.gelu(s)
+        return self._gate(s, F.gelu(s))
+
+    def _gate(self, s: Tensor, y: Tensor) -> Tensor:
+        """The activation after the SSM's output s, with y = GELU(s)."""
         if self.activation == "half_glu1":
             return y * torch.sigmoid(self.gate(y))
         if self.activation == "half_glu2":

@@ -14,13 +14,18 @@ cheap intermediates in the backward instead of saving them.
   `backbones.mamba.MambaMixer.forward`.
 - `dt_proj_softplus`: Mamba1's dt = softplus(r W^T + b) from x_proj's low-rank slice; the reference is
   `backbones.mamba.MambaMixer._ssm_params`'s torch line.
+- decoding steps, one token (no grad): `mamba2_step_fused` (in_proj's output to the gated norm),
+  `mamba_step_fused` (two passes around x_proj), `s4d_step_fused` (the recurrence and GELU) and
+  `s5_step_fused` (passes around its two products). Eager torch ran a step as 20-40 small ops per
+  layer, ~8 us of dispatch each; these run every row on the calling thread. The references are the
+  mixers' torch steps (kernel="reference"; S4D, S5: `fused_step = False`).
 
 All agree with their references to float32 rounding (tests), not bit for bit: the sums run in
 another order and exp is the vectorised Cephes exp of `backbones.ops.selective_scan`. Numba's
 error model is numpy's (no zero-division check, which would keep the loops scalar). Batch slices
 run on torch.get_num_threads() threads (the kernels release the GIL); per-parameter gradients are
 summed per slice, then over slices. The mixers pick these kernels for float32 CPU tensors when
-numba imports (`backbones.mamba2.numba_usable`) and record it in their kernel paths.
+numba imports (`numba_usable`) and record it in their kernel paths.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from __future__ import annotations
 import numpy as _np
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 from torch.autograd.function import once_differentiable
 
 from backbones.ops.selective_scan import _nb, _run_batched, _vexp
@@ -256,6 +262,189 @@ if _nb is not None:
                     gb[b, c] += v
 
 
+    # ------------------------------------------------------------------ decoding steps
+    # One token through a mixer's recurrence, every row of the batch on the calling thread (a few
+    # thousand multiply-adds per row: a hand-off to another thread costs more than the work).
+
+    @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy", inline="always")
+    def _silu(v):  # pragma: no cover - jitted
+        return v / (_np.float32(1.0) + _vexp(-v))
+
+    @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy", inline="always")
+    def _conv_window_silu(xn, win, w, cb, xc):  # pragma: no cover - jitted
+        # xc [C] = silu(cb + sum_k w_k window_k), the window [C, K-1] (oldest first) then the new input
+        # xn [C]; the window slides by one (updated in place). Loops over contiguous channels.
+        Cn, Km1 = win.shape
+        for c in range(Cn):
+            xc[c] = cb[c] + xn[c] * w[c, Km1]
+        for k in range(Km1):
+            for c in range(Cn):
+                xc[c] += win[c, k] * w[c, k]
+        for k in range(Km1 - 1):
+            for c in range(Cn):
+                win[c, k] = win[c, k + 1]
+        if Km1 > 0:
+            for c in range(Cn):
+                win[c, Km1 - 1] = xn[c]
+        for c in range(Cn):
+            xc[c] = _silu(xc[c])
+
+    @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
+    def _nb_mamba2_step(zxbcdt, conv, w, cb, dt_bias, A_log, D, nw, eps, h, out, d_inner, ngroups):  # pragma: no cover
+        # zxbcdt [B, d_inner + conv_dim + H] (in_proj's output: z, x B C, dt); conv [B, conv_dim, K-1] (the
+        # last inputs, oldest first) and h [B, H, P, N], both updated in place; w [conv_dim, K], cb
+        # [conv_dim]; dt_bias, A_log, D [H]; nw [d_inner] (the gated norm's weight) -> out [B, d_inner].
+        # Each part is a loop over contiguous channels (vectorised), not one loop per channel.
+        Bn, conv_dim = conv.shape[0], conv.shape[1]
+        H, P, N = h.shape[1], h.shape[2], h.shape[3]
+        hg, gs = H // ngroups, d_inner // ngroups
+        xc = _np.empty(conv_dim, _np.float32)
+        y = _np.empty(d_inner, _np.float32)
+        for b in range(Bn):
+            _conv_window_silu(zxbcdt[b, d_inner:d_inner + conv_dim], conv[b], w, cb, xc)
+            for hd in range(H):  # h = exp(dt A) h + dt x B^T, y = h C + D x
+                dt = _softplus_parts(zxbcdt[b, d_inner + conv_dim + hd] + dt_bias[hd])[0]
+                dA = _np.exp(-dt * _np.exp(A_log[hd]))
+                Bv = xc[d_inner + (hd // hg) * N:]  # this head's group's B; C follows all groups' B
+                Cv = Bv[ngroups * N:]
+                for p in range(P):
+                    xv = xc[hd * P + p]
+                    u = dt * xv
+                    s = _np.float32(0.0)
+                    for n in range(N):
+                        hv = h[b, hd, p, n] * dA + u * Bv[n]
+                        h[b, hd, p, n] = hv
+                        s += hv * Cv[n]
+                    y[hd * P + p] = s + D[hd] * xv
+            for j in range(d_inner):  # rmsnorm(y silu(z)) per group
+                y[j] = y[j] * _silu(zxbcdt[b, j])
+            for gi in range(ngroups):
+                ss = _np.float32(0.0)
+                for j in range(gi * gs, (gi + 1) * gs):
+                    ss += y[j] * y[j]
+                r = _np.float32(1.0) / _np.sqrt(ss / _np.float32(gs) + eps)
+                for j in range(gi * gs, (gi + 1) * gs):
+                    out[b, j] = y[j] * r * nw[j]
+
+    @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
+    def _nb_mamba_conv_step(xz, conv, w, cb, xc):  # pragma: no cover - jitted
+        # xz [B, 2D] (in_proj's output: x, z); conv [B, D, K-1] updated in place; w [D, K]; cb [D] -> xc [B, D]
+        D = conv.shape[1]
+        for b in range(conv.shape[0]):
+            _conv_window_silu(xz[b, :D], conv[b], w, cb, xc[b])
+
+    @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
+    def _nb_mamba_ssm_step(xdbl, dtwt, dtb, A_log, Dp, xc, xz, h, out):  # pragma: no cover - jitted
+        # xdbl [B, R + 2N] (x_proj's output: dt's rank-R input, B, C); dtwt [R, D] (dt_proj's weight,
+        # transposed), dtb [D]; A_log [D, N]; Dp [D]; xc [B, D] (the conv's output); xz [B, 2D] (z is its
+        # second half); h [B, D, N] updated in place -> out [B, D] = (h C + D x) silu(z)
+        Bn, D, N = h.shape
+        R = dtwt.shape[0]
+        A = _np.empty(D * N, _np.float32)
+        Al = A_log.ravel()
+        for i in range(D * N):
+            A[i] = -_vexp(Al[i])
+        dt = _np.empty(D, _np.float32)
+        for b in range(Bn):
+            for d in range(D):  # dt = softplus(dt_proj(dt's input)), a loop over the channels each
+                dt[d] = dtb[d]
+            for r in range(R):
+                v = xdbl[b, r]
+                for d in range(D):
+                    dt[d] += dtwt[r, d] * v
+            for d in range(D):
+                dt[d] = _softplus_parts(dt[d])[0]
+            Bv = xdbl[b, R:R + N]
+            Cv = xdbl[b, R + N:R + 2 * N]
+            for d in range(D):
+                xv = xc[b, d]
+                u = dt[d] * xv
+                s = _np.float32(0.0)
+                for n in range(N):
+                    hv = h[b, d, n] * _vexp(dt[d] * A[d * N + n]) + u * Bv[n]
+                    h[b, d, n] = hv
+                    s += hv * Cv[n]
+                out[b, d] = s + Dp[d] * xv
+            for d in range(D):
+                out[b, d] *= _silu(xz[b, D + d])
+
+    @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy", inline="always")
+    def _gelu(v):  # pragma: no cover - jitted
+        # GELU (the erf form) = v (1 - erfc(v / sqrt 2) / 2) for v >= 0, v erfc(-v / sqrt 2) / 2 below: erfc by
+        # Numerical Recipes' Chebyshev fit (relative error < 1.2e-7 everywhere, so no cancellation for
+        # v < 0), through _vexp so that the loop vectorises
+        z = abs(v) * _np.float32(0.7071067811865476)
+        t = _np.float32(1.0) / (_np.float32(1.0) + _np.float32(0.5) * z)
+        p = _np.float32(0.17087277)
+        p = p * t + _np.float32(-0.82215223)
+        p = p * t + _np.float32(1.48851587)
+        p = p * t + _np.float32(-1.13520398)
+        p = p * t + _np.float32(0.27886807)
+        p = p * t + _np.float32(-0.18628806)
+        p = p * t + _np.float32(0.09678418)
+        p = p * t + _np.float32(0.37409196)
+        p = p * t + _np.float32(1.00002368)
+        c = t * _vexp(-z * z - _np.float32(1.26551223) + t * p)  # erfc(z)
+        half = _np.float32(0.5)
+        return v * (_np.float32(1.0) - half * c) if v >= _np.float32(0.0) else half * v * c
+
+    @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
+    def _nb_s4d_step(u, st, dA, dB, C, D, out):  # pragma: no cover - jitted
+        # u [B, H]; st [B, H, M, 2] (the complex state as (Re, Im) pairs) updated in place; dA, dB, C
+        # [H, M, 2]; D [H] -> out [B, H] = gelu(2 Re(sum_m C_m h_m) + D u), h = dA h + dB u
+        Bn, H, M = st.shape[0], st.shape[1], st.shape[2]
+        for b in range(Bn):
+            for hh in range(H):
+                uv = u[b, hh]
+                acc = _np.float32(0.0)
+                for m in range(M):
+                    ar, ai = dA[hh, m, 0], dA[hh, m, 1]
+                    sr, si = st[b, hh, m, 0], st[b, hh, m, 1]
+                    nr = ar * sr - ai * si + dB[hh, m, 0] * uv
+                    ni = ar * si + ai * sr + dB[hh, m, 1] * uv
+                    st[b, hh, m, 0] = nr
+                    st[b, hh, m, 1] = ni
+                    acc += nr * C[hh, m, 0] - ni * C[hh, m, 1]
+                out[b, hh] = _np.float32(2.0) * acc + D[hh] * uv
+            for hh in range(H):
+                out[b, hh] = _gelu(out[b, hh])
+
+
+    @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
+    def _nb_s5_state(bu, h, lam, hc):  # pragma: no cover - jitted
+        # bu [B, 2P] (Re then Im of B_bar u); h [B, P, 2] ((Re, Im) pairs) updated in place; lam [P, 2]
+        # (Lambda_bar) -> hc [B, 2P] = (Re h, Im h) of h = Lambda_bar h + B_bar u
+        Bn, P = h.shape[0], h.shape[1]
+        for b in range(Bn):
+            for p in range(P):
+                lr, li = lam[p, 0], lam[p, 1]
+                hr, hi = h[b, p, 0], h[b, p, 1]
+                nr = lr * hr - li * hi + bu[b, p]
+                ni = lr * hi + li * hr + bu[b, P + p]
+                h[b, p, 0] = nr
+                h[b, p, 1] = ni
+                hc[b, p] = nr
+                hc[b, P + p] = ni
+
+    @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
+    def _nb_skip_gelu(s, u, D, g):  # pragma: no cover - jitted
+        # s [B, H] += D u in place; g [B, H] = gelu(s)
+        for b in range(s.shape[0]):
+            for c in range(s.shape[1]):
+                v = s[b, c] + D[c] * u[b, c]
+                s[b, c] = v
+                g[b, c] = _gelu(v)
+
+
+def numba_usable(t: Tensor) -> bool:
+    """Whether the fused numba kernels here can run on tensors like t (float32 on CPU, numba installed).
+    The mixers pass `numba=` explicitly; False runs the eager torch code beside each kernel (`_SSDScan`'s
+    torch lines, `_CausalConvSiLU`, `_GatedRMSNormFn`, the decoding steps' torch code). Never while
+    torch.compile traces (numpy calls break its graph) or on fake tensors (FLOP counting: no data)."""
+    return (AVAILABLE and t.device.type == "cpu" and t.dtype == torch.float32
+            and not torch.compiler.is_compiling() and not is_fake(t))
+
+
 def _np32(t: Tensor):
     """A C-contiguous numpy view of t (a copy when t is strided: numba vectorises the channel
     loops only over arrays it knows to be contiguous; a strided one ran 3-4x slower)."""
@@ -410,3 +599,72 @@ def dt_proj_softplus(r: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     ~2 ns each), the low-rank products in fast layouts (`_DtProjSoftplus`). The reference is
     `F.softplus(F.linear(r, weight, bias))`."""
     return _DtProjSoftplus.apply(r, weight, bias)
+
+
+def _inplace(t: Tensor, name: str):
+    """A numpy view of a decoding state the kernel updates in place (a copy would lose the update)."""
+    if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous float32 CPU tensor (updated in place), "
+                         f"got {t.dtype} on {t.device.type}, contiguous={t.is_contiguous()}")
+    return t.detach().numpy()
+
+
+def mamba2_step_fused(zxbcdt: Tensor, conv_state: Tensor, conv_weight: Tensor, conv_bias: Tensor,
+                      dt_bias: Tensor, A_log: Tensor, D: Tensor, norm_weight: Tensor, eps: float,
+                      ssm_state: Tensor, d_inner: int, ngroups: int) -> Tensor:
+    """One decoding step of Mamba2's mixer between in_proj and out_proj, one pass per row: the conv
+    window and silu, dt = softplus(dt + dt_bias), h = exp(dt A) h + dt x B^T, y = h C + D x, and the
+    gated norm rmsnorm(y silu(z)) per group. zxbcdt [B, width] float32 CPU (in_proj's output),
+    conv_state [B, conv_dim, K-1] and ssm_state [B, H, P, N] (updated in place), conv_weight
+    [conv_dim, K] -> [B, d_inner]. The reference is the torch code of
+    `backbones.mamba2.Mamba2Mixer.step` (kernel="reference")."""
+    out = zxbcdt.new_empty(zxbcdt.shape[0], d_inner)
+    _nb_mamba2_step(_np32(zxbcdt), _inplace(conv_state, "mamba2: state['conv']"), _np32(conv_weight),
+                    _np32(conv_bias), _np32(dt_bias), _np32(A_log), _np32(D), _np32(norm_weight),
+                    _np.float32(eps), _inplace(ssm_state, "mamba2: state['ssm']"), out.numpy(), d_inner, ngroups)
+    return out
+
+
+def mamba_step_fused(xz: Tensor, conv_state: Tensor, conv_weight: Tensor, conv_bias: Tensor | None,
+                     x_proj, dt_weight: Tensor, dt_bias: Tensor, A_log: Tensor, D: Tensor,
+                     ssm_state: Tensor) -> Tensor:
+    """One decoding step of Mamba1's mixer between in_proj and out_proj: the conv window and silu (one
+    pass), x_proj (a torch product), then one pass per row for dt = softplus(dt_proj(.)), h = exp(dt A) h
+    + dt x B^T, y = h C + D x and the gate y silu(z). xz [B, 2D] float32 CPU (in_proj's output),
+    conv_state [B, D, K-1] and ssm_state [B, D, N] (updated in place), conv_weight [D, K], x_proj a
+    callable -> [B, D]. The reference is the torch code of `backbones.mamba.MambaMixer.step`."""
+    B, width = xz.shape[0], conv_state.shape[1]
+    xzn = _np32(xz)
+    xc = xz.new_empty(B, width)
+    cb = conv_bias if conv_bias is not None else conv_weight.new_zeros(width)
+    _nb_mamba_conv_step(xzn, _inplace(conv_state, "mamba: state['conv']"), _np32(conv_weight), _np32(cb), xc.numpy())
+    out = xz.new_empty(B, width)
+    _nb_mamba_ssm_step(_np32(x_proj(xc)), _np32(dt_weight.t()), _np32(dt_bias), _np32(A_log), _np32(D), xc.numpy(),
+                       xzn, _inplace(ssm_state, "mamba: state['ssm']"), out.numpy())
+    return out
+
+
+def s4d_step_fused(u: Tensor, state: Tensor, dA: Tensor, dB: Tensor, C: Tensor, D: Tensor) -> Tensor:
+    """One decoding step of an S4D layer up to its output layer, one pass: h = dA h + dB u (complex, per
+    channel and mode), y = 2 Re(sum C h) + D u, then GELU. u [B, H] float32 CPU; state [B, H, N/2, 2]
+    (Re, Im pairs, updated in place); dA, dB, C [H, N/2] complex64; D [H] -> gelu(y) [B, H]. The
+    reference is `backbones.s4d.S4DLayer._recurrent` and F.gelu."""
+    out = u.new_empty(u.shape)
+    pairs = [_np32(torch.view_as_real(t)) for t in (dA, dB, C)]
+    _nb_s4d_step(_np32(u), _inplace(state, "s4d: state['ssm']"), *pairs, _np32(D), out.numpy())
+    return out
+
+
+def s5_step_fused(u: Tensor, state: Tensor, lbar: Tensor, bw: Tensor, cw: Tensor, D: Tensor) -> tuple[Tensor, Tensor]:
+    """One decoding step of an S5 layer up to its gate: B_bar u (a torch product), h = Lambda_bar h + B_bar u
+    (one numba pass over the (Re, Im) pairs), s = Re(C h) (a torch product) + D u and GELU(s) (one pass).
+    u [B, H] float32 CPU; state [B, P, 2] (updated in place); lbar [P] complex64; bw [H, 2P], cw [2P, H]
+    and D [H] as `backbones.s5.S5Mixer._step_params` -> (s, gelu(s)), each [B, H]. The reference is
+    `backbones.s5.S5Mixer._step` and F.gelu."""
+    bu = u @ bw  # [B, 2P]
+    hc = torch.empty_like(bu)
+    _nb_s5_state(bu.numpy(), _inplace(state, "s5: state['ssm']"), _np32(torch.view_as_real(lbar)), hc.numpy())
+    s = hc @ cw  # [B, H]
+    g = torch.empty_like(s)
+    _nb_skip_gelu(s.numpy(), _np32(u), _np32(D), g.numpy())
+    return s, g
