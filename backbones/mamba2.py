@@ -704,17 +704,18 @@ class Mamba2Mixer(KernelSwitch, Mixer):
                       norm_before_gate=False)
 
     def step(self, x: Tensor, state: State) -> Tensor:  # [b, d_model] -> [b, d_model]
-        b = x.shape[0]
         zxbcdt = self.in_proj(x)
+        kernel = self.pick_kernel(x, *STEP_KERNEL)
         # decoding (no grad) on float32 CPU tensors and states, without mamba_ssm's step kernel: one numba pass
-        if (self.kernel != "reference" and not torch.is_grad_enabled() and numba_usable(zxbcdt)
-                and state["ssm"].dtype == state["conv"].dtype == torch.float32
-                and self.pick_kernel(x, *STEP_KERNEL) is None):
-            self.record_path("step", None, *STEP_KERNEL, f"backbones.mamba2.Mamba2Mixer.step{numba_note(True)}")
+        nb = (kernel is None and self.kernel != "reference" and not torch.is_grad_enabled() and numba_usable(zxbcdt)
+              and state["ssm"].dtype == state["conv"].dtype == torch.float32)
+        self.record_path("step", kernel, *STEP_KERNEL, f"backbones.mamba2.Mamba2Mixer.step{numba_note(nb)}")
+        if nb:
             y = fused_cpu.mamba2_step_fused(
                 zxbcdt, state["conv"], self.conv1d.weight[:, 0], self.conv1d.bias, self.dt_bias, self.A_log,
                 self.D, self.norm.weight, self.norm.eps, state["ssm"], self.d_inner, self.ngroups)
             return self.out_proj(y)
+        b = x.shape[0]
         z, xBC, dt = self._split(zxbcdt)  # [b, d_inner], [b, conv_dim], [b, h]
         conv = state["conv"]  # [b, conv_dim, d_conv-1]: the last inputs, oldest first
         w = self.conv1d.weight[:, 0]  # [conv_dim, d_conv]
@@ -725,8 +726,6 @@ class Mamba2Mixer(KernelSwitch, Mixer):
         xs, Bm, Cm = torch.split(F.silu(xc), [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], -1)
 
         h = state["ssm"]  # [b, H, P, N]
-        kernel = self.pick_kernel(x, *STEP_KERNEL)
-        self.record_path("step", kernel, *STEP_KERNEL, "backbones.mamba2.Mamba2Mixer.step")
         if kernel is not None:  # per-(head, channel) views of the per-head parameters, as mamba_ssm's step
             P, N = self.headdim, self.d_state
             y = kernel(

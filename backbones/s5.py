@@ -28,7 +28,8 @@ hand-written backward (backbones.ops.diag_scan). S5 is time-invariant (Lambda_ba
 is the same at every step), so on GPUs it runs as the equivalent causal convolution of B_bar u with
 Lambda_bar^l per state through complex FFTs of length >= 2L (backbones.ops.fft_conv);
 y = Re(C x) + D u. A decoding step is the recurrence (a few [B, P] ops instead of the package's
-vmap'd scan; on float32 CPU tensors numba passes around its two products, `fused_cpu.s5_step_fused`). The tests check every path against the package's forward, values and gradients.
+vmap'd scan; on float32 CPU tensors numba passes around its two products, `fused_cpu.s5_step_fused`).
+The tests check every path against the package's forward, values and gradients.
 """
 
 from __future__ import annotations

@@ -822,9 +822,8 @@ def test_fused_decoding_step_refuses_a_state_it_cannot_update_in_place(name):
     """A strided state would be copied before the numba pass, losing its update: an error naming it."""
     m = _step_mixers()[name]().eval()
     st = m.allocate_state(3, 4, dtype=torch.float32)
-    key = "ssm"
-    st[key] = st[key].transpose(0, -1).contiguous().transpose(0, -1)  # same shape and values, strided
-    with torch.no_grad(), pytest.raises(ValueError, match=rf"{name}: state\['{key}'\] must be a contiguous float32"):
+    st["ssm"] = st["ssm"].transpose(0, -1).contiguous().transpose(0, -1)  # same shape and values, strided
+    with torch.no_grad(), pytest.raises(ValueError, match=rf"{name}: state\['ssm'\] must be a contiguous float32"):
         m.step(torch.randn(3, 24), st)
 
 
