@@ -12,7 +12,7 @@ as in the paper's minimal implementation):
 Training runs the equivalent causal convolution y = K * u + D u with the kernel
 K_l = 2 Re(sum_n C_n dB_n dA_n^l) (length L, backbones.ops.s4d_kernel) through FFTs of length
 >= 2L (backbones.ops.fft_conv, with a hand-written backward); decoding runs the recurrence (on float32
-CPU tensors with its GELU as one numba pass, `backbones.ops.fused_cpu.s4d_step_fused`).
+CPU tensors with its GELU and output layer as one numba pass, `backbones.ops.fused_cpu.s4d_step_fused`).
 A prefill from a state adds the state's free response 2 Re(C dA^{t+1} h) and returns the
 final state dA^S h + sum_s dA^{S-1-s} dB u_s.
 
@@ -40,8 +40,9 @@ from backbones.ops.s4d_kernel import kernel_blocks, kernel_uses_numba, s4d_kerne
 class S4DMixer(Mixer):
     """S4D layer: SSM (FFT convolution / recurrence) + GELU + GLU output. State: complex [B, H, N/2] as real pairs."""
 
-    #: decoding steps (no grad) on float32 CPU tensors run the recurrence and the GELU as one numba pass
-    #: (`backbones.ops.fused_cpu.s4d_step_fused`); False runs `_recurrent` and F.gelu (the reference)
+    #: decoding steps (no grad, no autocast) on float32 CPU tensors run the recurrence, the GELU and the
+    #: output layer as one numba pass (`backbones.ops.fused_cpu.s4d_step_fused`); False runs `_recurrent`,
+    #: F.gelu and `_out` (the reference)
     fused_step = True
 
     def __init__(
@@ -148,11 +149,26 @@ class S4DMixer(Mixer):
         are unchanged (same storage and version counter), so a step does no discretisation."""
         if torch.is_grad_enabled():
             return self._discrete(rtype)
-        key = (rtype, *((p.data_ptr(), p._version) for p in (self.log_dt, self.log_A_real, self.A_imag, self.C)))
-        cached = self.__dict__.get("_step_cache")
+        return self._while_unchanged("_step_cache", (self.log_dt, self.log_A_real, self.A_imag, self.C),
+                                     lambda: self._discrete(rtype), rtype)
+
+    def _fused_consts(self) -> tuple:
+        """`fused_cpu.s4d_step_consts` of the float32 discretisation and the output layer (under no_grad),
+        reused while they are unchanged."""
+        def build():
+            _, dA, dB, C = self._step_params(torch.float32)
+            return fused_cpu.s4d_step_consts(dA, dB, C, self.D, self.out.weight, self.out.bias)
+
+        params = (self.log_dt, self.log_A_real, self.A_imag, self.C, self.D, self.out.weight, self.out.bias)
+        return self._while_unchanged("_fused_cache", params, build)
+
+    def _while_unchanged(self, name: str, params: tuple[Tensor, ...], build, *extra):
+        """build()'s value, kept under `name` until a parameter's storage or version counter changes."""
+        key = (*extra, *((p.data_ptr(), p._version) for p in params))
+        cached = self.__dict__.get(name)
         if cached is None or cached[0] != key:
-            cached = (key, self._discrete(rtype))
-            self.__dict__["_step_cache"] = cached
+            cached = (key, build())
+            self.__dict__[name] = cached
         return cached[1]
 
     def _recurrent(self, u: Tensor, state: State) -> Tensor:  # u [B, H] -> SSM output [B, H]
@@ -186,9 +202,9 @@ class S4DMixer(Mixer):
         return 2 * (new * c).sum(-1) + u * self.D.to(u.dtype)
 
     def step(self, x: Tensor, state: State) -> Tensor:  # [B, H] -> [B, H]
-        if self.fused_step and not torch.is_grad_enabled() and numba_usable(x):
-            _, dA, dB, C = self._step_params(torch.float32)
-            return self._out(fused_cpu.s4d_step_fused(x, self._state_pairs(state, torch.float32), dA, dB, C, self.D))
+        if (self.fused_step and not torch.is_grad_enabled() and numba_usable(x)
+                and not torch.is_autocast_enabled(x.device.type) and numba_usable(self.out.weight)):
+            return fused_cpu.s4d_step_fused(x, self._state_pairs(state, torch.float32), self._fused_consts(), self.glu)
         return self._post(self._recurrent(x.to(self._rtype(x)), state).to(x.dtype))
 
     def allocate_state(self, batch_size, max_len, device=None, dtype=None) -> State:

@@ -3,6 +3,8 @@ backward, to float tolerance (the speed itself is measured in benchmarks/, never
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -825,6 +827,39 @@ def test_fused_decoding_step_refuses_a_state_it_cannot_update_in_place(name):
     st["ssm"] = st["ssm"].transpose(0, -1).contiguous().transpose(0, -1)  # same shape and values, strided
     with torch.no_grad(), pytest.raises(ValueError, match=rf"{name}: state\['ssm'\] must be a contiguous float32"):
         m.step(torch.randn(3, 24), st)
+
+
+@needs_numba
+def test_s4d_fused_step_at_width_follows_parameter_updates_and_leaves_autocast_to_torch():
+    """S4D's fused step (recurrence, GELU and the output layer with its GLU in one numba pass) at the demo's
+    width, where its loops run vectorised: equal to the torch step; its cached constants follow a replaced
+    parameter and an in-place update (an optimiser step between two generations); under autocast the torch step runs
+    (the output layer in the autocast dtype, as the reference)."""
+    from backbones.s4d import S4DMixer
+
+    torch.manual_seed(1)
+    m = S4DMixer(128, d_state=64).eval()
+    x = torch.randn(8, 6, 128)
+
+    def run(mixer, st):
+        with torch.no_grad():
+            return torch.stack([mixer.step(x[:, t], st) for t in range(x.shape[1])], 1)
+
+    for update in range(3):
+        ref = copy.deepcopy(m)  # a fresh copy: other storage, so no cached constant is reused
+        ref.fused_step = False
+        st = [m.allocate_state(8, 6, dtype=torch.float32) for _ in range(2)]
+        outs = [run(ref, st[0]), run(m, st[1])]
+        _close(f"s4d width 128, update {update}", outs[1], outs[0], tol=2e-6)
+        _close(f"s4d width 128 state, update {update}", st[1]["ssm"], st[0]["ssm"], tol=2e-6)
+        with torch.no_grad():
+            if update == 0:  # a new parameter (new storage)
+                m.out.weight = torch.nn.Parameter(m.out.weight + 0.3 * torch.randn_like(m.out.weight))
+            else:  # in place (an optimiser step): the same storage, a new version counter
+                m.log_dt.add_(0.3 * torch.randn_like(m.log_dt))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m.step(x[:, 0], m.allocate_state(8, 6, dtype=torch.float32))
+    assert y.dtype == torch.bfloat16
 
 
 @needs_numba

@@ -389,26 +389,49 @@ if _nb is not None:
         return v * (_np.float32(1.0) - half * c) if v >= _np.float32(0.0) else half * v * c
 
     @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
-    def _nb_s4d_step(u, st, dA, dB, C, D, out):  # pragma: no cover - jitted
+    def _nb_s4d_step(u, st, dA, dB, C, D, W, bias, glu, g, out):  # pragma: no cover - jitted
         # u [B, H]; st [B, H, M, 2] (the complex state as (Re, Im) pairs) updated in place; dA, dB, C
-        # [H, M, 2]; D [H] -> out [B, H] = gelu(2 Re(sum_m C_m h_m) + D u), h = dA h + dB u
+        # [H, M, 2]; D [H]; W [O, H], bias [O] (the output layer) -> g [B, H] = gelu(2 Re(sum_m C_m h_m) + D u),
+        # h = dA h + dB u, and out [B, O // 2] = glu(g W^T + bias) (glu) or out [B, O] = g W^T + bias
         Bn, H, M = st.shape[0], st.shape[1], st.shape[2]
+        # 2-d views: numba knows the stride of a C array's last axis only, and vectorises the mode loop
+        # through these (2.5x over indexing the 4-d state, whose mode stride it reads at run time)
+        s = st.reshape(Bn * H, 2 * M)
+        a, bb, c = dA.reshape(H, 2 * M), dB.reshape(H, 2 * M), C.reshape(H, 2 * M)
         for b in range(Bn):
             for hh in range(H):
-                uv = u[b, hh]
+                r, uv = b * H + hh, u[b, hh]
                 acc = _np.float32(0.0)
                 for m in range(M):
-                    ar, ai = dA[hh, m, 0], dA[hh, m, 1]
-                    sr, si = st[b, hh, m, 0], st[b, hh, m, 1]
-                    nr = ar * sr - ai * si + dB[hh, m, 0] * uv
-                    ni = ar * si + ai * sr + dB[hh, m, 1] * uv
-                    st[b, hh, m, 0] = nr
-                    st[b, hh, m, 1] = ni
-                    acc += nr * C[hh, m, 0] - ni * C[hh, m, 1]
-                out[b, hh] = _np.float32(2.0) * acc + D[hh] * uv
+                    re, im = 2 * m, 2 * m + 1
+                    sr, si = s[r, re], s[r, im]
+                    nr = a[hh, re] * sr - a[hh, im] * si + bb[hh, re] * uv
+                    ni = a[hh, re] * si + a[hh, im] * sr + bb[hh, im] * uv
+                    s[r, re] = nr
+                    s[r, im] = ni
+                    acc += nr * c[hh, re] - ni * c[hh, im]
+                g[b, hh] = _np.float32(2.0) * acc + D[hh] * uv
             for hh in range(H):
-                out[b, hh] = _gelu(out[b, hh])
-
+                g[b, hh] = _gelu(g[b, hh])
+        O = W.shape[0]
+        if glu:  # out = (g W_a + bias_a) sigmoid(g W_b + bias_b), one dot product per output
+            Ho = O // 2
+            for b in range(Bn):
+                for j in range(Ho):
+                    x = _np.float32(0.0)
+                    z = _np.float32(0.0)
+                    for hh in range(H):
+                        x += W[j, hh] * g[b, hh]
+                    for hh in range(H):
+                        z += W[Ho + j, hh] * g[b, hh]
+                    out[b, j] = (x + bias[j]) / (_np.float32(1.0) + _vexp(-(z + bias[Ho + j])))
+        else:
+            for b in range(Bn):
+                for j in range(O):
+                    x = _np.float32(0.0)
+                    for hh in range(H):
+                        x += W[j, hh] * g[b, hh]
+                    out[b, j] = x + bias[j]
 
     @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
     def _nb_s5_state(bu, h, lam, hc):  # pragma: no cover - jitted
@@ -644,14 +667,24 @@ def mamba_step_fused(xz: Tensor, conv_state: Tensor, conv_weight: Tensor, conv_b
     return out
 
 
-def s4d_step_fused(u: Tensor, state: Tensor, dA: Tensor, dB: Tensor, C: Tensor, D: Tensor) -> Tensor:
-    """One decoding step of an S4D layer up to its output layer, one pass: h = dA h + dB u (complex, per
-    channel and mode), y = 2 Re(sum C h) + D u, then GELU. u [B, H] float32 CPU; state [B, H, N/2, 2]
-    (Re, Im pairs, updated in place); dA, dB, C [H, N/2] complex64; D [H] -> gelu(y) [B, H]. The
-    reference is `backbones.s4d.S4DLayer._recurrent` and F.gelu."""
-    out = u.new_empty(u.shape)
-    pairs = [_np32(torch.view_as_real(t)) for t in (dA, dB, C)]
-    _nb_s4d_step(_np32(u), _inplace(state, "s4d: state['ssm']"), *pairs, _np32(D), out.numpy())
+def s4d_step_consts(dA: Tensor, dB: Tensor, C: Tensor, D: Tensor, weight: Tensor, bias: Tensor) -> tuple:
+    """The constants of `s4d_step_fused` as the numpy arrays its pass reads: dA, dB, C [H, N/2] complex64
+    as (Re, Im) pairs [H, N/2, 2], D [H], the output layer's weight [O, H] and bias [O]. The caller keeps
+    them while the parameters are unchanged (a step then converts no tensor)."""
+    return (*(_np32(torch.view_as_real(t)) for t in (dA, dB, C)), _np32(D), _np32(weight), _np32(bias))
+
+
+def s4d_step_fused(u: Tensor, state: Tensor, consts: tuple, glu: bool) -> Tensor:
+    """One decoding step of an S4D layer, one pass per row: h = dA h + dB u (complex, per channel and mode),
+    y = 2 Re(sum C h) + D u, GELU, then the output layer and its GLU (O = 2H) when `glu`. u [B, H] float32
+    CPU; state [B, H, N/2, 2] (Re, Im pairs, updated in place); consts from `s4d_step_consts` -> [B, O // 2]
+    (glu) or [B, O]. The output layer runs here, not as a torch product: at 2 threads MKL splits its
+    [B, H] x [H, O] product over both threads, and waking the second cost more than the product (and
+    slowed every op after it). The reference is `backbones.s4d.S4DMixer._recurrent`, F.gelu and `_out`."""
+    B, O = u.shape[0], consts[4].shape[0]
+    g = u.new_empty(u.shape)
+    out = u.new_empty(B, O // 2 if glu else O)
+    _nb_s4d_step(_np32(u), _inplace(state, "s4d: state['ssm']"), *consts, bool(glu), g.numpy(), out.numpy())
     return out
 
 
