@@ -13,7 +13,8 @@ Triton `mamba3_siso_combined` on CUDA when it imports, else the PyTorch chunked 
 "kernel": the Triton kernel or an error; "reference": the PyTorch scan). The Triton kernel
 computes in bfloat16 inside (it casts q, k, v to bf16 by design), so kernel and reference
 agree to bf16 rounding (~1% relative), not to float32 rounding. It needs power-of-two
-d_state and headdim. Decoding (`step`) runs the same scan on one token from the state.
+d_state and headdim. Decoding (`step`) runs the same scan on one token from the state; on float32 CPU
+tensors without the kernel, the recurrence as one numba pass (`backbones.ops.fused_cpu.mamba3_step_fused`).
 """
 
 from __future__ import annotations
@@ -26,11 +27,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backbones.base import Backbone, Mixer, State, register
+from backbones.mamba2 import numba_note
+from backbones.ops import fused_cpu
 from backbones.ops.dispatch import KernelSwitch, check_mode
+from backbones.ops.fused_cpu import numba_usable
 from backbones.ops.mamba3 import mamba3_siso_chunked
 
 MAMBA3_KNOBS = ("d_state", "expand", "headdim", "ngroups", "rope_fraction", "chunk_size", "A_floor", "kernel")
 SISO_KERNEL = ("mamba_ssm.ops.triton.mamba3.mamba3_siso_combined", "mamba3_siso_combined")
+BC_NORM_EPS = 1e-5  # the B and C norms' epsilon
 
 
 class Mamba3Mixer(KernelSwitch, Mixer):
@@ -99,26 +104,30 @@ class Mamba3Mixer(KernelSwitch, Mixer):
         dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=dt_init_floor)
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
-    def _inputs(self, x: Tensor) -> dict[str, Tensor]:
-        """The scan inputs in suite layout ([b, l, ...]); see backbones.ops.mamba3."""
-        b, l, _ = x.shape
-        z, xs, Bm, Cm, dd_dt, dd_A, trap, angle = torch.split(self.in_proj(x), self.splits, dim=-1)
+    def _inputs(self, proj: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:
+        """The scan inputs in suite layout ([b, l, ...]) from in_proj's output; see backbones.ops.mamba3."""
+        b, l, _ = proj.shape
+        z, xs, Bm, Cm, dd_dt, dd_A, trap, angle = torch.split(proj, self.splits, dim=-1)
         G, N, H = self.ngroups, self.d_state, self.nheads
-        sd = torch.promote_types(x.dtype, torch.float32)  # dt, A and angles in at least float32
+        sd = torch.promote_types(dtype, torch.float32)  # dt, A and angles in at least float32
         A = (-F.softplus(dd_A.to(sd))).clamp(max=-self.A_floor)  # [b, l, H]
         dt = F.softplus(dd_dt.to(sd) + self.dt_bias.to(sd))
         return dict(
             z=z,
-            q=F.rms_norm(Cm.reshape(b, l, G, N), (N,), self.C_norm, eps=1e-5),
-            k=F.rms_norm(Bm.reshape(b, l, G, N), (N,), self.B_norm, eps=1e-5),
+            q=F.rms_norm(Cm.reshape(b, l, G, N), (N,), self.C_norm, eps=BC_NORM_EPS),
+            k=F.rms_norm(Bm.reshape(b, l, G, N), (N,), self.B_norm, eps=BC_NORM_EPS),
             v=xs.reshape(b, l, H, self.headdim),
             adt=A * dt, dt=dt, trap=trap,
             angle=angle[:, :, None, :].expand(b, l, H, self.n_angles).to(sd),
         )
 
     def forward(self, x: Tensor, state: State | None = None) -> Tensor:  # [b, l, d_model]
-        b, l, _ = x.shape
-        i = self._inputs(x)
+        return self._mix(self.in_proj(x), x, state)
+
+    def _mix(self, proj: Tensor, x: Tensor, state: State | None) -> Tensor:
+        """`forward` from in_proj's output `proj` [b, l, width] (x: the input, for its dtype and device)."""
+        b, l, _ = proj.shape
+        i = self._inputs(proj, x.dtype)
         st = None if state is None else (state["angle"], state["ssm"], state["k"], state["v"])
         kernel = self.pick_kernel(x, *SISO_KERNEL)  # CPU tensors too when asked (Triton interpreter)
         self.record_path("scan", kernel, *SISO_KERNEL, "backbones.ops.mamba3.mamba3_siso_chunked")
@@ -139,6 +148,21 @@ class Mamba3Mixer(KernelSwitch, Mixer):
             for key, t in zip(("angle", "ssm", "k", "v"), final):
                 state[key].copy_(t)
         y = y.to(x.dtype).reshape(b, l, self.d_inner) * F.silu(i["z"])
+        return self.out_proj(y)
+
+    def step(self, x: Tensor, state: State) -> Tensor:  # [b, d_model] -> [b, d_model]
+        """One decoding step. Decoding (no grad) on float32 CPU tensors and states, without the Triton
+        kernel: in_proj's output to the gate in one numba pass (`fused_cpu.mamba3_step_fused`); otherwise
+        `forward` on the one token (kernel="reference": the chunked PyTorch scan)."""
+        proj = self.in_proj(x)
+        kernel = self.pick_kernel(x, *SISO_KERNEL)
+        nb = (kernel is None and self.kernel != "reference" and not torch.is_grad_enabled() and numba_usable(proj)
+              and all(state[key].dtype == torch.float32 for key in ("angle", "ssm", "k", "v")))
+        self.record_path("step", kernel, *SISO_KERNEL, f"backbones.mamba3.Mamba3Mixer.step{numba_note(nb)}")
+        if not nb:
+            return self._mix(proj[:, None], x[:, None], state)[:, 0]
+        y = fused_cpu.mamba3_step_fused(proj, state, self.dt_bias, self.B_bias, self.C_bias, self.B_norm,
+                                        self.C_norm, self.D, self.A_floor, BC_NORM_EPS, self.d_inner, self.ngroups)
         return self.out_proj(y)
 
     def allocate_state(self, batch_size: int, max_len: int, device=None, dtype=None) -> State:

@@ -763,6 +763,7 @@ def test_run_batched_covers_the_batch_once_and_waits_for_every_slice(threads, mo
 
 def _step_mixers():
     from backbones.mamba import MambaMixer
+    from backbones.mamba3 import Mamba3Mixer
     from backbones.s4d import S4DMixer
     from backbones.s5 import S5Mixer
 
@@ -771,6 +772,8 @@ def _step_mixers():
         "mamba-conv1-nobias": lambda: MambaMixer(24, d_state=5, d_conv=1, conv_bias=False),
         "mamba2": lambda: Mamba2Mixer(24, d_state=7, headdim=6, ngroups=1, d_conv=4),
         "mamba2-2groups-conv1": lambda: Mamba2Mixer(24, d_state=7, headdim=6, ngroups=2, d_conv=1),
+        "mamba3": lambda: Mamba3Mixer(24, d_state=8, headdim=6, ngroups=2),  # two groups
+        "mamba3-rope1": lambda: Mamba3Mixer(24, d_state=6, headdim=8, rope_fraction=1.0),
         "s4d": lambda: S4DMixer(24, d_state=10),
         "s4d-noglu": lambda: S4DMixer(24, d_state=10, glu=False),
         "s5": lambda: S5Mixer(24, d_state=9),
@@ -783,7 +786,7 @@ def _reference_step(m, on: bool) -> None:
     """Switch a mixer's decoding step to its torch code (on) or back to the fused numba pass."""
     from backbones.ops.dispatch import KernelSwitch
 
-    if isinstance(m, KernelSwitch):  # Mamba1, Mamba2: the kernel switch
+    if isinstance(m, KernelSwitch):  # Mamba1, Mamba2, Mamba3: the kernel switch
         m.kernel = "reference" if on else "auto"
     else:  # S4D, S5: the class flag, set on the instance
         m.fused_step = not on
@@ -793,8 +796,8 @@ def _reference_step(m, on: bool) -> None:
 @pytest.mark.parametrize("name", list(_step_mixers()))
 def test_fused_decoding_step_equals_torch_step(name):
     """Each SSM's decoding step as numba passes (no grad, float32 CPU) equals its torch step over many
-    tokens after a prefill: the outputs and the carried states (in place) to float32 rounding; Mamba1
-    and Mamba2 record which step ran."""
+    tokens after a prefill: the outputs and the carried states (in place) to float32 rounding; Mamba1,
+    Mamba2 and Mamba3 record which step ran."""
     torch.manual_seed(0)
     m = _step_mixers()[name]().eval()
     with torch.no_grad():
@@ -813,13 +816,13 @@ def test_fused_decoding_step_equals_torch_step(name):
     _close(name, outs[1], outs[0], tol=2e-6)
     for k in states[0]:
         _close(f"{name} state {k}", states[1][k], states[0][k], tol=2e-6)
-    if paths[0]:  # Mamba1, Mamba2
+    if paths[0]:  # Mamba1, Mamba2, Mamba3
         assert paths[0]["step"].startswith("reference: backbones.mamba") and "numba" not in paths[0]["step"]
         assert paths[1]["step"] == paths[0]["step"] + " (numba: backbones.ops.fused_cpu)"
 
 
 @needs_numba
-@pytest.mark.parametrize("name", ["mamba", "mamba2", "s4d", "s5"])
+@pytest.mark.parametrize("name", ["mamba", "mamba2", "mamba3", "s4d", "s5"])
 def test_fused_decoding_step_refuses_a_state_it_cannot_update_in_place(name):
     """A strided state would be copied before the numba pass, losing its update: an error naming it."""
     m = _step_mixers()[name]().eval()

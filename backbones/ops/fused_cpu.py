@@ -15,10 +15,11 @@ cheap intermediates in the backward instead of saving them.
 - `dt_proj_softplus`: Mamba1's dt = softplus(r W^T + b) from x_proj's low-rank slice; the reference is
   `backbones.mamba.MambaMixer._ssm_params`'s torch line.
 - decoding steps, one token (no grad): `mamba2_step_fused` (in_proj's output to the gated norm),
-  `mamba_step_fused` (two passes around x_proj), `s4d_step_fused` (the recurrence and GELU) and
-  `s5_step_fused` (passes around its two products). Eager torch ran a step as 20-40 small ops per
-  layer, ~8 us of dispatch each; these run every row on the calling thread. The references are the
-  mixers' torch steps (kernel="reference"; S4D, S5: `fused_step = False`).
+  `mamba3_step_fused` (in_proj's output to the gate), `mamba_step_fused` (two passes around x_proj),
+  `s4d_step_fused` (the recurrence, GELU and the output layer) and `s5_step_fused` (passes around its
+  two products). Eager torch ran a step as 20-40 small ops per layer, ~8 us of dispatch each; these run
+  every row on the calling thread. The references are the mixers' torch steps (kernel="reference";
+  S4D, S5: `fused_step = False`).
 
 All agree with their references to float32 rounding (tests), not bit for bit: the sums run in
 another order and exp is the vectorised Cephes exp of `backbones.ops.selective_scan`. Numba's
@@ -325,6 +326,75 @@ if _nb is not None:
                 r = _np.float32(1.0) / _np.sqrt(ss / _np.float32(gs) + eps)
                 for j in range(gi * gs, (gi + 1) * gs):
                     out[b, j] = y[j] * r * nw[j]
+
+    @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
+    def _nb_mamba3_step(proj, dt_bias, B_bias, C_bias, B_norm, C_norm, D, A_floor, eps, theta, h, kp, vp, out,
+                        d_inner, ngroups):  # pragma: no cover - jitted
+        # proj [B, width] (in_proj's output: z, x, B, C, dt, A, trap, angle); theta [B, H, A] (the last angles),
+        # h [B, H, P, N], kp [B, H, N] (the last rotated k) and vp [B, H, P] (the last v), all updated in place;
+        # dt_bias, D [H]; B_bias, C_bias [H, N]; B_norm, C_norm [N] -> out [B, d_inner] = (h q + D v) silu(z)
+        Bn, H, P, N = h.shape[0], h.shape[1], h.shape[2], h.shape[3]
+        An, G = theta.shape[2], ngroups
+        hg = H // G
+        o_B = 2 * d_inner
+        o_C = o_B + G * N
+        o_dt = o_C + G * N
+        o_A, o_tr, o_an = o_dt + H, o_dt + 2 * H, o_dt + 3 * H
+        # 2-d views: numba vectorises a loop over the last axis of a C array only (it knows that stride alone)
+        hs = h.reshape(Bn * H * P, N)
+        ks = kp.reshape(Bn * H, N)
+        qn = _np.empty((G, N), _np.float32)
+        kn = _np.empty((G, N), _np.float32)
+        q = _np.empty(N, _np.float32)
+        k = _np.empty(N, _np.float32)
+        one, zero = _np.float32(1.0), _np.float32(0.0)
+        pi, twopi = _np.float32(_np.pi), _np.float32(2 * _np.pi)
+        for b in range(Bn):
+            for gi in range(G):  # rmsnorm over the state of B (-> k) and C (-> q), per group
+                sb = zero
+                sc = zero
+                for n in range(N):
+                    sb += proj[b, o_B + gi * N + n] * proj[b, o_B + gi * N + n]
+                    sc += proj[b, o_C + gi * N + n] * proj[b, o_C + gi * N + n]
+                rb = one / _np.sqrt(sb / _np.float32(N) + eps)
+                rc = one / _np.sqrt(sc / _np.float32(N) + eps)
+                for n in range(N):
+                    kn[gi, n] = proj[b, o_B + gi * N + n] * rb * B_norm[n]
+                    qn[gi, n] = proj[b, o_C + gi * N + n] * rc * C_norm[n]
+            for hd in range(H):
+                dt = _softplus_parts(proj[b, o_dt + hd] + dt_bias[hd])[0]
+                adt = min(-_softplus_parts(proj[b, o_A + hd])[0], -A_floor) * dt
+                lam = _softplus_parts(proj[b, o_tr + hd])[1]  # sigmoid(trap)
+                alpha = _np.exp(adt)
+                beta = alpha * (dt * (one - lam))  # the trapezoid's left end: the last v k^T
+                gamma = lam * dt
+                for n in range(N):
+                    q[n] = qn[hd // hg, n] + C_bias[hd, n]
+                    k[n] = kn[hd // hg, n] + B_bias[hd, n]
+                for a in range(An):  # theta += pi tanh(angle) dt (mod 2 pi); rotate pairs (2a, 2a + 1)
+                    th = theta[b, hd, a] + pi * _np.tanh(proj[b, o_an + a]) * dt
+                    th = th - twopi * _np.floor(th / twopi)
+                    theta[b, hd, a] = th
+                    c, sn = _np.cos(th), _np.sin(th)
+                    q0, q1 = q[2 * a], q[2 * a + 1]
+                    q[2 * a], q[2 * a + 1] = q0 * c - q1 * sn, q0 * sn + q1 * c
+                    k0, k1 = k[2 * a], k[2 * a + 1]
+                    k[2 * a], k[2 * a + 1] = k0 * c - k1 * sn, k0 * sn + k1 * c
+                r = b * H + hd
+                for p in range(P):  # h = alpha h + beta v_prev k_prev^T + gamma v k^T, y = h q + D v
+                    v = proj[b, d_inner + hd * P + p]
+                    bv = beta * vp[b, hd, p]
+                    gv = gamma * v
+                    row = r * P + p
+                    acc = zero
+                    for n in range(N):
+                        hv = alpha * hs[row, n] + bv * ks[r, n] + gv * k[n]
+                        hs[row, n] = hv
+                        acc += hv * q[n]
+                    out[b, hd * P + p] = (acc + D[hd] * v) * _silu(proj[b, hd * P + p])
+                    vp[b, hd, p] = v
+                for n in range(N):
+                    ks[r, n] = k[n]
 
     @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
     def _nb_mamba_conv_step(xz, conv, w, cb, xc):  # pragma: no cover - jitted
@@ -645,6 +715,22 @@ def mamba2_step_fused(zxbcdt: Tensor, conv_state: Tensor, conv_weight: Tensor, c
     _nb_mamba2_step(_np32(zxbcdt), _inplace(conv_state, "mamba2: state['conv']"), _np32(conv_weight),
                     _np32(conv_bias), _np32(dt_bias), _np32(A_log), _np32(D), _np32(norm_weight),
                     _np.float32(eps), _inplace(ssm_state, "mamba2: state['ssm']"), out.numpy(), d_inner, ngroups)
+    return out
+
+
+def mamba3_step_fused(proj: Tensor, state: dict, dt_bias: Tensor, B_bias: Tensor, C_bias: Tensor,
+                      B_norm: Tensor, C_norm: Tensor, D: Tensor, A_floor: float, eps: float, d_inner: int,
+                      ngroups: int) -> Tensor:
+    """One decoding step of Mamba3's (SISO) mixer between in_proj and out_proj, one pass per row: dt, A and
+    the trapezoid's weight, the B and C norms and biases, the rotation angles and the pairs they turn, h =
+    alpha h + beta v_prev k_prev^T + gamma v k^T, y = h q + D v, times silu(z). proj [B, width] float32 CPU
+    (in_proj's output); state {"angle" [B, H, A], "ssm" [B, H, P, N], "k" [B, H, N], "v" [B, H, P]} (updated
+    in place) -> [B, d_inner]. The reference is `backbones.mamba3.Mamba3Mixer.forward` on one token
+    (kernel="reference"); `backbones.ops.mamba3.mamba3_siso_ref` writes the recurrence out."""
+    out = proj.new_empty(proj.shape[0], d_inner)
+    st = [_inplace(state[key], f"mamba3: state[{key!r}]") for key in ("angle", "ssm", "k", "v")]
+    _nb_mamba3_step(_np32(proj), _np32(dt_bias), _np32(B_bias), _np32(C_bias), _np32(B_norm), _np32(C_norm),
+                    _np32(D), _np.float32(A_floor), _np.float32(eps), *st, out.numpy(), d_inner, ngroups)
     return out
 
 
