@@ -25,7 +25,8 @@ All agree with their references to float32 rounding (tests), not bit for bit: th
 another order and exp is the vectorised Cephes exp of `backbones.ops.selective_scan`. Numba's
 error model is numpy's (no zero-division check, which would keep the loops scalar). A loop meant to
 vectorise runs over the last axis of a C-contiguous array: numba knows that stride alone and reads
-the others at run time, so a 4-d state is indexed through a 2-d view of it (S4D's step: 2.5x). Batch slices
+the others at run time, which kept S4D's step loop over its interleaved (Re, Im) pairs of a 4-d state
+scalar until it went through a 2-d view (2.5x). Batch slices
 run on torch.get_num_threads() threads (the kernels release the GIL); per-parameter gradients are
 summed per slice, then over slices. The mixers pick these kernels for float32 CPU tensors when
 numba imports (`numba_usable`) and record it in their kernel paths.
