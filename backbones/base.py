@@ -116,6 +116,17 @@ class Mixer(nn.Module):
         """One decoding step: `x [B, D] -> [B, D]`."""
         return self.forward(x[:, None], state)[:, 0]
 
+    def _while_unchanged(self, name: str, params, build: Callable[[], Any], *extra: Any) -> Any:
+        """build()'s value, kept under `name` until one of `params` changes storage or version counter
+        (an optimiser step, a load, a replaced parameter) or `extra` changes: what a decoding step derives
+        from the parameters (a discretisation, numpy views) is then computed once, not every token."""
+        key = (*extra, *((p.data_ptr(), p._version) for p in params))
+        cached = self.__dict__.get(name)
+        if cached is None or cached[0] != key:
+            cached = (key, build())
+            self.__dict__[name] = cached
+        return cached[1]
+
     def prepare_compiled_step(self) -> None:
         """Run eagerly by `Backbone.compiled_step` before the compiled step: compute what that step
         reads besides the parameters and the state (`_keep_compiled_consts`; S4D's and S5's

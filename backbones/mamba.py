@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backbones.base import Backbone, Mixer, State, register
-from backbones.mamba2 import causal_conv_silu, numba_note, numba_usable
+from backbones.mamba2 import causal_conv_silu
 from backbones.ops import fused_cpu
 from backbones.ops.dispatch import KernelSwitch, check_mode, kernel_available, load_kernel
+from backbones.ops.fused_cpu import numba_note, numba_usable, step_usable
 from backbones.ops.selective_scan import _nb, selective_scan, selective_scan_ref  # noqa: F401 (re-exported)
 
 SCAN_KERNEL = ("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn")
@@ -160,8 +161,7 @@ class MambaMixer(KernelSwitch, Mixer):
     def step(self, x: Tensor, state: State) -> Tensor:  # [B, d_model] -> [B, d_model]
         xz = self.in_proj(x)
         # decoding (no grad) on float32 CPU tensors: two numba passes around x_proj (fused_cpu.mamba_step_fused)
-        nb = (self.kernel != "reference" and self.scan_backend != "torch" and not torch.is_grad_enabled()
-              and numba_usable(xz) and state["ssm"].dtype == state["conv"].dtype == torch.float32)
+        nb = self.kernel != "reference" and self.scan_backend != "torch" and step_usable(xz, state["ssm"], state["conv"])
         self.record_path("step", None, "", "", f"backbones.mamba.MambaMixer.step{numba_note(nb)}")
         if nb:
             y = fused_cpu.mamba_step_fused(

@@ -32,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from backbones.base import Backbone, Mixer, State, register
 from backbones.ops import fused_cpu
 from backbones.ops.dispatch import KernelSwitch, check_mode, kernel_available, load_kernel
-from backbones.ops.fused_cpu import numba_usable
+from backbones.ops.fused_cpu import numba_note, numba_usable, step_usable
 
 MAMBA2_KNOBS = ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size", "kernel", "use_kernel")
 
@@ -48,11 +48,6 @@ def _chunk_scan_kernel():
     """mamba_ssm's Triton SSD kernel, or None when it does not import (the reason is in
     `backbones.ops.dispatch.load_kernel`'s error)."""
     return load_kernel(*SSD_KERNEL) if kernel_available(*SSD_KERNEL) else None
-
-
-def numba_note(numba: bool) -> str:
-    """The suffix a recorded reference path carries when the fused CPU kernels ran in it."""
-    return f" (numba: {fused_cpu.__name__})" if numba else ""
 
 
 def _check_numba(t: Tensor) -> None:
@@ -707,8 +702,7 @@ class Mamba2Mixer(KernelSwitch, Mixer):
         zxbcdt = self.in_proj(x)
         kernel = self.pick_kernel(x, *STEP_KERNEL)
         # decoding (no grad) on float32 CPU tensors and states, without mamba_ssm's step kernel: one numba pass
-        nb = (kernel is None and self.kernel != "reference" and not torch.is_grad_enabled() and numba_usable(zxbcdt)
-              and state["ssm"].dtype == state["conv"].dtype == torch.float32)
+        nb = kernel is None and self.kernel != "reference" and step_usable(zxbcdt, state["ssm"], state["conv"])
         self.record_path("step", kernel, *STEP_KERNEL, f"backbones.mamba2.Mamba2Mixer.step{numba_note(nb)}")
         if nb:
             y = fused_cpu.mamba2_step_fused(

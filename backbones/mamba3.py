@@ -27,15 +27,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backbones.base import Backbone, Mixer, State, register
-from backbones.mamba2 import numba_note
 from backbones.ops import fused_cpu
 from backbones.ops.dispatch import KernelSwitch, check_mode
-from backbones.ops.fused_cpu import numba_usable
+from backbones.ops.fused_cpu import numba_note, step_usable
 from backbones.ops.mamba3 import mamba3_siso_chunked
 
 MAMBA3_KNOBS = ("d_state", "expand", "headdim", "ngroups", "rope_fraction", "chunk_size", "A_floor", "kernel")
 SISO_KERNEL = ("mamba_ssm.ops.triton.mamba3.mamba3_siso_combined", "mamba3_siso_combined")
 BC_NORM_EPS = 1e-5  # the B and C norms' epsilon
+STATE_KEYS = ("angle", "ssm", "k", "v")  # the decoding state, in the scan's order (backbones.ops.mamba3)
 
 
 class Mamba3Mixer(KernelSwitch, Mixer):
@@ -128,7 +128,7 @@ class Mamba3Mixer(KernelSwitch, Mixer):
         """`forward` from in_proj's output `proj` [b, l, width] (x: the input, for its dtype and device)."""
         b, l, _ = proj.shape
         i = self._inputs(proj, x.dtype)
-        st = None if state is None else (state["angle"], state["ssm"], state["k"], state["v"])
+        st = None if state is None else tuple(state[k] for k in STATE_KEYS)
         kernel = self.pick_kernel(x, *SISO_KERNEL)  # CPU tensors too when asked (Triton interpreter)
         self.record_path("scan", kernel, *SISO_KERNEL, "backbones.ops.mamba3.mamba3_siso_chunked")
         if kernel is not None:
@@ -145,7 +145,7 @@ class Mamba3Mixer(KernelSwitch, Mixer):
                 self.D, st, chunk_size=self.chunk_size,
             )
         if state is not None:
-            for key, t in zip(("angle", "ssm", "k", "v"), final):
+            for key, t in zip(STATE_KEYS, final):
                 state[key].copy_(t)
         y = y.to(x.dtype).reshape(b, l, self.d_inner) * F.silu(i["z"])
         return self.out_proj(y)
@@ -156,13 +156,13 @@ class Mamba3Mixer(KernelSwitch, Mixer):
         `forward` on the one token (kernel="reference": the chunked PyTorch scan)."""
         proj = self.in_proj(x)
         kernel = self.pick_kernel(x, *SISO_KERNEL)
-        nb = (kernel is None and self.kernel != "reference" and not torch.is_grad_enabled() and numba_usable(proj)
-              and all(state[key].dtype == torch.float32 for key in ("angle", "ssm", "k", "v")))
+        st = {k: state[k] for k in STATE_KEYS}  # in the order the numba pass reads them
+        nb = kernel is None and self.kernel != "reference" and step_usable(proj, *st.values())
         self.record_path("step", kernel, *SISO_KERNEL, f"backbones.mamba3.Mamba3Mixer.step{numba_note(nb)}")
         if not nb:
             return self._mix(proj[:, None], x[:, None], state)[:, 0]
-        y = fused_cpu.mamba3_step_fused(proj, state, self.dt_bias, self.B_bias, self.C_bias, self.B_norm,
-                                        self.C_norm, self.D, self.A_floor, BC_NORM_EPS, self.d_inner, self.ngroups)
+        y = fused_cpu.mamba3_step_fused(proj, st, self.dt_bias, self.B_bias, self.C_bias, self.B_norm, self.C_norm,
+                                        self.D, self.A_floor, BC_NORM_EPS, self.d_inner, self.ngroups)
         return self.out_proj(y)
 
     def allocate_state(self, batch_size: int, max_len: int, device=None, dtype=None) -> State:

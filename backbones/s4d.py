@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from backbones.base import Backbone, Mixer, State, register
 from backbones.ops import fused_cpu
 from backbones.ops.fft_conv import fft_causal_conv
-from backbones.ops.fused_cpu import numba_usable
+from backbones.ops.fused_cpu import numba_usable, step_usable
 from backbones.ops.s4d_kernel import kernel_blocks, kernel_uses_numba, s4d_kernel
 
 
@@ -42,7 +42,7 @@ class S4DMixer(Mixer):
 
     #: decoding steps (no grad, no autocast) on float32 CPU tensors run the recurrence, the GELU and the
     #: output layer as one numba pass (`backbones.ops.fused_cpu.s4d_step_fused`); False runs `_recurrent`,
-    #: F.gelu and `_out` (the reference)
+    #: then `_post` (the reference)
     fused_step = True
 
     def __init__(
@@ -101,9 +101,7 @@ class S4DMixer(Mixer):
         return 2 * (W.real[:, None, :] @ Vr - W.imag[:, None, :] @ Vi)[:, 0]
 
     def _post(self, y: Tensor) -> Tensor:
-        return self._out(F.gelu(y))
-
-    def _out(self, y: Tensor) -> Tensor:
+        y = F.gelu(y)
         return F.glu(self.out(y), dim=-1) if self.glu else self.out(y)
 
     @staticmethod
@@ -159,17 +157,7 @@ class S4DMixer(Mixer):
             _, dA, dB, C = self._step_params(torch.float32)
             return fused_cpu.s4d_step_consts(dA, dB, C, self.D, self.out.weight, self.out.bias)
 
-        params = (self.log_dt, self.log_A_real, self.A_imag, self.C, self.D, self.out.weight, self.out.bias)
-        return self._while_unchanged("_fused_cache", params, build)
-
-    def _while_unchanged(self, name: str, params: tuple[Tensor, ...], build, *extra):
-        """build()'s value, kept under `name` until a parameter's storage or version counter changes."""
-        key = (*extra, *((p.data_ptr(), p._version) for p in params))
-        cached = self.__dict__.get(name)
-        if cached is None or cached[0] != key:
-            cached = (key, build())
-            self.__dict__[name] = cached
-        return cached[1]
+        return self._while_unchanged("_fused_cache", self.parameters(), build)
 
     def _recurrent(self, u: Tensor, state: State) -> Tensor:  # u [B, H] -> SSM output [B, H]
         consts = self._compiling_consts()
@@ -202,8 +190,8 @@ class S4DMixer(Mixer):
         return 2 * (new * c).sum(-1) + u * self.D.to(u.dtype)
 
     def step(self, x: Tensor, state: State) -> Tensor:  # [B, H] -> [B, H]
-        if (self.fused_step and not torch.is_grad_enabled() and numba_usable(x)
-                and not torch.is_autocast_enabled(x.device.type) and numba_usable(self.out.weight)):
+        if (self.fused_step and step_usable(x) and numba_usable(self.out.weight)
+                and not torch.is_autocast_enabled(x.device.type)):  # the output layer runs in the pass
             return fused_cpu.s4d_step_fused(x, self._state_pairs(state, torch.float32), self._fused_consts(), self.glu)
         return self._post(self._recurrent(x.to(self._rtype(x)), state).to(x.dtype))
 

@@ -45,7 +45,7 @@ from backbones.base import Backbone, Mixer, State, register
 from backbones.ops import fused_cpu
 from backbones.ops.diag_scan import diag_scan, scan_uses_numba
 from backbones.ops.fft_conv import fft_causal_conv
-from backbones.ops.fused_cpu import numba_usable
+from backbones.ops.fused_cpu import step_usable
 
 _ACTIVATIONS = ("half_glu1", "half_glu2", "gelu")
 
@@ -148,12 +148,7 @@ class S5Mixer(Mixer):
 
         if torch.is_grad_enabled():
             return build()
-        key = tuple((p.data_ptr(), p._version) for p in self.parameters())
-        cached = self.__dict__.get("_step_cache")
-        if cached is None or cached[0] != key:
-            cached = (key, tuple(t.contiguous() for t in build()))
-            self.__dict__["_step_cache"] = cached
-        return cached[1]
+        return self._while_unchanged("_step_cache", self.parameters(), lambda: tuple(t.contiguous() for t in build()))
 
     def _step(self, u: Tensor, h: Tensor) -> Tensor:
         """One recurrence step: u [B, H] float32; h [B, P] complex, updated in place -> y [B, H]."""
@@ -217,7 +212,7 @@ class S5Mixer(Mixer):
         return h
 
     def step(self, x: Tensor, state: State) -> Tensor:  # [B, H] -> [B, H]
-        if not (self.fused_step and not self.use_package and not torch.is_grad_enabled() and numba_usable(x)):
+        if not (self.fused_step and not self.use_package and step_usable(x)):
             return super().step(x, state)
         with torch.autocast(device_type=x.device.type, enabled=False):  # float32, as `_ssm`
             lbar, bw, cw, D = self._step_params()

@@ -541,6 +541,18 @@ def numba_usable(t: Tensor) -> bool:
             and not torch.compiler.is_compiling() and not is_fake(t))
 
 
+def numba_note(numba: bool) -> str:
+    """The suffix a recorded reference path carries when these kernels ran in it."""
+    return f" (numba: {__name__})" if numba else ""
+
+
+def step_usable(t: Tensor, *states: Tensor) -> bool:
+    """Whether a mixer's decoding step can run as its numba pass: no autograd recording, `t` (the
+    step's input or its projection) as `numba_usable`, and every state it updates in float32."""
+    return (not torch.is_grad_enabled() and numba_usable(t)
+            and all(s.dtype == torch.float32 for s in states))
+
+
 def _np32(t: Tensor):
     """A C-contiguous numpy view of t (a copy when t is strided: numba vectorises the channel
     loops only over arrays it knows to be contiguous; a strided one ran 3-4x slower)."""
@@ -727,11 +739,11 @@ def mamba3_step_fused(proj: Tensor, state: dict, dt_bias: Tensor, B_bias: Tensor
     """One decoding step of Mamba3's (SISO) mixer between in_proj and out_proj, one pass per row: dt, A and
     the trapezoid's weight, the B and C norms and biases, the rotation angles and the pairs they turn, h =
     alpha h + beta v_prev k_prev^T + gamma v k^T, y = h q + D v, times silu(z). proj [B, width] float32 CPU
-    (in_proj's output); state {"angle" [B, H, A], "ssm" [B, H, P, N], "k" [B, H, N], "v" [B, H, P]} (updated
-    in place) -> [B, d_inner]. The reference is `backbones.mamba3.Mamba3Mixer.forward` on one token
+    (in_proj's output); state {"angle" [B, H, A], "ssm" [B, H, P, N], "k" [B, H, N], "v" [B, H, P]} in that
+    order (updated in place) -> [B, d_inner]. The reference is `backbones.mamba3.Mamba3Mixer.forward` on one token
     (kernel="reference"); `backbones.ops.mamba3.mamba3_siso_ref` writes the recurrence out."""
     out = proj.new_empty(proj.shape[0], d_inner)
-    st = [_inplace(state[key], f"mamba3: state[{key!r}]") for key in ("angle", "ssm", "k", "v")]
+    st = [_inplace(t, f"mamba3: state[{key!r}]") for key, t in state.items()]
     _nb_mamba3_step(_np32(proj), _np32(dt_bias), _np32(B_bias), _np32(C_bias), _np32(B_norm), _np32(C_norm),
                     _np32(D), _np.float32(A_floor), _np.float32(eps), *st, out.numpy(), d_inner, ngroups)
     return out
@@ -769,7 +781,7 @@ def s4d_step_fused(u: Tensor, state: Tensor, consts: tuple, glu: bool) -> Tensor
     CPU; state [B, H, N/2, 2] (Re, Im pairs, updated in place); consts from `s4d_step_consts` -> [B, O // 2]
     (glu) or [B, O]. The output layer runs here, not as a torch product: at 2 threads MKL splits its
     [B, H] x [H, O] product over both threads, and waking the second cost more than the product (and
-    slowed every op after it). The reference is `backbones.s4d.S4DMixer._recurrent`, F.gelu and `_out`."""
+    slowed every op after it). The reference is `backbones.s4d.S4DMixer._recurrent` and `_post`."""
     B, O = u.shape[0], consts[4].shape[0]
     g = u.new_empty(u.shape)
     out = u.new_empty(B, O // 2 if glu else O)
