@@ -34,6 +34,7 @@ from benchmarks.cases_decode import (
 from benchmarks.cases_grid import grid_layout
 from benchmarks.cases_train import cpu_mfu, harness_overhead, mamba_vs_mambapy, ssm_train_step
 from benchmarks.common import row
+from ttm.util import keep_freed_memory
 
 __all__ = ["CASES", "RESULT_MARK", "main", "parse_sets", "peak_rss_mb", "row", "run_case"]
 
@@ -101,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
     base_mb = peak_rss_mb()
     t0 = time.perf_counter()
-    out: dict[str, Any] = {"case": a.case, "quick": a.quick, "threads": torch.get_num_threads()}
+    out: dict[str, Any] = {"case": a.case, "quick": a.quick, "threads": torch.get_num_threads(),
+                           "malloc": keep_freed_memory()}  # as training runs (ttm.train.setup_processes)
     rc = 0
     try:
         out["rows"] = run_case(a.case, a.quick, parse_sets(a.set))

@@ -78,7 +78,7 @@ def harness_overhead(
     from ttm.config import load_config
     from ttm.factory import build_model
     from ttm.rundir import read_log
-    from ttm.train import batch_of, param_groups, run
+    from ttm.train import adamw, batch_of, run
 
     steps = steps or (5 if quick else 12)
     rounds = rounds or (5 if quick else 7)
@@ -122,9 +122,7 @@ def harness_overhead(
         step's shape (adjacent in time, so the share is not skewed by a change in load)."""
         torch.manual_seed(cfg.seed)
         model = build_model(cfg, K, card, Dt)
-        opt = torch.optim.AdamW(
-            param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr, betas=tuple(cfg.train.betas)
-        )
+        opt = adamw(model, cfg.train.weight_decay, lr=cfg.train.lr, betas=tuple(cfg.train.betas))
         model.train()
         b = batch_of(train, list(range(batch)), "cpu")
         x = torch.randn(batch, pos, d_model, requires_grad=True)  # [B, S, D]

@@ -196,10 +196,10 @@ def fake_batch(B: int, K: int, card: int, T: int, L: int, Dt: int, seed: int = 0
 
 def train_step_fn(lm, batch, lr: float = 1e-3) -> Callable[[], None]:
     """One training step (loss, backward, AdamW with the training loop's parameter groups)."""
-    from ttm.train import param_groups
+    from ttm.train import adamw
 
     lm.train()
-    opt = torch.optim.AdamW(param_groups(lm, 0.02), lr=lr)
+    opt = adamw(lm, 0.02, lr=lr)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)

@@ -31,6 +31,7 @@ def test_trains_logs_and_summarises(tmp_path):
     assert any("val_loss" in r for r in rows) and s["val_loss"] is not None
     assert s["flops"] == 30 * s["flops_per_step"] and s["tokens"] == 30 * 8 * 24
     assert (tmp_path / "checkpoint.pt").exists() and (tmp_path / "config.yaml").exists()
+    assert s["malloc"].startswith(("glibc mallopt:", "default ("))  # what the allocator did
 
 
 @pytest.mark.parametrize("kind,limit", [("tokens", 8 * 24 * 5), ("steps", 5), ("seconds", 1e9)])
@@ -268,3 +269,38 @@ def test_weight_decay_is_chosen_by_shape_and_module_tags():
                 assert p.dim() >= 2 and "norm" not in n and not n.startswith("emb.") \
                     and n.rsplit(".", 1)[-1] not in dynamics, (name, n)
             assert any(names[id(p)].startswith("emb.") for p in no_decay)
+
+
+_FAULTS = """
+import json, resource, sys, torch
+from benchmarks.common import DEMO, build_lm, fake_batch, train_step_fn
+from ttm.util import keep_freed_memory
+state = keep_freed_memory()
+torch.set_num_threads(1)
+lm = build_lm(DEMO["K"], DEMO["card"], DEMO["text_dim"], **{**DEMO["model"], "backbone": "mamba2"})
+step = train_step_fn(lm, fake_batch(8, DEMO["K"], DEMO["card"], 100, 8, DEMO["text_dim"]))
+for _ in range(3):
+    step()
+f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    step()
+print(json.dumps({"state": state, "faults": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 3}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_training_keeps_freed_memory_for_the_next_step_and_records_it():
+    """ttm.util.keep_freed_memory (run by training's setup): a Mamba2 step's freed activations serve
+    the next step instead of fresh pages from the kernel; TTM_MALLOC=default leaves glibc's defaults."""
+    out = {}
+    for mode in ("set", "default"):
+        env = {**os.environ, "TTM_MALLOC": "" if mode == "set" else "default"}
+        r = subprocess.run([sys.executable, "-c", _FAULTS], cwd=ROOT, env=env, capture_output=True, text=True,
+                           check=True)
+        out[mode] = json.loads(r.stdout.strip().splitlines()[-1])
+    if not out["set"]["state"].startswith("glibc mallopt:"):
+        pytest.skip(f"not glibc: {out['set']['state']}")
+    assert out["default"]["state"] == "default (TTM_MALLOC=default)"
+    # steady state: glibc's defaults fault thousands of fresh pages in per step, the settings ~none
+    assert out["set"]["faults"] * 3 < out["default"]["faults"], out

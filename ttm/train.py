@@ -29,7 +29,7 @@ from ttm.loggers import open_loggers
 from ttm.prepare import Prepared, Split, prepare
 from ttm.progress import bar as progress_bar
 from ttm.rundir import RunDir, read_log
-from ttm.util import atomic_write_text, diff_keys, pop_dotted, stop_on_signals
+from ttm.util import atomic_write_text, diff_keys, keep_freed_memory, pop_dotted, stop_on_signals
 
 # ----------------------------------------------------------------------------- optimizer
 
@@ -47,6 +47,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+def adamw(model: nn.Module, weight_decay: float, **kw) -> torch.optim.AdamW:
+    """AdamW over `param_groups` with the multi-tensor (foreach) update on every device. On CPU
+    torch's default is a loop over the parameters with the same arithmetic: the same bits, 1.1-1.3x
+    slower (the demo's Mamba2, 68 tensors: 9.8 against 7.7 ms per step)."""
+    return torch.optim.AdamW(param_groups(model, weight_decay), foreach=True, **kw)
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float):
@@ -220,7 +227,9 @@ def pick_device(name: str) -> torch.device:
 
 
 def setup_processes(cfg: RunConfig) -> tuple[torch.device, int, int]:
-    """The device, this process's rank and the world size (DDP when launched by torchrun)."""
+    """The device, this process's rank and the world size (DDP when launched by torchrun); sets the
+    torch threads and the allocator (`ttm.util.keep_freed_memory`)."""
+    keep_freed_memory()
     device = pick_device(cfg.train.device)
     maybe_init_distributed(device)
     rank, world = dist_info()
@@ -236,8 +245,7 @@ def setup_processes(cfg: RunConfig) -> tuple[torch.device, int, int]:
 
 def make_optimizer(model: nn.Module, cfg: RunConfig, horizon: int):
     """AdamW with no-decay groups, warm-up + cosine over `horizon` steps, and the EMA (or None)."""
-    opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
-                            betas=tuple(cfg.train.betas))
+    opt = adamw(model, cfg.train.weight_decay, lr=cfg.train.lr, betas=tuple(cfg.train.betas))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lr_lambda(cfg.train.warmup, horizon, cfg.train.min_lr_ratio)
     )
@@ -478,6 +486,7 @@ def make_summary(cfg, model, data, counters, budget, status, message, log_path, 
         "backbone": cfg.model.backbone,
         "backbone_config": model.backbone.config(),
         "kernel_paths": kernel_paths(model.backbone),  # which kernel/reference path each mixer ran
+        "malloc": keep_freed_memory(),  # what the allocator did (speed only: the same bits either way)
         "conditioning": cfg.model.conditioning,
         "pattern": cfg.model.pattern,
         "params": count_params(model),
