@@ -28,7 +28,7 @@ hand-written backward (backbones.ops.diag_scan). S5 is time-invariant (Lambda_ba
 is the same at every step), so on GPUs it runs as the equivalent causal convolution of B_bar u with
 Lambda_bar^l per state through complex FFTs of length >= 2L (backbones.ops.fft_conv);
 y = Re(C x) + D u. A decoding step is the recurrence (a few [B, P] ops instead of the package's
-vmap'd scan; on float32 CPU tensors numba passes around its two products, `fused_cpu.s5_step_fused`).
+vmap'd scan; on float32 CPU tensors one numba pass, gate included: `fused_cpu.s5_step_fused`).
 The tests check every path against the package's forward, values and gradients.
 """
 
@@ -54,8 +54,8 @@ class S5Mixer(Mixer):
     """S5 SSM + gated activation. State: complex [B, P] as real pairs [B, P, 2] (float32)."""
 
     use_package = False  # True: run the s5-pytorch package's forward (the reference path)
-    #: decoding steps (no grad) on float32 CPU tensors: the recurrence, the skip and GELU as numba passes
-    #: around the two products (`backbones.ops.fused_cpu.s5_step_fused`); False runs `_step` and F.gelu
+    #: decoding steps (no grad) on float32 CPU tensors, autocast off: the products, the recurrence, GELU and
+    #: the gate in one numba pass (`backbones.ops.fused_cpu.s5_step_fused`); False runs `_step`, F.gelu, `_gate`
     fused_step = True
 
     def __init__(
@@ -214,10 +214,19 @@ class S5Mixer(Mixer):
     def step(self, x: Tensor, state: State) -> Tensor:  # [B, H] -> [B, H]
         if not (self.fused_step and not self.use_package and step_usable(x)):
             return super().step(x, state)
-        with torch.autocast(device_type=x.device.type, enabled=False):  # float32, as `_ssm`
-            lbar, bw, cw, D = self._step_params()
-            s, y = fused_cpu.s5_step_fused(x, self._checked_state(state, x[:, None]), lbar, bw, cw, D)
-        return self._gate(s, y)
+        if torch.is_autocast_enabled(x.device.type):  # the gate's product under autocast: torch's
+            return super().step(x, state)
+        return fused_cpu.s5_step_fused(x, self._checked_state(state, x[:, None]), self._fused_consts(), self.activation)
+
+    def _fused_consts(self) -> tuple:
+        """`fused_cpu.s5_step_consts` of `_step_params` and the gate (under no_grad), reused while the
+        parameters are unchanged."""
+        def build():
+            g = self.gate
+            return fused_cpu.s5_step_consts(*self._step_params(), None if g is None else g.weight,
+                                            None if g is None else g.bias)
+
+        return self._while_unchanged("_fused_cache", self.parameters(), build)
 
     def forward(self, x: Tensor, state: State | None = None) -> Tensor:  # [B, S, H]
         s = self._ssm(x, state).to(x.dtype)

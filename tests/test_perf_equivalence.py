@@ -832,16 +832,27 @@ def test_fused_decoding_step_refuses_a_state_it_cannot_update_in_place(name):
         m.step(torch.randn(3, 24), st)
 
 
-@needs_numba
-def test_s4d_fused_step_at_width_follows_parameter_updates_and_leaves_autocast_to_torch():
-    """S4D's fused step (recurrence, GELU and the output layer with its GLU in one numba pass) at the demo's
-    width, where its loops run vectorised: equal to the torch step; its cached constants follow a replaced
-    parameter and an in-place update (an optimiser step between two generations); under autocast the torch step runs
-    (the output layer in the autocast dtype, as the reference)."""
+def _width_mixers():
+    """(mixer at the demo's width, (a weight to replace, a parameter to update in place)) per fused step."""
     from backbones.s4d import S4DMixer
+    from backbones.s5 import S5Mixer
 
+    return {
+        "s4d": lambda: (m := S4DMixer(128, d_state=64), (lambda: m.out, "weight"), lambda: m.log_dt),
+        "s5": lambda: (m := S5Mixer(128, d_state=64), (lambda: m.gate, "weight"), lambda: m.Lambda),
+    }
+
+
+@needs_numba
+@pytest.mark.parametrize("name", ["s4d", "s5"])
+def test_fused_step_at_width_follows_parameter_updates_and_leaves_autocast_to_torch(name):
+    """S4D's and S5's fused steps (each layer's products, recurrence, GELU and gate or GLU in one numba
+    pass) at the demo's width, where their loops run vectorised: equal to the torch step; the cached
+    constants follow a replaced parameter and an in-place update (an optimiser step between two
+    generations); under autocast the torch step runs (its products in the autocast dtype)."""
     torch.manual_seed(1)
-    m = S4DMixer(128, d_state=64).eval()
+    m, (owner, attr), inplace = _width_mixers()[name]()
+    m.eval()
     x = torch.randn(8, 6, 128)
 
     def run(mixer, st):
@@ -853,16 +864,19 @@ def test_s4d_fused_step_at_width_follows_parameter_updates_and_leaves_autocast_t
         ref.fused_step = False
         st = [m.allocate_state(8, 6, dtype=torch.float32) for _ in range(2)]
         outs = [run(ref, st[0]), run(m, st[1])]
-        _close(f"s4d width 128, update {update}", outs[1], outs[0], tol=2e-6)
-        _close(f"s4d width 128 state, update {update}", st[1]["ssm"], st[0]["ssm"], tol=2e-6)
+        _close(f"{name} width 128, update {update}", outs[1], outs[0], tol=2e-6)
+        _close(f"{name} width 128 state, update {update}", st[1]["ssm"], st[0]["ssm"], tol=2e-6)
         with torch.no_grad():
             if update == 0:  # a new parameter (new storage)
-                m.out.weight = torch.nn.Parameter(m.out.weight + 0.3 * torch.randn_like(m.out.weight))
+                w = getattr(owner(), attr)
+                setattr(owner(), attr, torch.nn.Parameter(w + 0.3 * torch.randn_like(w)))
             else:  # in place (an optimiser step): the same storage, a new version counter
-                m.log_dt.add_(0.3 * torch.randn_like(m.log_dt))
+                inplace().add_(0.3 * torch.randn_like(inplace()))
+    ref = copy.deepcopy(m)
+    ref.fused_step = False
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        y = m.step(x[:, 0], m.allocate_state(8, 6, dtype=torch.float32))
-    assert y.dtype == torch.bfloat16
+        y, want = (mixer.step(x[:, 0], mixer.allocate_state(8, 6, dtype=torch.float32)) for mixer in (m, ref))
+    assert torch.equal(y, want)  # the torch step's bf16 product, bit for bit
 
 
 @needs_numba

@@ -507,29 +507,48 @@ if _nb is not None:
                     out[b, j] = x + bias[j]
 
     @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
-    def _nb_s5_state(bu, h, lam, hc):  # pragma: no cover - jitted
-        # bu [B, 2P] (Re then Im of B_bar u); h [B, P, 2] ((Re, Im) pairs) updated in place; lam [P, 2]
-        # (Lambda_bar) -> hc [B, 2P] = (Re h, Im h) of h = Lambda_bar h + B_bar u
-        Bn, P = h.shape[0], h.shape[1]
+    def _nb_s5_step(u, h, lam, bwt, cwt, D, W, bias, act, out):  # pragma: no cover - jitted
+        # u [B, H]; h [B, P, 2] ((Re, Im) pairs) updated in place; lam [P, 2] (Lambda_bar); bwt [2P, H]
+        # (rows: Re then Im of B_bar); cwt [H, 2P] ([Re C, -Im C]); D [H]; W [H, H], bias [H] (the gate;
+        # unused when act == 0) -> out [B, H]: with s = Re(C h) + D u, h = Lambda_bar h + B_bar u and
+        # y = gelu(s), act 0: y; 1 (half_glu1): y sigmoid(y W^T + bias); 2 (half_glu2): s sigmoid(y W^T + bias)
+        Bn, P, H = h.shape[0], h.shape[1], u.shape[1]
+        bu = _np.empty(2 * P, _np.float32)
+        hc = _np.empty(2 * P, _np.float32)
+        sv = _np.empty(H, _np.float32)
+        y = _np.empty(H, _np.float32)
         for b in range(Bn):
+            for j in range(2 * P):
+                acc = _np.float32(0.0)
+                for c in range(H):
+                    acc += bwt[j, c] * u[b, c]
+                bu[j] = acc
             for p in range(P):
                 lr, li = lam[p, 0], lam[p, 1]
                 hr, hi = h[b, p, 0], h[b, p, 1]
-                nr = lr * hr - li * hi + bu[b, p]
-                ni = lr * hi + li * hr + bu[b, P + p]
+                nr = lr * hr - li * hi + bu[p]
+                ni = lr * hi + li * hr + bu[P + p]
                 h[b, p, 0] = nr
                 h[b, p, 1] = ni
-                hc[b, p] = nr
-                hc[b, P + p] = ni
-
-    @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
-    def _nb_skip_gelu(s, u, D, g):  # pragma: no cover - jitted
-        # s [B, H] += D u in place; g [B, H] = gelu(s)
-        for b in range(s.shape[0]):
-            for c in range(s.shape[1]):
-                v = s[b, c] + D[c] * u[b, c]
-                s[b, c] = v
-                g[b, c] = _gelu(v)
+                hc[p] = nr
+                hc[P + p] = ni
+            for c in range(H):
+                acc = _np.float32(0.0)
+                for j in range(2 * P):
+                    acc += cwt[c, j] * hc[j]
+                v = acc + D[c] * u[b, c]
+                sv[c] = v
+                y[c] = _gelu(v)
+            if act == 0:
+                for c in range(H):
+                    out[b, c] = y[c]
+            else:
+                for c in range(H):
+                    z = _np.float32(0.0)
+                    for k in range(H):
+                        z += W[c, k] * y[k]
+                    sig = _np.float32(1.0) / (_np.float32(1.0) + _vexp(-(z + bias[c])))
+                    out[b, c] = (y[c] if act == 1 else sv[c]) * sig
 
 
 def numba_usable(t: Tensor) -> bool:
@@ -789,16 +808,30 @@ def s4d_step_fused(u: Tensor, state: Tensor, consts: tuple, glu: bool) -> Tensor
     return out
 
 
-def s5_step_fused(u: Tensor, state: Tensor, lbar: Tensor, bw: Tensor, cw: Tensor, D: Tensor) -> tuple[Tensor, Tensor]:
-    """One decoding step of an S5 layer up to its gate: B_bar u (a torch product), h = Lambda_bar h + B_bar u
-    (one numba pass over the (Re, Im) pairs), s = Re(C h) (a torch product) + D u and GELU(s) (one pass).
-    u [B, H] float32 CPU; state [B, P, 2] (updated in place); lbar [P] complex64; bw [H, 2P], cw [2P, H]
-    and D [H] as `backbones.s5.S5Mixer._step_params` -> (s, gelu(s)), each [B, H]. The reference is
-    `backbones.s5.S5Mixer._step` and F.gelu."""
-    bu = u @ bw  # [B, 2P]
-    hc = torch.empty_like(bu)
-    _nb_s5_state(bu.numpy(), _inplace(state, "s5: state['ssm']"), _np32(torch.view_as_real(lbar)), hc.numpy())
-    s = hc @ cw  # [B, H]
-    g = torch.empty_like(s)
-    _nb_skip_gelu(s.numpy(), _np32(u), _np32(D), g.numpy())
-    return s, g
+#: `s5_step_fused`'s activation codes (backbones.s5's activation names)
+S5_ACTIVATIONS = {"gelu": 0, "half_glu1": 1, "half_glu2": 2}
+
+
+def s5_step_consts(lbar: Tensor, bw: Tensor, cw: Tensor, D: Tensor, weight: Tensor | None,
+                   bias: Tensor | None) -> tuple:
+    """The constants of `s5_step_fused` as the numpy arrays its pass reads: Lambda_bar [P] complex64 as
+    (Re, Im) pairs [P, 2], B_bar's rows [2P, H] (bw [H, 2P] transposed), [Re C, -Im C] as [H, 2P] (cw
+    [2P, H] transposed), D [H], the gate's weight [H, H] and bias [H] (zeros without a gate). The caller
+    keeps them while the parameters are unchanged (a step then converts no tensor)."""
+    H = D.shape[0]
+    weight = weight if weight is not None else D.new_zeros(H, H)
+    bias = bias if bias is not None else D.new_zeros(H)
+    return (_np32(torch.view_as_real(lbar)), _np32(bw.t()), _np32(cw.t()), _np32(D), _np32(weight), _np32(bias))
+
+
+def s5_step_fused(u: Tensor, state: Tensor, consts: tuple, activation: str) -> Tensor:
+    """One decoding step of an S5 layer, one pass per row: B_bar u, h = Lambda_bar h + B_bar u (complex, on
+    the state's (Re, Im) pairs), s = Re(C h) + D u, y = GELU(s), then the activation (`S5_ACTIVATIONS`:
+    y, or y or s times sigmoid(y W^T + bias) through the gate). u [B, H] float32 CPU; state [B, P, 2]
+    (updated in place); consts from `s5_step_consts` -> [B, H]. The three products run here, not as
+    torch products: each is [B, H] x [H, H]-sized, ~20 us of dispatch apiece over 14 layers a token (as
+    S4D's output layer, `s4d_step_fused`). The reference is `backbones.s5.S5Mixer._step`, F.gelu and
+    `_gate`."""
+    out = u.new_empty(u.shape)
+    _nb_s5_step(_np32(u), _inplace(state, "s5: state['ssm']"), *consts, S5_ACTIVATIONS[activation], out.numpy())
+    return out
