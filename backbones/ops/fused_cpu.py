@@ -16,8 +16,8 @@ cheap intermediates in the backward instead of saving them.
   `backbones.mamba.MambaMixer._ssm_params`'s torch line.
 - decoding steps, one token (no grad): `mamba2_step_fused` (in_proj's output to the gated norm),
   `mamba3_step_fused` (in_proj's output to the gate), `mamba_step_fused` (two passes around x_proj),
-  `s4d_step_fused` (the recurrence, GELU and the output layer) and `s5_step_fused` (passes around its
-  two products). Eager torch ran a step as 20-40 small ops per layer, ~8 us of dispatch each; these run
+  `s4d_step_fused` (the recurrence, GELU and the output layer) and `s5_step_fused` (its three products,
+  the recurrence, GELU and the gate). Eager torch ran a step as 20-40 small ops per layer, ~8 us of dispatch each; these run
   every row on the calling thread. The references are the mixers' torch steps (kernel="reference";
   S4D, S5: `fused_step = False`).
 
