@@ -281,10 +281,12 @@ lm = build_lm(DEMO["K"], DEMO["card"], DEMO["text_dim"], **{**DEMO["model"], "ba
 step = train_step_fn(lm, fake_batch(8, DEMO["K"], DEMO["card"], 100, 8, DEMO["text_dim"]))
 for _ in range(3):
     step()
-f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(3):
+faults = []
+for _ in range(8):
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step()
-print(json.dumps({"state": state, "faults": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 3}))
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+print(json.dumps({"state": state, "faults": sorted(faults)[4]}))  # the median step's
 """
 
 
@@ -302,5 +304,5 @@ def test_training_keeps_freed_memory_for_the_next_step_and_records_it():
     if not out["set"]["state"].startswith("glibc mallopt:"):
         pytest.skip(f"not glibc: {out['set']['state']}")
     assert out["default"]["state"] == "default (TTM_MALLOC=default)"
-    # steady state: glibc's defaults fault thousands of fresh pages in per step, the settings ~none
-    assert out["set"]["faults"] * 3 < out["default"]["faults"], out
+    # the median step: glibc's defaults fault 2,000-4,000 fresh pages in (measured), the settings 1-3
+    assert out["set"]["faults"] * 10 < out["default"]["faults"], out
