@@ -190,8 +190,7 @@ class S4DMixer(Mixer):
         return 2 * (new * c).sum(-1) + u * self.D.to(u.dtype)
 
     def step(self, x: Tensor, state: State) -> Tensor:  # [B, H] -> [B, H]
-        if (self.fused_step and step_usable(x) and numba_usable(self.out.weight)
-                and not torch.is_autocast_enabled(x.device.type)):  # the output layer runs in the pass
+        if self.fused_step and step_usable(x) and numba_usable(self.out.weight):  # the output layer runs in the pass
             return fused_cpu.s4d_step_fused(x, self._state_pairs(state, torch.float32), self._fused_consts(), self.glu)
         return self._post(self._recurrent(x.to(self._rtype(x)), state).to(x.dtype))
 

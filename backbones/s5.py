@@ -54,7 +54,7 @@ class S5Mixer(Mixer):
     """S5 SSM + gated activation. State: complex [B, P] as real pairs [B, P, 2] (float32)."""
 
     use_package = False  # True: run the s5-pytorch package's forward (the reference path)
-    #: decoding steps (no grad) on float32 CPU tensors, autocast off: the products, the recurrence, GELU and
+    #: decoding steps (no grad, no autocast) on float32 CPU tensors: the products, the recurrence, GELU and
     #: the gate in one numba pass (`backbones.ops.fused_cpu.s5_step_fused`); False runs `_step`, F.gelu, `_gate`
     fused_step = True
 
@@ -213,8 +213,6 @@ class S5Mixer(Mixer):
 
     def step(self, x: Tensor, state: State) -> Tensor:  # [B, H] -> [B, H]
         if not (self.fused_step and not self.use_package and step_usable(x)):
-            return super().step(x, state)
-        if torch.is_autocast_enabled(x.device.type):  # the gate's product under autocast: torch's
             return super().step(x, state)
         return fused_cpu.s5_step_fused(x, self._checked_state(state, x[:, None]), self._fused_consts(), self.activation)
 

@@ -9,6 +9,7 @@ import copy
 import ctypes
 import ctypes.util
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -255,9 +256,9 @@ def code_version(repo: str | os.PathLike | None = None) -> str | None:
 #: heap, and up to 1 GiB of freed heap is kept for the next step instead of handed back to the kernel
 MALLOC_SETTINGS = {"mmap_threshold": 32 << 20, "trim_threshold": 1 << 30}
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-_malloc_state: str | None = None
 
 
+@functools.cache
 def keep_freed_memory() -> str:
     """Make glibc's malloc keep the memory a training step frees for the next step; returns what
     this process's allocator does, as a run records it. Once per process; `TTM_MALLOC=default`
@@ -270,13 +271,6 @@ def keep_freed_memory() -> str:
     and, paired in one process, 14-15% longer than with these settings (0-280 faults); SiMBA 19%,
     S4D 6%, Mamba1 and S5 3%, the Transformer 0-7% (benchmarks' ssm_train_step and grid cells run
     with it too). The arithmetic is untouched: the same bits either way."""
-    global _malloc_state
-    if _malloc_state is None:
-        _malloc_state = _set_malloc()
-    return _malloc_state
-
-
-def _set_malloc() -> str:
     if os.environ.get("TTM_MALLOC", "") == "default":
         return "default (TTM_MALLOC=default)"
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":

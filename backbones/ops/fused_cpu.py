@@ -462,6 +462,15 @@ if _nb is not None:
         return v * (_np.float32(1.0) - half * c) if v >= _np.float32(0.0) else half * v * c
 
     @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
+    def _dot(W, j, v):  # pragma: no cover - jitted
+        # W[j] . v: a decoding step's product, one output at a time (a [B, H] x [H, O] torch product
+        # would be MKL's, waking its second thread at 2 threads: `s4d_step_fused`)
+        acc = _np.float32(0.0)
+        for k in range(v.shape[0]):
+            acc += W[j, k] * v[k]
+        return acc
+
+    @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
     def _nb_s4d_step(u, st, dA, dB, C, D, W, bias, glu, g, out):  # pragma: no cover - jitted
         # u [B, H]; st [B, H, M, 2] (the complex state as (Re, Im) pairs) updated in place; dA, dB, C
         # [H, M, 2]; D [H]; W [O, H], bias [O] (the output layer) -> g [B, H] = gelu(2 Re(sum_m C_m h_m) + D u),
@@ -486,25 +495,11 @@ if _nb is not None:
                 g[b, hh] = _np.float32(2.0) * acc + D[hh] * uv
             for hh in range(H):
                 g[b, hh] = _gelu(g[b, hh])
-        O = W.shape[0]
-        if glu:  # out = (g W_a + bias_a) sigmoid(g W_b + bias_b), one dot product per output
-            Ho = O // 2
-            for b in range(Bn):
-                for j in range(Ho):
-                    x = _np.float32(0.0)
-                    z = _np.float32(0.0)
-                    for hh in range(H):
-                        x += W[j, hh] * g[b, hh]
-                    for hh in range(H):
-                        z += W[Ho + j, hh] * g[b, hh]
-                    out[b, j] = (x + bias[j]) / (_np.float32(1.0) + _vexp(-(z + bias[Ho + j])))
-        else:
-            for b in range(Bn):
-                for j in range(O):
-                    x = _np.float32(0.0)
-                    for hh in range(H):
-                        x += W[j, hh] * g[b, hh]
-                    out[b, j] = x + bias[j]
+        Ho = out.shape[1]  # O // 2 with the GLU: out = (g W_a + bias_a) sigmoid(g W_b + bias_b)
+        for b in range(Bn):
+            for j in range(Ho):
+                x = _dot(W, j, g[b]) + bias[j]
+                out[b, j] = x / (_np.float32(1.0) + _vexp(-(_dot(W, Ho + j, g[b]) + bias[Ho + j]))) if glu else x
 
     @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
     def _nb_s5_step(u, h, lam, bwt, cwt, D, W, bias, act, out):  # pragma: no cover - jitted
@@ -519,10 +514,7 @@ if _nb is not None:
         y = _np.empty(H, _np.float32)
         for b in range(Bn):
             for j in range(2 * P):
-                acc = _np.float32(0.0)
-                for c in range(H):
-                    acc += bwt[j, c] * u[b, c]
-                bu[j] = acc
+                bu[j] = _dot(bwt, j, u[b])
             for p in range(P):
                 lr, li = lam[p, 0], lam[p, 1]
                 hr, hi = h[b, p, 0], h[b, p, 1]
@@ -533,10 +525,7 @@ if _nb is not None:
                 hc[p] = nr
                 hc[P + p] = ni
             for c in range(H):
-                acc = _np.float32(0.0)
-                for j in range(2 * P):
-                    acc += cwt[c, j] * hc[j]
-                v = acc + D[c] * u[b, c]
+                v = _dot(cwt, c, hc) + D[c] * u[b, c]
                 sv[c] = v
                 y[c] = _gelu(v)
             if act == 0:
@@ -544,10 +533,7 @@ if _nb is not None:
                     out[b, c] = y[c]
             else:
                 for c in range(H):
-                    z = _np.float32(0.0)
-                    for k in range(H):
-                        z += W[c, k] * y[k]
-                    sig = _np.float32(1.0) / (_np.float32(1.0) + _vexp(-(z + bias[c])))
+                    sig = _np.float32(1.0) / (_np.float32(1.0) + _vexp(-(_dot(W, c, y) + bias[c])))
                     out[b, c] = (y[c] if act == 1 else sv[c]) * sig
 
 
@@ -566,9 +552,10 @@ def numba_note(numba: bool) -> str:
 
 
 def step_usable(t: Tensor, *states: Tensor) -> bool:
-    """Whether a mixer's decoding step can run as its numba pass: no autograd recording, `t` (the
-    step's input or its projection) as `numba_usable`, and every state it updates in float32."""
-    return (not torch.is_grad_enabled() and numba_usable(t)
+    """Whether a mixer's decoding step can run as its numba pass: no autograd recording, no autocast (the
+    torch step then runs its products in the autocast dtype), `t` (the step's input or its projection) as
+    `numba_usable`, and every state it updates in float32."""
+    return (not torch.is_grad_enabled() and not torch.is_autocast_enabled(t.device.type) and numba_usable(t)
             and all(s.dtype == torch.float32 for s in states))
 
 
