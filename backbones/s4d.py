@@ -150,14 +150,16 @@ class S4DMixer(Mixer):
         return self._while_unchanged("_step_cache", (self.log_dt, self.log_A_real, self.A_imag, self.C),
                                      lambda: self._discrete(rtype), rtype)
 
-    def _fused_consts(self) -> tuple:
+    def _fused_consts(self) -> tuple | None:
         """`fused_cpu.s4d_step_consts` of the float32 discretisation and the output layer (under no_grad),
-        reused while they are unchanged."""
+        reused while they are unchanged; None when the output layer cannot run in the pass (not float32)."""
         def build():
+            if not numba_usable(self.out.weight):
+                return None
             _, dA, dB, C = self._step_params(torch.float32)
             return fused_cpu.s4d_step_consts(dA, dB, C, self.D, self.out.weight, self.out.bias)
 
-        return self._while_unchanged("_fused_cache", self.parameters(), build)
+        return self._while_unchanged("_fused_cache", None, build)
 
     def _recurrent(self, u: Tensor, state: State) -> Tensor:  # u [B, H] -> SSM output [B, H]
         consts = self._compiling_consts()
@@ -190,8 +192,9 @@ class S4DMixer(Mixer):
         return 2 * (new * c).sum(-1) + u * self.D.to(u.dtype)
 
     def step(self, x: Tensor, state: State) -> Tensor:  # [B, H] -> [B, H]
-        if self.fused_step and step_usable(x) and numba_usable(self.out.weight):  # the output layer runs in the pass
-            return fused_cpu.s4d_step_fused(x, self._state_pairs(state, torch.float32), self._fused_consts(), self.glu)
+        consts = self._fused_consts() if self.fused_step and step_usable(x) else None
+        if consts is not None:
+            return fused_cpu.s4d_step_fused(x, self._state_pairs(state, torch.float32), consts, self.glu)
         return self._post(self._recurrent(x.to(self._rtype(x)), state).to(x.dtype))
 
     def allocate_state(self, batch_size, max_len, device=None, dtype=None) -> State:

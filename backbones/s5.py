@@ -148,7 +148,7 @@ class S5Mixer(Mixer):
 
         if torch.is_grad_enabled():
             return build()
-        return self._while_unchanged("_step_cache", self.parameters(), lambda: tuple(t.contiguous() for t in build()))
+        return self._while_unchanged("_step_cache", None, lambda: tuple(t.contiguous() for t in build()))
 
     def _step(self, u: Tensor, h: Tensor) -> Tensor:
         """One recurrence step: u [B, H] float32; h [B, P] complex, updated in place -> y [B, H]."""
@@ -224,7 +224,7 @@ class S5Mixer(Mixer):
             return fused_cpu.s5_step_consts(*self._step_params(), None if g is None else g.weight,
                                             None if g is None else g.bias)
 
-        return self._while_unchanged("_fused_cache", self.parameters(), build)
+        return self._while_unchanged("_fused_cache", None, build)
 
     def forward(self, x: Tensor, state: State | None = None) -> Tensor:  # [B, S, H]
         s = self._ssm(x, state).to(x.dtype)

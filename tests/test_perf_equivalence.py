@@ -880,6 +880,74 @@ def test_fused_step_at_width_follows_parameter_updates_and_leaves_autocast_to_to
 
 
 @needs_numba
+def test_decoding_norm_equals_torch_bit_for_bit():
+    """A decoding step's RMSNorm as one numba pass (`fused_cpu.rms_norm_rows`, in ATen's summation order at
+    this build's vector width) equals F.rms_norm bit for bit: every width 1-300 (vector tails, rows narrower
+    than a vector), widths where ATen's cascade folds levels (2^14, 40,000), two eps values, magnitudes
+    1e-3 to 1e3. `RMSNorm.step` takes it only where a step runs (no grad) and equals `forward` there."""
+    from backbones.base import RMSNorm
+    from backbones.ops import fused_cpu
+
+    lanes = fused_cpu._sum_lanes()
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap in ("AVX2", "AVX512"):
+        assert lanes == {"AVX2": 8, "AVX512": 16}[cap]
+    assert lanes is not None, f"no vector width reproduces F.rms_norm on this build ({cap})"
+    gen = torch.Generator().manual_seed(0)
+    for d in [*range(1, 301), 1 << 14, 40_000]:
+        x = torch.randn(6, d, generator=gen) * torch.logspace(-3, 3, 6)[:, None]
+        w = torch.randn(d, generator=gen)
+        for eps in (1e-6, 1e-5):
+            assert torch.equal(fused_cpu.rms_norm_rows(x, w, eps), F.rms_norm(x, (d,), w, eps)), (d, eps)
+    norm = RMSNorm(48)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(4, 48)
+    with torch.no_grad():
+        assert fused_cpu.rms_norm_usable(x, norm.weight) and torch.equal(norm.step(x), norm(x))
+    assert not fused_cpu.rms_norm_usable(x, norm.weight)  # grad enabled: torch's op, with its graph
+    assert norm.step(x).grad_fn is not None
+
+
+@needs_numba
+@pytest.mark.parametrize("name,kw", [("transformer", {"cross_attention": True}), ("s4d", {}), ("mamba2", {})])
+def test_decoding_with_the_numba_norm_is_bit_identical(name, kw, monkeypatch):
+    """A backbone's decoding steps (every block's norms: before the mixer, the cross-attention and the
+    channel mixer; the final norm) give the same bits with the numba norm as with F.rms_norm."""
+    from backbones.base import build_backbone
+    from backbones.ops import fused_cpu
+
+    torch.manual_seed(0)
+    bb = build_backbone(name, d_model=64, n_layers=2, **kw).eval()
+    x, mem = torch.randn(3, 12, 64), torch.randn(3, 5, 64)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+
+    def decode():
+        st = bb.allocate_state(3, 12)
+        with torch.no_grad():
+            return torch.stack([bb.step(x[:, t], st, mem, mask) for t in range(12)], 1)
+
+    fast = decode()
+    monkeypatch.setattr(fused_cpu, "rms_norm_usable", lambda x, w: False)
+    assert torch.equal(fast, decode())
+
+
+def test_fake_tensor_check_agrees_with_is_fake():
+    """`numba_usable`'s shortcut past is_fake (a plain tensor or parameter) answers as is_fake does for
+    plain, fake and functional tensors alike (FLOP counting runs the steps on fake tensors)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
+
+    from backbones.ops.fused_cpu import _maybe_fake
+
+    plain = torch.randn(3)
+    with FakeTensorMode():
+        fake = torch.empty(3)
+    cases = [plain, torch.nn.Parameter(plain), fake, torch.nn.Parameter(fake),
+             torch._to_functional_tensor(plain), torch._to_functional_tensor(fake)]
+    assert [_maybe_fake(t) for t in cases] == [is_fake(t) for t in cases] == [False, False, True, True, False, True]
+
+
+@needs_numba
 def test_numba_gelu_equals_the_erf_form():
     """The fused steps' GELU (erfc by a Chebyshev fit, through the vectorised exp) against x Phi(x) in
     float64 (erfc form: no cancellation for x < 0): absolute error < 1e-6 everywhere, relative < 5e-6 for

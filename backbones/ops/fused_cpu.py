@@ -20,8 +20,10 @@ cheap intermediates in the backward instead of saving them.
   the recurrence, GELU and the gate). Eager torch ran a step as 20-40 small ops per layer, ~8 us of dispatch each; these run
   every row on the calling thread. The references are the mixers' torch steps (kernel="reference";
   S4D, S5: `fused_step = False`).
+- `rms_norm_rows`: a decoding step's RMSNorm (`backbones.base.RMSNorm.step`: every block's norms, every
+  backbone), F.rms_norm bit for bit: its sum runs in ATen's order.
 
-All agree with their references to float32 rounding (tests), not bit for bit: the sums run in
+The others agree with their references to float32 rounding (tests), not bit for bit: the sums run in
 another order and exp is the vectorised Cephes exp of `backbones.ops.selective_scan`. Numba's
 error model is numpy's (no zero-division check, which would keep the loops scalar). A loop meant to
 vectorise runs over the last axis of a C-contiguous array: numba knows that stride alone and reads
@@ -34,8 +36,11 @@ numba imports (`numba_usable`) and record it in their kernel paths.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as _np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 from torch.autograd.function import once_differentiable
@@ -471,11 +476,13 @@ if _nb is not None:
         return acc
 
     @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
-    def _nb_s4d_step(u, st, dA, dB, C, D, W, bias, glu, g, out):  # pragma: no cover - jitted
+    def _nb_s4d_step(u, st, dA, dB, C, D, W, bias, glu):  # pragma: no cover - jitted
         # u [B, H]; st [B, H, M, 2] (the complex state as (Re, Im) pairs) updated in place; dA, dB, C
-        # [H, M, 2]; D [H]; W [O, H], bias [O] (the output layer) -> g [B, H] = gelu(2 Re(sum_m C_m h_m) + D u),
-        # h = dA h + dB u, and out [B, O // 2] = glu(g W^T + bias) (glu) or out [B, O] = g W^T + bias
+        # [H, M, 2]; D [H]; W [O, H], bias [O] (the output layer) -> out [B, O // 2] = glu(g W^T + bias) (glu) or
+        # [B, O] = g W^T + bias, with g [B, H] = gelu(2 Re(sum_m C_m h_m) + D u) and h = dA h + dB u
         Bn, H, M = st.shape[0], st.shape[1], st.shape[2]
+        g = _np.empty((Bn, H), _np.float32)
+        out = _np.empty((Bn, W.shape[0] // 2 if glu else W.shape[0]), _np.float32)
         # 2-d views: numba knows the stride of a C array's last axis only, and vectorises the mode loop
         # through these (2.5x over indexing the 4-d state, whose mode stride it reads at run time)
         s = st.reshape(Bn * H, 2 * M)
@@ -496,22 +503,24 @@ if _nb is not None:
             for hh in range(H):
                 g[b, hh] = _gelu(g[b, hh])
         Ho = out.shape[1]  # O // 2 with the GLU: out = (g W_a + bias_a) sigmoid(g W_b + bias_b)
-        for b in range(Bn):
-            for j in range(Ho):
+        for j in range(Ho):  # rows inside: W's rows j and Ho + j stay in L1 over the batch
+            for b in range(Bn):
                 x = _dot(W, j, g[b]) + bias[j]
                 out[b, j] = x / (_np.float32(1.0) + _vexp(-(_dot(W, Ho + j, g[b]) + bias[Ho + j]))) if glu else x
+        return out
 
     @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
-    def _nb_s5_step(u, h, lam, bwt, cwt, D, W, bias, act, out):  # pragma: no cover - jitted
+    def _nb_s5_step(u, h, lam, bwt, cwt, D, W, bias, act):  # pragma: no cover - jitted
         # u [B, H]; h [B, P, 2] ((Re, Im) pairs) updated in place; lam [P, 2] (Lambda_bar); bwt [2P, H]
         # (rows: Re then Im of B_bar); cwt [H, 2P] ([Re C, -Im C]); D [H]; W [H, H], bias [H] (the gate;
-        # unused when act == 0) -> out [B, H]: with s = Re(C h) + D u, h = Lambda_bar h + B_bar u and
+        # unused when act == 0) -> [B, H]: with s = Re(C h) + D u, h = Lambda_bar h + B_bar u and
         # y = gelu(s), act 0: y; 1 (half_glu1): y sigmoid(y W^T + bias); 2 (half_glu2): s sigmoid(y W^T + bias)
         Bn, P, H = h.shape[0], h.shape[1], u.shape[1]
         bu = _np.empty(2 * P, _np.float32)
         hc = _np.empty(2 * P, _np.float32)
         sv = _np.empty(H, _np.float32)
         y = _np.empty(H, _np.float32)
+        out = _np.empty((Bn, H), _np.float32)
         for b in range(Bn):
             for j in range(2 * P):
                 bu[j] = _dot(bwt, j, u[b])
@@ -535,6 +544,70 @@ if _nb is not None:
                 for c in range(H):
                     sig = _np.float32(1.0) / (_np.float32(1.0) + _vexp(-(_dot(W, c, y) + bias[c])))
                     out[b, c] = (y[c] if act == 1 else sv[c]) * sig
+        return out
+
+    @_nb.njit(nogil=True, cache=True, error_model="numpy")
+    def _nb_rms_norm(x, w, eps, lanes):  # pragma: no cover - jitted
+        # -> [R, D] = x / sqrt(mean(x^2) + eps) * w, x [R, D], w [D]: ATen's CPU rms_norm bit for bit (no
+        # fastmath: every sum in its order). The mean is ATen's cascade_sum of x^2 over a contiguous row
+        # (SumKernel.cpp): `lanes`-wide vectors (Vectorized<float>'s width) in four interleaved accumulators,
+        # folded into levels every 16 groups of four (more past 2^16 groups); the accumulators are then
+        # summed in order, the scalar tail added to 0, then the lanes in order. Below one vector's width
+        # a row is summed as scalars the same way (lanes 1).
+        R, D = x.shape
+        L = lanes if D >= lanes else 1
+        nv = D // L  # vectors in a row
+        n4 = nv // 4
+        lp, v = 0, n4 - 1  # lp = utils::CeilLog2(n4) (1 up to 2), then the level's power
+        while v > 0:
+            lp, v = lp + 1, v >> 1
+        lp = max(4, max(lp, 1) // 4)
+        mask = (1 << lp) - 1
+        acc = _np.empty((4, 4, L), _np.float32)  # [level, accumulator, lane]
+        sq = _np.empty(D, _np.float32)
+        out = _np.empty((R, D), _np.float32)
+        for r in range(R):
+            for e in range(D):
+                sq[e] = x[r, e] * x[r, e]
+            acc[:] = 0
+            i = 0
+            while i + (1 << lp) <= n4:
+                for _ in range(1 << lp):
+                    for k in range(4):
+                        for l in range(L):
+                            acc[0, k, l] += sq[(4 * i + k) * L + l]
+                    i += 1
+                for j in range(1, 4):
+                    for k in range(4):
+                        for l in range(L):
+                            acc[j, k, l] += acc[j - 1, k, l]
+                            acc[j - 1, k, l] = 0
+                    if (i & (mask << (j * lp))) != 0:
+                        break
+            while i < n4:
+                for k in range(4):
+                    for l in range(L):
+                        acc[0, k, l] += sq[(4 * i + k) * L + l]
+                i += 1
+            for j in range(1, 4):
+                for k in range(4):
+                    for l in range(L):
+                        acc[0, k, l] += acc[j, k, l]
+            for v in range(4 * n4, nv):  # vectors past the last group of four
+                for l in range(L):
+                    acc[0, 0, l] += sq[v * L + l]
+            for k in range(1, 4):
+                for l in range(L):
+                    acc[0, 0, l] += acc[0, k, l]
+            s = _np.float32(0.0)
+            for e in range(nv * L, D):  # the scalar tail
+                s += sq[e]
+            for l in range(L):
+                s += acc[0, 0, l]
+            rs = _np.float32(1.0) / _np.sqrt(s / _np.float32(D) + eps)
+            for e in range(D):
+                out[r, e] = x[r, e] * rs * w[e]
+        return out
 
 
 def numba_usable(t: Tensor) -> bool:
@@ -542,8 +615,19 @@ def numba_usable(t: Tensor) -> bool:
     The mixers pass `numba=` explicitly; False runs the eager torch code beside each kernel (`_SSDScan`'s
     torch lines, `_CausalConvSiLU`, `_GatedRMSNormFn`, the decoding steps' torch code). Never while
     torch.compile traces (numpy calls break its graph) or on fake tensors (FLOP counting: no data)."""
-    return (AVAILABLE and t.device.type == "cpu" and t.dtype == torch.float32
-            and not torch.compiler.is_compiling() and not is_fake(t))
+    return (AVAILABLE and t.is_cpu and t.dtype == torch.float32 and not torch.compiler.is_compiling()
+            and not _maybe_fake(t))
+
+
+_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def _maybe_fake(t: Tensor) -> bool:
+    """is_fake(t), answered without it for a plain tensor (neither a subclass, functional nor functorch-wrapped:
+    what is_fake then returns False for); is_fake took 2 us, a tenth of a decoding step's norm."""
+    if type(t) in (Tensor, torch.nn.Parameter) and not torch._is_functional_tensor(t) and not _functorch_wrapped(t):
+        return False
+    return is_fake(t)
 
 
 def numba_note(numba: bool) -> str:
@@ -555,8 +639,43 @@ def step_usable(t: Tensor, *states: Tensor) -> bool:
     """Whether a mixer's decoding step can run as its numba pass: no autograd recording, no autocast (the
     torch step then runs its products in the autocast dtype), `t` (the step's input or its projection) as
     `numba_usable`, and every state it updates in float32."""
-    return (not torch.is_grad_enabled() and not torch.is_autocast_enabled(t.device.type) and numba_usable(t)
+    return (not torch.is_grad_enabled() and numba_usable(t) and not torch.is_autocast_enabled("cpu")
             and all(s.dtype == torch.float32 for s in states))
+
+
+@functools.cache
+def _sum_lanes() -> int | None:
+    """Vectorized<float>'s width in this torch build's CPU kernels (8 with AVX2, 16 with AVX-512), found
+    once per process as the width at which `_nb_rms_norm` equals F.rms_norm bit for bit on a probe (rows
+    of seven widths, with and without tails); None when none does (`rms_norm_rows` is then not used)."""
+    if not AVAILABLE:
+        return None
+    g = torch.Generator().manual_seed(0)
+    probe = [(torch.randn(5, d, generator=g) * torch.rand(5, 1, generator=g) * 4, torch.randn(d, generator=g))
+             for d in (3, 8, 37, 128, 200, 1000, 5000)]
+    with torch.no_grad():
+        ref = [F.rms_norm(x, (x.shape[1],), w, 1e-6) for x, w in probe]
+        for lanes in (8, 16, 4):
+            if all(torch.equal(_rms_norm(x, w, 1e-6, lanes), r) for (x, w), r in zip(probe, ref)):
+                return lanes
+    return None
+
+
+def _rms_norm(x: Tensor, weight: Tensor, eps: float, lanes: int) -> Tensor:
+    return torch.from_numpy(_nb_rms_norm(_np32(x), _np32(weight), _np.float32(eps), lanes))
+
+
+def rms_norm_usable(x: Tensor, weight: Tensor) -> bool:
+    """Whether `rms_norm_rows` can stand in for F.rms_norm on x: a decoding step's rows ([B, D], `step_usable`)
+    with a float32 weight, and this torch build's summation order known (`_sum_lanes`)."""
+    return x.dim() == 2 and weight.dtype == torch.float32 and step_usable(x) and _sum_lanes() is not None
+
+
+def rms_norm_rows(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """F.rms_norm(x, (D,), weight, eps) bit for bit, as one pass: x [R, D] float32 CPU, weight [D] (use where
+    `rms_norm_usable`). F.rms_norm runs ~12 ops on CPU (pow, sum, div, add, rsqrt, two muls and their
+    casts), 15-25 us of dispatch for a decoding step's [B, D] rows; this 8 us. The reference is F.rms_norm."""
+    return _rms_norm(x, weight, eps, _sum_lanes())
 
 
 def _np32(t: Tensor):
@@ -717,7 +836,7 @@ def dt_proj_softplus(r: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
 
 def _inplace(t: Tensor, name: str):
     """A numpy view of a decoding state the kernel updates in place (a copy would lose the update)."""
-    if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+    if t.dtype != torch.float32 or not t.is_cpu or not t.is_contiguous():
         raise ValueError(f"{name} must be a contiguous float32 CPU tensor (updated in place), "
                          f"got {t.dtype} on {t.device.type}, contiguous={t.is_contiguous()}")
     return t.detach().numpy()
@@ -788,11 +907,7 @@ def s4d_step_fused(u: Tensor, state: Tensor, consts: tuple, glu: bool) -> Tensor
     (glu) or [B, O]. The output layer runs here, not as a torch product: at 2 threads MKL splits its
     [B, H] x [H, O] product over both threads, and waking the second cost more than the product (and
     slowed every op after it). The reference is `backbones.s4d.S4DMixer._recurrent` and `_post`."""
-    B, O = u.shape[0], consts[4].shape[0]
-    g = u.new_empty(u.shape)
-    out = u.new_empty(B, O // 2 if glu else O)
-    _nb_s4d_step(_np32(u), _inplace(state, "s4d: state['ssm']"), *consts, bool(glu), g.numpy(), out.numpy())
-    return out
+    return torch.from_numpy(_nb_s4d_step(_np32(u), _inplace(state, "s4d: state['ssm']"), *consts, bool(glu)))
 
 
 #: `s5_step_fused`'s activation codes (backbones.s5's activation names)
@@ -819,6 +934,5 @@ def s5_step_fused(u: Tensor, state: Tensor, consts: tuple, activation: str) -> T
     torch products: each is [B, H] x [H, H]-sized, ~20 us of dispatch apiece over 14 layers a token (as
     S4D's output layer, `s4d_step_fused`). The reference is `backbones.s5.S5Mixer._step`, F.gelu and
     `_gate`."""
-    out = u.new_empty(u.shape)
-    _nb_s5_step(_np32(u), _inplace(state, "s5: state['ssm']"), *consts, S5_ACTIVATIONS[activation], out.numpy())
-    return out
+    return torch.from_numpy(_nb_s5_step(_np32(u), _inplace(state, "s5: state['ssm']"), *consts,
+                                        S5_ACTIVATIONS[activation]))
