@@ -570,25 +570,18 @@ if _nb is not None:
             for e in range(D):
                 sq[e] = x[r, e] * x[r, e]
             acc[:] = 0
-            i = 0
-            while i + (1 << lp) <= n4:
-                for _ in range(1 << lp):
-                    for k in range(4):
-                        for l in range(L):
-                            acc[0, k, l] += sq[(4 * i + k) * L + l]
-                    i += 1
-                for j in range(1, 4):
-                    for k in range(4):
-                        for l in range(L):
-                            acc[j, k, l] += acc[j - 1, k, l]
-                            acc[j - 1, k, l] = 0
-                    if (i & (mask << (j * lp))) != 0:
-                        break
-            while i < n4:
+            for i in range(n4):  # groups of four vectors
                 for k in range(4):
                     for l in range(L):
                         acc[0, k, l] += sq[(4 * i + k) * L + l]
-                i += 1
+                if (i + 1) & mask == 0:  # a whole level's worth: fold it up (the groups after the last stay)
+                    for j in range(1, 4):
+                        for k in range(4):
+                            for l in range(L):
+                                acc[j, k, l] += acc[j - 1, k, l]
+                                acc[j - 1, k, l] = 0
+                        if ((i + 1) & (mask << (j * lp))) != 0:
+                            break
             for j in range(1, 4):
                 for k in range(4):
                     for l in range(L):
