@@ -907,6 +907,8 @@ def test_decoding_norm_equals_torch_bit_for_bit():
         assert fused_cpu.rms_norm_usable(x, norm.weight) and torch.equal(norm.step(x), norm(x))
     assert not fused_cpu.rms_norm_usable(x, norm.weight)  # grad enabled: torch's op, with its graph
     assert norm.step(x).grad_fn is not None
+    with torch.no_grad(), pytest.raises(RuntimeError, match="normalized_shape"):  # torch's error, not a bad read
+        norm.step(torch.randn(4, 40))
 
 
 @needs_numba

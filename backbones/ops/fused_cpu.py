@@ -660,8 +660,10 @@ def _rms_norm(x: Tensor, weight: Tensor, eps: float, lanes: int) -> Tensor:
 
 def rms_norm_usable(x: Tensor, weight: Tensor) -> bool:
     """Whether `rms_norm_rows` can stand in for F.rms_norm on x: a decoding step's rows ([B, D], `step_usable`)
-    with a float32 weight, and this torch build's summation order known (`_sum_lanes`)."""
-    return x.dim() == 2 and weight.dtype == torch.float32 and step_usable(x) and _sum_lanes() is not None
+    with a float32 weight [D] (otherwise F.rms_norm runs, and raises on a mismatch), and this torch build's
+    summation order known (`_sum_lanes`)."""
+    return (x.dim() == 2 and weight.shape == x.shape[1:] and weight.dtype == torch.float32 and step_usable(x)
+            and _sum_lanes() is not None)
 
 
 def rms_norm_rows(x: Tensor, weight: Tensor, eps: float) -> Tensor:
