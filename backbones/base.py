@@ -52,7 +52,7 @@ class RMSNorm(nn.Module):
 
     def step(self, x: Tensor) -> Tensor:  # [B, D] -> [B, D]
         """`forward` on a decoding step's rows, bit for bit; one numba pass where `fused_cpu.rms_norm_usable`
-        (no grad, float32 on CPU): F.rms_norm is ~12 small ops there, the most of any sublayer in a step."""
+        (no grad, float32 on CPU): F.rms_norm runs ~12 small ops there, 15-24 us a call, in every block."""
         if fused_cpu.rms_norm_usable(x, self.weight):
             return fused_cpu.rms_norm_rows(x, self.weight, self.eps)
         return self.forward(x)
