@@ -17,8 +17,8 @@ cheap intermediates in the backward instead of saving them.
 - decoding steps, one token (no grad): `mamba2_step_fused` (in_proj's output to the gated norm),
   `mamba3_step_fused` (in_proj's output to the gate), `mamba_step_fused` (two passes around x_proj),
   `s4d_step_fused` (the recurrence, GELU and the output layer) and `s5_step_fused` (its three products,
-  the recurrence, GELU and the gate). Eager torch ran a step as 20-40 small ops per layer, ~8 us of dispatch each; these run
-  every row on the calling thread. The references are the mixers' torch steps (kernel="reference";
+  the recurrence, GELU and the gate). Eager torch ran a step as 20-40 small ops per layer, ~8 us of
+  dispatch each; these run every row on the calling thread. The references are the mixers' torch steps (kernel="reference";
   S4D, S5: `fused_step = False`).
 - `rms_norm_rows`: a decoding step's RMSNorm (`backbones.base.RMSNorm.step`: every block's norms, every
   backbone), F.rms_norm bit for bit: its sum runs in ATen's order.
@@ -558,9 +558,9 @@ if _nb is not None:
         L = lanes if D >= lanes else 1
         nv = D // L  # vectors in a row
         n4 = nv // 4
-        lp, v = 0, n4 - 1  # lp = utils::CeilLog2(n4) (1 up to 2), then the level's power
-        while v > 0:
-            lp, v = lp + 1, v >> 1
+        lp, m = 0, n4 - 1  # lp = utils::CeilLog2(n4) (1 up to 2), then the level's power
+        while m > 0:
+            lp, m = lp + 1, m >> 1
         lp = max(4, max(lp, 1) // 4)
         mask = (1 << lp) - 1
         acc = _np.empty((4, 4, L), _np.float32)  # [level, accumulator, lane]
@@ -649,13 +649,9 @@ def _sum_lanes() -> int | None:
     with torch.no_grad():
         ref = [F.rms_norm(x, (x.shape[1],), w, 1e-6) for x, w in probe]
         for lanes in (8, 16, 4):
-            if all(torch.equal(_rms_norm(x, w, 1e-6, lanes), r) for (x, w), r in zip(probe, ref)):
+            if all(torch.equal(rms_norm_rows(x, w, 1e-6, lanes), r) for (x, w), r in zip(probe, ref)):
                 return lanes
     return None
-
-
-def _rms_norm(x: Tensor, weight: Tensor, eps: float, lanes: int) -> Tensor:
-    return torch.from_numpy(_nb_rms_norm(_np32(x), _np32(weight), _np.float32(eps), lanes))
 
 
 def rms_norm_usable(x: Tensor, weight: Tensor) -> bool:
@@ -666,11 +662,12 @@ def rms_norm_usable(x: Tensor, weight: Tensor) -> bool:
             and _sum_lanes() is not None)
 
 
-def rms_norm_rows(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+def rms_norm_rows(x: Tensor, weight: Tensor, eps: float, lanes: int | None = None) -> Tensor:
     """F.rms_norm(x, (D,), weight, eps) bit for bit, as one pass: x [R, D] float32 CPU, weight [D] (use where
-    `rms_norm_usable`). F.rms_norm runs ~12 ops on CPU (pow, sum, div, add, rsqrt, two muls and their
-    casts), 15-25 us of dispatch for a decoding step's [B, D] rows; this 8 us. The reference is F.rms_norm."""
-    return _rms_norm(x, weight, eps, _sum_lanes())
+    `rms_norm_usable`; `lanes`: the vector width to sum at, default `_sum_lanes()`). F.rms_norm runs ~12 ops
+    on CPU (pow, sum, div, add, rsqrt, two muls and their casts), 15-25 us of dispatch for a decoding step's
+    [B, D] rows; this 8 us. The reference is F.rms_norm."""
+    return torch.from_numpy(_nb_rms_norm(_np32(x), _np32(weight), _np.float32(eps), lanes or _sum_lanes()))
 
 
 def _np32(t: Tensor):
