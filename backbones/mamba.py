@@ -164,9 +164,9 @@ class MambaMixer(KernelSwitch, Mixer):
         nb = self.kernel != "reference" and self.scan_backend != "torch" and step_usable(xz, state["ssm"], state["conv"])
         self.record_path("step", None, "", "", f"backbones.mamba.MambaMixer.step{numba_note(nb)}")
         if nb:
-            y = fused_cpu.mamba_step_fused(
-                xz, state["conv"], self.conv1d.weight[:, 0], self.conv1d.bias, self.x_proj,
-                self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D, state["ssm"])
+            consts = self._while_unchanged("_fused_cache", None, lambda: fused_cpu.mamba_step_consts(
+                self.conv1d.weight[:, 0], self.conv1d.bias, self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D))
+            y = fused_cpu.mamba_step_fused(xz, state["conv"], state["ssm"], self.x_proj, consts)
             state["pos"] = state.get("pos", 0) + 1
             return self.out_proj(y)
         xi, z = xz.chunk(2, dim=-1)  # [B, D]

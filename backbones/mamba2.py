@@ -705,9 +705,10 @@ class Mamba2Mixer(KernelSwitch, Mixer):
         nb = kernel is None and self.kernel != "reference" and step_usable(zxbcdt, state["ssm"], state["conv"])
         self.record_path("step", kernel, *STEP_KERNEL, f"backbones.mamba2.Mamba2Mixer.step{numba_note(nb)}")
         if nb:
-            y = fused_cpu.mamba2_step_fused(
-                zxbcdt, state["conv"], self.conv1d.weight[:, 0], self.conv1d.bias, self.dt_bias, self.A_log,
-                self.D, self.norm.weight, self.norm.eps, state["ssm"], self.d_inner, self.ngroups)
+            consts = self._while_unchanged("_fused_cache", None, lambda: fused_cpu.mamba2_step_consts(
+                self.conv1d.weight[:, 0], self.conv1d.bias, self.dt_bias, self.A_log, self.D, self.norm.weight,
+                self.norm.eps), self.norm.eps)
+            y = fused_cpu.mamba2_step_fused(zxbcdt, state["conv"], state["ssm"], consts, self.d_inner, self.ngroups)
             return self.out_proj(y)
         b = x.shape[0]
         z, xBC, dt = self._split(zxbcdt)  # [b, d_inner], [b, conv_dim], [b, h]

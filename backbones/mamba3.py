@@ -161,8 +161,10 @@ class Mamba3Mixer(KernelSwitch, Mixer):
         self.record_path("step", kernel, *SISO_KERNEL, f"backbones.mamba3.Mamba3Mixer.step{numba_note(nb)}")
         if not nb:
             return self._mix(proj[:, None], x[:, None], state)[:, 0]
-        y = fused_cpu.mamba3_step_fused(proj, st, self.dt_bias, self.B_bias, self.C_bias, self.B_norm, self.C_norm,
-                                        self.D, self.A_floor, BC_NORM_EPS, self.d_inner, self.ngroups)
+        consts = self._while_unchanged("_fused_cache", None, lambda: fused_cpu.mamba3_step_consts(
+            self.dt_bias, self.B_bias, self.C_bias, self.B_norm, self.C_norm, self.D, self.A_floor, BC_NORM_EPS),
+            self.A_floor)
+        y = fused_cpu.mamba3_step_fused(proj, st, consts, self.d_inner, self.ngroups)
         return self.out_proj(y)
 
     def allocate_state(self, batch_size: int, max_len: int, device=None, dtype=None) -> State:

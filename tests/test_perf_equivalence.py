@@ -834,22 +834,28 @@ def test_fused_decoding_step_refuses_a_state_it_cannot_update_in_place(name):
 
 def _width_mixers():
     """(mixer at the demo's width, (a weight to replace, a parameter to update in place)) per fused step."""
+    from backbones.mamba import MambaMixer
+    from backbones.mamba3 import Mamba3Mixer
     from backbones.s4d import S4DMixer
     from backbones.s5 import S5Mixer
 
     return {
         "s4d": lambda: (m := S4DMixer(128, d_state=64), (lambda: m.out, "weight"), lambda: m.log_dt),
         "s5": lambda: (m := S5Mixer(128, d_state=64), (lambda: m.gate, "weight"), lambda: m.Lambda),
+        "mamba": lambda: (m := MambaMixer(128), (lambda: m.dt_proj, "weight"), lambda: m.A_log),
+        "mamba2": lambda: (m := Mamba2Mixer(128, headdim=16), (lambda: m.norm, "weight"), lambda: m.A_log),
+        "mamba3": lambda: (m := Mamba3Mixer(128), (lambda: m, "B_norm"), lambda: m.dt_bias),
     }
 
 
 @needs_numba
-@pytest.mark.parametrize("name", ["s4d", "s5"])
+@pytest.mark.parametrize("name", list(_width_mixers()))
 def test_fused_step_at_width_follows_parameter_updates_and_leaves_autocast_to_torch(name):
-    """S4D's and S5's fused steps (each layer's products, recurrence, GELU and gate or GLU in one numba
-    pass) at the demo's width, where their loops run vectorised: equal to the torch step; the cached
-    constants follow a replaced parameter and an in-place update (an optimiser step between two
-    generations); under autocast the torch step runs (its products in the autocast dtype)."""
+    """The fused steps (S4D's and S5's products, recurrence, GELU and gate or GLU in one numba pass;
+    Mamba1's, Mamba2's and Mamba3's passes between in_proj and out_proj) at the demo's width, where their
+    loops run vectorised: equal to the torch step; the constants each keeps (numpy views, transposes,
+    Mamba1's A = -exp(A_log)) follow a replaced parameter and an in-place update (an optimiser step
+    between two generations); under autocast the torch step runs (its products in the autocast dtype)."""
     torch.manual_seed(1)
     m, (owner, attr), inplace = _width_mixers()[name]()
     m.eval()
@@ -861,7 +867,7 @@ def test_fused_step_at_width_follows_parameter_updates_and_leaves_autocast_to_to
 
     for update in range(3):
         ref = copy.deepcopy(m)  # a fresh copy: other storage, so no cached constant is reused
-        ref.fused_step = False
+        _reference_step(ref, True)
         st = [m.allocate_state(8, 6, dtype=torch.float32) for _ in range(2)]
         outs = [run(ref, st[0]), run(m, st[1])]
         _close(f"{name} width 128, update {update}", outs[1], outs[0], tol=2e-6)
@@ -873,7 +879,7 @@ def test_fused_step_at_width_follows_parameter_updates_and_leaves_autocast_to_to
             else:  # in place (an optimiser step): the same storage, a new version counter
                 inplace().add_(0.3 * torch.randn_like(inplace()))
     ref = copy.deepcopy(m)
-    ref.fused_step = False
+    _reference_step(ref, True)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         y, want = (mixer.step(x[:, 0], mixer.allocate_state(8, 6, dtype=torch.float32)) for mixer in (m, ref))
     assert torch.equal(y, want)  # the torch step's bf16 product, bit for bit

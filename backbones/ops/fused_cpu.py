@@ -299,7 +299,7 @@ if _nb is not None:
             xc[c] = _silu(xc[c])
 
     @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
-    def _nb_mamba2_step(zxbcdt, conv, w, cb, dt_bias, A_log, D, nw, eps, h, out, d_inner, ngroups):  # pragma: no cover
+    def _nb_mamba2_step(zxbcdt, conv, w, cb, dt_bias, A_log, D, nw, eps, h, d_inner, ngroups):  # pragma: no cover
         # zxbcdt [B, d_inner + conv_dim + H] (in_proj's output: z, x B C, dt); conv [B, conv_dim, K-1] (the
         # last inputs, oldest first) and h [B, H, P, N], both updated in place; w [conv_dim, K], cb
         # [conv_dim]; dt_bias, A_log, D [H]; nw [d_inner] (the gated norm's weight) -> out [B, d_inner].
@@ -307,6 +307,7 @@ if _nb is not None:
         Bn, conv_dim = conv.shape[0], conv.shape[1]
         H, P, N = h.shape[1], h.shape[2], h.shape[3]
         hg, gs = H // ngroups, d_inner // ngroups
+        out = _np.empty((Bn, d_inner), _np.float32)
         xc = _np.empty(conv_dim, _np.float32)
         y = _np.empty(d_inner, _np.float32)
         for b in range(Bn):
@@ -334,9 +335,10 @@ if _nb is not None:
                 r = _np.float32(1.0) / _np.sqrt(ss / _np.float32(gs) + eps)
                 for j in range(gi * gs, (gi + 1) * gs):
                     out[b, j] = y[j] * r * nw[j]
+        return out
 
     @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
-    def _nb_mamba3_step(proj, dt_bias, B_bias, C_bias, B_norm, C_norm, D, A_floor, eps, theta, h, kp, vp, out,
+    def _nb_mamba3_step(proj, dt_bias, B_bias, C_bias, B_norm, C_norm, D, A_floor, eps, theta, h, kp, vp,
                         d_inner, ngroups):  # pragma: no cover - jitted
         # proj [B, width] (in_proj's output: z, x, B, C, dt, A, trap, angle); theta [B, H, A] (the last angles),
         # h [B, H, P, N], kp [B, H, N] (the last rotated k) and vp [B, H, P] (the last v), all updated in place;
@@ -344,6 +346,7 @@ if _nb is not None:
         Bn, H, P, N = h.shape[0], h.shape[1], h.shape[2], h.shape[3]
         An, G = theta.shape[2], ngroups
         hg = H // G
+        out = _np.empty((Bn, d_inner), _np.float32)
         o_B = 2 * d_inner
         o_C = o_B + G * N
         o_dt = o_C + G * N
@@ -403,25 +406,33 @@ if _nb is not None:
                     vp[b, hd, p] = v
                 for n in range(N):
                     ks[r, n] = k[n]
+        return out
 
     @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
-    def _nb_mamba_conv_step(xz, conv, w, cb, xc):  # pragma: no cover - jitted
+    def _nb_mamba_conv_step(xz, conv, w, cb):  # pragma: no cover - jitted
         # xz [B, 2D] (in_proj's output: x, z); conv [B, D, K-1] updated in place; w [D, K]; cb [D] -> xc [B, D]
         D = conv.shape[1]
+        xc = _np.empty((conv.shape[0], D), _np.float32)
         for b in range(conv.shape[0]):
             _conv_window_silu(xz[b, :D], conv[b], w, cb, xc[b])
+        return xc
 
     @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
-    def _nb_mamba_ssm_step(xdbl, dtwt, dtb, A_log, Dp, xc, xz, h, out):  # pragma: no cover - jitted
+    def _nb_neg_exp(v):  # pragma: no cover - jitted
+        # -exp(v) elementwise (the vectorised exp), v 1-d: Mamba1's A from A_log
+        out = _np.empty(v.shape[0], _np.float32)
+        for i in range(v.shape[0]):
+            out[i] = -_vexp(v[i])
+        return out
+
+    @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
+    def _nb_mamba_ssm_step(xdbl, dtwt, dtb, A, Dp, xc, xz, h):  # pragma: no cover - jitted
         # xdbl [B, R + 2N] (x_proj's output: dt's rank-R input, B, C); dtwt [R, D] (dt_proj's weight,
-        # transposed), dtb [D]; A_log [D, N]; Dp [D]; xc [B, D] (the conv's output); xz [B, 2D] (z is its
-        # second half); h [B, D, N] updated in place -> out [B, D] = (h C + D x) silu(z)
+        # transposed), dtb [D]; A [D N] (-exp(A_log), _nb_neg_exp); Dp [D]; xc [B, D] (the conv's output);
+        # xz [B, 2D] (z is its second half); h [B, D, N] updated in place -> out [B, D] = (h C + D x) silu(z)
         Bn, D, N = h.shape
         R = dtwt.shape[0]
-        A = _np.empty(D * N, _np.float32)
-        Al = A_log.ravel()
-        for i in range(D * N):
-            A[i] = -_vexp(Al[i])
+        out = _np.empty((Bn, D), _np.float32)
         dt = _np.empty(D, _np.float32)
         for b in range(Bn):
             for d in range(D):  # dt = softplus(dt_proj(dt's input)), a loop over the channels each
@@ -445,6 +456,7 @@ if _nb is not None:
                 out[b, d] = s + Dp[d] * xv
             for d in range(D):
                 out[b, d] *= _silu(xz[b, D + d])
+        return out
 
     @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy", inline="always")
     def _gelu(v):  # pragma: no cover - jitted
@@ -834,55 +846,69 @@ def _inplace(t: Tensor, name: str):
     return t.detach().numpy()
 
 
-def mamba2_step_fused(zxbcdt: Tensor, conv_state: Tensor, conv_weight: Tensor, conv_bias: Tensor,
-                      dt_bias: Tensor, A_log: Tensor, D: Tensor, norm_weight: Tensor, eps: float,
-                      ssm_state: Tensor, d_inner: int, ngroups: int) -> Tensor:
+def mamba2_step_consts(conv_weight: Tensor, conv_bias: Tensor, dt_bias: Tensor, A_log: Tensor, D: Tensor,
+                       norm_weight: Tensor, eps: float) -> tuple:
+    """The constants of `mamba2_step_fused` as its pass reads them: conv_weight [conv_dim, K], conv_bias
+    [conv_dim], dt_bias, A_log, D [H] and the gated norm's weight [d_inner] as numpy arrays, and eps. The
+    caller keeps them while the parameters are unchanged (a step then converts none of them)."""
+    return (*(_np32(t) for t in (conv_weight, conv_bias, dt_bias, A_log, D, norm_weight)), _np.float32(eps))
+
+
+def mamba2_step_fused(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, consts: tuple, d_inner: int,
+                      ngroups: int) -> Tensor:
     """One decoding step of Mamba2's mixer between in_proj and out_proj, one pass per row: the conv
     window and silu, dt = softplus(dt + dt_bias), h = exp(dt A) h + dt x B^T, y = h C + D x, and the
     gated norm rmsnorm(y silu(z)) per group. zxbcdt [B, width] float32 CPU (in_proj's output),
-    conv_state [B, conv_dim, K-1] and ssm_state [B, H, P, N] (updated in place), conv_weight
-    [conv_dim, K] -> [B, d_inner]. The reference is the torch code of
+    conv_state [B, conv_dim, K-1] and ssm_state [B, H, P, N] (updated in place), consts from
+    `mamba2_step_consts` -> [B, d_inner]. The reference is the torch code of
     `backbones.mamba2.Mamba2Mixer.step` (kernel="reference")."""
-    out = zxbcdt.new_empty(zxbcdt.shape[0], d_inner)
-    _nb_mamba2_step(_np32(zxbcdt), _inplace(conv_state, "mamba2: state['conv']"), _np32(conv_weight),
-                    _np32(conv_bias), _np32(dt_bias), _np32(A_log), _np32(D), _np32(norm_weight),
-                    _np.float32(eps), _inplace(ssm_state, "mamba2: state['ssm']"), out.numpy(), d_inner, ngroups)
-    return out
+    w, cb, dt_bias, A_log, D, nw, eps = consts
+    return torch.from_numpy(_nb_mamba2_step(
+        _np32(zxbcdt), _inplace(conv_state, "mamba2: state['conv']"), w, cb, dt_bias, A_log, D, nw, eps,
+        _inplace(ssm_state, "mamba2: state['ssm']"), d_inner, ngroups))
 
 
-def mamba3_step_fused(proj: Tensor, state: dict, dt_bias: Tensor, B_bias: Tensor, C_bias: Tensor,
-                      B_norm: Tensor, C_norm: Tensor, D: Tensor, A_floor: float, eps: float, d_inner: int,
-                      ngroups: int) -> Tensor:
+def mamba3_step_consts(dt_bias: Tensor, B_bias: Tensor, C_bias: Tensor, B_norm: Tensor, C_norm: Tensor,
+                       D: Tensor, A_floor: float, eps: float) -> tuple:
+    """The constants of `mamba3_step_fused` as its pass reads them: dt_bias [H], B_bias and C_bias [H, N],
+    B_norm and C_norm [N], D [H] as numpy arrays, A_floor and eps. The caller keeps them while the
+    parameters are unchanged (a step then converts none of them)."""
+    return (*(_np32(t) for t in (dt_bias, B_bias, C_bias, B_norm, C_norm, D)), _np.float32(A_floor), _np.float32(eps))
+
+
+def mamba3_step_fused(proj: Tensor, state: dict, consts: tuple, d_inner: int, ngroups: int) -> Tensor:
     """One decoding step of Mamba3's (SISO) mixer between in_proj and out_proj, one pass per row: dt, A and
     the trapezoid's weight, the B and C norms and biases, the rotation angles and the pairs they turn, h =
     alpha h + beta v_prev k_prev^T + gamma v k^T, y = h q + D v, times silu(z). proj [B, width] float32 CPU
     (in_proj's output); state {"angle" [B, H, A], "ssm" [B, H, P, N], "k" [B, H, N], "v" [B, H, P]} in that
-    order (updated in place) -> [B, d_inner]. The reference is `backbones.mamba3.Mamba3Mixer.forward` on one token
+    order (updated in place); consts from `mamba3_step_consts` -> [B, d_inner]. The reference is `backbones.mamba3.Mamba3Mixer.forward` on one token
     (kernel="reference"); `backbones.ops.mamba3.mamba3_siso_ref` writes the recurrence out."""
-    out = proj.new_empty(proj.shape[0], d_inner)
     st = [_inplace(t, f"mamba3: state[{key!r}]") for key, t in state.items()]
-    _nb_mamba3_step(_np32(proj), _np32(dt_bias), _np32(B_bias), _np32(C_bias), _np32(B_norm), _np32(C_norm),
-                    _np32(D), _np.float32(A_floor), _np.float32(eps), *st, out.numpy(), d_inner, ngroups)
-    return out
+    return torch.from_numpy(_nb_mamba3_step(_np32(proj), *consts, *st, d_inner, ngroups))
 
 
-def mamba_step_fused(xz: Tensor, conv_state: Tensor, conv_weight: Tensor, conv_bias: Tensor | None,
-                     x_proj, dt_weight: Tensor, dt_bias: Tensor, A_log: Tensor, D: Tensor,
-                     ssm_state: Tensor) -> Tensor:
+def mamba_step_consts(conv_weight: Tensor, conv_bias: Tensor | None, dt_weight: Tensor, dt_bias: Tensor,
+                      A_log: Tensor, D: Tensor) -> tuple:
+    """The constants of `mamba_step_fused` as the numpy arrays its passes read: the conv's weight [D, K] and
+    bias [D] (zeros without one), dt_proj's weight transposed [R, D] and bias [D], A = -exp(A_log) [D N]
+    (the passes' exp) and D [D]. The caller keeps them while the parameters are unchanged: a step then
+    converts, copies and exponentiates nothing of them (~60 us a layer at the demo's width)."""
+    cb = conv_bias if conv_bias is not None else conv_weight.new_zeros(conv_weight.shape[0])
+    return (_np32(conv_weight), _np32(cb), _np32(dt_weight.t()), _np32(dt_bias), _nb_neg_exp(_np32(A_log).ravel()),
+            _np32(D))
+
+
+def mamba_step_fused(xz: Tensor, conv_state: Tensor, ssm_state: Tensor, x_proj, consts: tuple) -> Tensor:
     """One decoding step of Mamba1's mixer between in_proj and out_proj: the conv window and silu (one
     pass), x_proj (a torch product), then one pass per row for dt = softplus(dt_proj(.)), h = exp(dt A) h
     + dt x B^T, y = h C + D x and the gate y silu(z). xz [B, 2D] float32 CPU (in_proj's output),
-    conv_state [B, D, K-1] and ssm_state [B, D, N] (updated in place), conv_weight [D, K], x_proj a
-    callable -> [B, D]. The reference is the torch code of `backbones.mamba.MambaMixer.step`."""
-    B, width = xz.shape[0], conv_state.shape[1]
+    conv_state [B, D, K-1] and ssm_state [B, D, N] (updated in place), x_proj a callable, consts from
+    `mamba_step_consts` -> [B, D]. The reference is the torch code of `backbones.mamba.MambaMixer.step`."""
+    cw, cb, dtwt, dtb, A, Dp = consts
     xzn = _np32(xz)
-    xc = xz.new_empty(B, width)
-    cb = conv_bias if conv_bias is not None else conv_weight.new_zeros(width)
-    _nb_mamba_conv_step(xzn, _inplace(conv_state, "mamba: state['conv']"), _np32(conv_weight), _np32(cb), xc.numpy())
-    out = xz.new_empty(B, width)
-    _nb_mamba_ssm_step(_np32(x_proj(xc)), _np32(dt_weight.t()), _np32(dt_bias), _np32(A_log), _np32(D), xc.numpy(),
-                       xzn, _inplace(ssm_state, "mamba: state['ssm']"), out.numpy())
-    return out
+    xc = _nb_mamba_conv_step(xzn, _inplace(conv_state, "mamba: state['conv']"), cw, cb)
+    xdbl = _np32(x_proj(torch.from_numpy(xc)))
+    return torch.from_numpy(_nb_mamba_ssm_step(xdbl, dtwt, dtb, A, Dp, xc, xzn, _inplace(ssm_state, "mamba: state['ssm']")))
 
 
 def s4d_step_consts(dA: Tensor, dB: Tensor, C: Tensor, D: Tensor, weight: Tensor, bias: Tensor) -> tuple:
