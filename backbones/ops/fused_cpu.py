@@ -18,8 +18,9 @@ cheap intermediates in the backward instead of saving them.
   `mamba3_step_fused` (in_proj's output to the gate), `mamba_step_fused` (two passes around x_proj),
   `s4d_step_fused` (the recurrence, GELU and the output layer) and `s5_step_fused` (its three products,
   the recurrence, GELU and the gate). Eager torch ran a step as 20-40 small ops per layer, ~8 us of
-  dispatch each; these run every row on the calling thread. The references are the mixers' torch steps (kernel="reference";
-  S4D, S5: `fused_step = False`).
+  dispatch each; these run every row on the calling thread. What a pass reads of the parameters comes
+  from its `*_step_consts`, kept by the mixer while they are unchanged (`Mixer._while_unchanged`). The
+  references are the mixers' torch steps (kernel="reference"; S4D, S5: `fused_step = False`).
 - `rms_norm_rows`: a decoding step's RMSNorm (`backbones.base.RMSNorm.step`: every block's norms, every
   backbone), F.rms_norm bit for bit: its sum runs in ATen's order.
 
