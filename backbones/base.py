@@ -38,6 +38,34 @@ from backbones.ops import fused_cpu
 State = dict[str, Any]
 
 
+# ----------------------------------------------------------------------------- kept step constants
+
+
+def _walk_params(module: nn.Module) -> list[nn.Parameter]:
+    """module's parameters and its submodules', as `parameters()` but without its bookkeeping (names, a memo
+    of shared ones: 6 us of a ~100 us decoding step; a generator took 4 us, this list 3 us for Mamba1's
+    mixer); a shared parameter comes once per holder."""
+    out = [p for p in module._parameters.values() if p is not None]
+    for child in module._modules.values():
+        if child is not None:
+            out += _walk_params(child)
+    return out
+
+
+def while_unchanged(module: nn.Module, name: str, params, build: Callable[[], Any], *extra: Any) -> Any:
+    """build()'s value, kept on `module` under `name` until one of `params` (None: all of module's) changes
+    storage or version counter (an optimiser step, a load, a replaced parameter) or `extra` changes: what a
+    decoding step derives from the parameters (a discretisation, numpy views) is then computed once, not
+    every token."""
+    key = [(p.data_ptr(), p._version) for p in (_walk_params(module) if params is None else params)]
+    key.append(extra)
+    cached = module.__dict__.get(name)
+    if cached is None or cached[0] != key:
+        cached = (key, build())
+        module.__dict__[name] = cached
+    return cached[1]
+
+
 # ----------------------------------------------------------------------------- sublayers
 
 
@@ -53,9 +81,16 @@ class RMSNorm(nn.Module):
     def step(self, x: Tensor) -> Tensor:  # [B, D] -> [B, D]
         """`forward` on a decoding step's rows, bit for bit; one numba pass where `fused_cpu.rms_norm_usable`
         (no grad, float32 on CPU): F.rms_norm runs ~12 small ops there, 15-24 us a call, in every block."""
-        if fused_cpu.rms_norm_usable(x, self.weight):
-            return fused_cpu.rms_norm_rows(x, self.weight, self.eps)
-        return self.forward(x)
+        consts = self.step_consts(x)
+        return self.forward(x) if consts is None else fused_cpu.rms_norm_kept(x, consts)
+
+    def step_consts(self, x: Tensor) -> tuple | None:
+        """The numba pass's constants for a decoding step's rows x (`fused_cpu.rms_norm_consts`, kept while
+        the weight is unchanged: ~4 us a call), or None where the pass cannot stand in for F.rms_norm."""
+        w = self.weight
+        if not fused_cpu.rms_norm_usable(x, w):
+            return None
+        return while_unchanged(self, "_step_consts", (w,), lambda: fused_cpu.rms_norm_consts(w, self.eps), self.eps)
 
 
 class MLP(nn.Module):
@@ -107,15 +142,6 @@ class CrossAttention(nn.Module):
 # ----------------------------------------------------------------------------- mixer contract
 
 
-def _walk_params(module: nn.Module):
-    """module's parameters and its submodules', as `parameters()` but without its bookkeeping (names, a memo
-    of shared ones: 6 us of a ~100 us decoding step); a shared parameter comes once per holder."""
-    yield from (p for p in module._parameters.values() if p is not None)
-    for child in module._modules.values():
-        if child is not None:
-            yield from _walk_params(child)
-
-
 class Mixer(nn.Module):
     """A causal sequence mixer `[B, S, D] -> [B, S, D]`.
 
@@ -133,17 +159,15 @@ class Mixer(nn.Module):
         """One decoding step: `x [B, D] -> [B, D]`."""
         return self.forward(x[:, None], state)[:, 0]
 
+    def step_normed(self, x: Tensor, norm: RMSNorm, state: State) -> Tensor:
+        """`step(norm.step(x), state)`: a decoding step from the block's input and its norm (`Block.step`).
+        A mixer whose numba pass can apply the norm itself overrides this (S4D, S5: one dispatch and its
+        conversions fewer a layer, ~13 us); the result must be the same bits."""
+        return self.step(norm.step(x), state)
+
     def _while_unchanged(self, name: str, params, build: Callable[[], Any], *extra: Any) -> Any:
-        """build()'s value, kept under `name` until one of `params` (None: all of this mixer's) changes storage
-        or version counter (an optimiser step, a load, a replaced parameter) or `extra` changes: what a
-        decoding step derives from the parameters (a discretisation, numpy views) is then computed once, not
-        every token."""
-        key = (*extra, *((p.data_ptr(), p._version) for p in (_walk_params(self) if params is None else params)))
-        cached = self.__dict__.get(name)
-        if cached is None or cached[0] != key:
-            cached = (key, build())
-            self.__dict__[name] = cached
-        return cached[1]
+        """`while_unchanged` on this mixer (params None: all of its parameters)."""
+        return while_unchanged(self, name, params, build, *extra)
 
     def prepare_compiled_step(self) -> None:
         """Run eagerly by `Backbone.compiled_step` before the compiled step: compute what that step
@@ -226,7 +250,7 @@ class Block(nn.Module):
         return x
 
     def step(self, x: Tensor, state: State, memory=None, memory_mask=None) -> Tensor:  # [B, D]
-        x = x + self.mixer.step(self.norm1.step(x), state["mixer"])
+        x = x + self.mixer.step_normed(x, self.norm1, state["mixer"])
         if self.cross is not None:
             x = x + self.cross(self.norm_x.step(x)[:, None], memory, memory_mask, state["cross"])[:, 0]
         if self.channel is not None:

@@ -197,6 +197,14 @@ class S4DMixer(Mixer):
             return fused_cpu.s4d_step_fused(x, self._state_pairs(state, torch.float32), consts, self.glu)
         return self._post(self._recurrent(x.to(self._rtype(x)), state).to(x.dtype))
 
+    def step_normed(self, x: Tensor, norm, state: State) -> Tensor:
+        """The block's norm and the fused step in one numba call where both run as numba passes."""
+        nc = norm.step_consts(x) if self.fused_step else None
+        consts = self._fused_consts() if nc is not None else None
+        if consts is None:
+            return self.step(norm.step(x), state)
+        return fused_cpu.s4d_step_fused(x, self._state_pairs(state, torch.float32), consts, self.glu, norm=nc)
+
     def allocate_state(self, batch_size, max_len, device=None, dtype=None) -> State:
         rt = torch.float64 if dtype == torch.float64 else torch.float32  # the SSM runs in fp32 or fp64
         return {"ssm": torch.zeros(batch_size, self.d_model, self.n_modes, 2, device=device, dtype=rt)}

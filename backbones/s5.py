@@ -216,6 +216,14 @@ class S5Mixer(Mixer):
             return super().step(x, state)
         return fused_cpu.s5_step_fused(x, self._checked_state(state, x[:, None]), self._fused_consts(), self.activation)
 
+    def step_normed(self, x: Tensor, norm, state: State) -> Tensor:
+        """The block's norm and the fused step in one numba call where both run as numba passes."""
+        nc = norm.step_consts(x) if self.fused_step and not self.use_package else None
+        if nc is None:
+            return self.step(norm.step(x), state)
+        return fused_cpu.s5_step_fused(x, self._checked_state(state, x[:, None]), self._fused_consts(), self.activation,
+                                       norm=nc)
+
     def _fused_consts(self) -> tuple:
         """`fused_cpu.s5_step_consts` of `_step_params` and the gate (under no_grad), reused while the
         parameters are unchanged."""

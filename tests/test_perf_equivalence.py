@@ -919,13 +919,18 @@ def test_decoding_norm_equals_torch_bit_for_bit():
 
 
 @needs_numba
-@pytest.mark.parametrize("name,kw", [("transformer", {"cross_attention": True}), ("s4d", {}), ("mamba2", {})])
+@pytest.mark.parametrize("name,kw", [("transformer", {"cross_attention": True}), ("s4d", {}), ("s5", {}),
+                                     ("mamba2", {})])
 def test_decoding_with_the_numba_norm_is_bit_identical(name, kw, monkeypatch):
     """A backbone's decoding steps (every block's norms: before the mixer, the cross-attention and the
-    channel mixer; the final norm) give the same bits with the numba norm as with F.rms_norm."""
+    channel mixer; the final norm) give the same bits with the numba norm as with F.rms_norm; S4D and S5
+    run the block's norm inside their step's numba call (`Mixer.step_normed`), once per layer and token."""
     from backbones.base import build_backbone
     from backbones.ops import fused_cpu
 
+    calls = []
+    for k in ("_nb_s4d_step_normed", "_nb_s5_step_normed"):
+        monkeypatch.setattr(fused_cpu, k, lambda *a, f=getattr(fused_cpu, k): calls.append(1) or f(*a))
     torch.manual_seed(0)
     bb = build_backbone(name, d_model=64, n_layers=2, **kw).eval()
     x, mem = torch.randn(3, 12, 64), torch.randn(3, 5, 64)
@@ -937,6 +942,7 @@ def test_decoding_with_the_numba_norm_is_bit_identical(name, kw, monkeypatch):
             return torch.stack([bb.step(x[:, t], st, mem, mask) for t in range(12)], 1)
 
     fast = decode()
+    assert len(calls) == (2 * 12 if name in ("s4d", "s5") else 0)
     monkeypatch.setattr(fused_cpu, "rms_norm_usable", lambda x, w: False)
     assert torch.equal(fast, decode())
 

@@ -615,6 +615,17 @@ if _nb is not None:
                 out[r, e] = x[r, e] * rs * w[e]
         return out
 
+    @_nb.njit(nogil=True, cache=True, error_model="numpy")
+    def _nb_s4d_step_normed(x, nw, eps, lanes, u_st, dA, dB, C, D, W, bias, glu):  # pragma: no cover - jitted
+        # _nb_s4d_step on the block's norm of x (_nb_rms_norm, compiled on its own without fastmath: the
+        # same bits as apart), one call
+        return _nb_s4d_step(_nb_rms_norm(x, nw, eps, lanes), u_st, dA, dB, C, D, W, bias, glu)
+
+    @_nb.njit(nogil=True, cache=True, error_model="numpy")
+    def _nb_s5_step_normed(x, nw, eps, lanes, h, lam, bwt, cwt, D, W, bias, act):  # pragma: no cover - jitted
+        # _nb_s5_step on the block's norm of x, as _nb_s4d_step_normed
+        return _nb_s5_step(_nb_rms_norm(x, nw, eps, lanes), h, lam, bwt, cwt, D, W, bias, act)
+
 
 def numba_usable(t: Tensor) -> bool:
     """Whether the fused numba kernels here can run on tensors like t (float32 on CPU, numba installed).
@@ -673,6 +684,17 @@ def rms_norm_usable(x: Tensor, weight: Tensor) -> bool:
     summation order known (`_sum_lanes`)."""
     return (x.dim() == 2 and weight.shape == x.shape[1:] and weight.dtype == torch.float32 and step_usable(x)
             and _sum_lanes() is not None)
+
+
+def rms_norm_consts(weight: Tensor, eps: float) -> tuple:
+    """What `rms_norm_kept` reads besides the rows: the weight [D] as a numpy array, eps as float32 and the
+    vector width (`_sum_lanes`). A decoding step's norm keeps them while its weight is unchanged."""
+    return _np32(weight), _np.float32(eps), _sum_lanes()
+
+
+def rms_norm_kept(x: Tensor, consts: tuple) -> Tensor:
+    """`rms_norm_rows` with its constants from `rms_norm_consts`: x [R, D] float32 CPU -> [R, D]."""
+    return torch.from_numpy(_nb_rms_norm(_np32(x), *consts))
 
 
 def rms_norm_rows(x: Tensor, weight: Tensor, eps: float, lanes: int | None = None) -> Tensor:
@@ -919,14 +941,18 @@ def s4d_step_consts(dA: Tensor, dB: Tensor, C: Tensor, D: Tensor, weight: Tensor
     return (*(_np32(torch.view_as_real(t)) for t in (dA, dB, C)), _np32(D), _np32(weight), _np32(bias))
 
 
-def s4d_step_fused(u: Tensor, state: Tensor, consts: tuple, glu: bool) -> Tensor:
+def s4d_step_fused(u: Tensor, state: Tensor, consts: tuple, glu: bool, norm: tuple | None = None) -> Tensor:
     """One decoding step of an S4D layer, one pass per row: h = dA h + dB u (complex, per channel and mode),
     y = 2 Re(sum C h) + D u, GELU, then the output layer and its GLU (O = 2H) when `glu`. u [B, H] float32
     CPU; state [B, H, N/2, 2] (Re, Im pairs, updated in place); consts from `s4d_step_consts` -> [B, O // 2]
     (glu) or [B, O]. The output layer runs here, not as a torch product: at 2 threads MKL splits its
     [B, H] x [H, O] product over both threads, and waking the second cost more than the product (and
-    slowed every op after it). The reference is `backbones.s4d.S4DMixer._recurrent` and `_post`."""
-    return torch.from_numpy(_nb_s4d_step(_np32(u), _inplace(state, "s4d: state['ssm']"), *consts, bool(glu)))
+    slowed every op after it). The reference is `backbones.s4d.S4DMixer._recurrent` and `_post`. norm: the
+    block's `rms_norm_consts`, u then its input, normed in the same call (`_nb_rms_norm`, F.rms_norm's bits)."""
+    st = _inplace(state, "s4d: state['ssm']")
+    if norm is None:
+        return torch.from_numpy(_nb_s4d_step(_np32(u), st, *consts, bool(glu)))
+    return torch.from_numpy(_nb_s4d_step_normed(_np32(u), *norm, st, *consts, bool(glu)))
 
 
 #: `s5_step_fused`'s activation codes (backbones.s5's activation names)
@@ -945,13 +971,15 @@ def s5_step_consts(lbar: Tensor, bw: Tensor, cw: Tensor, D: Tensor, weight: Tens
     return (_np32(torch.view_as_real(lbar)), _np32(bw.t()), _np32(cw.t()), _np32(D), _np32(weight), _np32(bias))
 
 
-def s5_step_fused(u: Tensor, state: Tensor, consts: tuple, activation: str) -> Tensor:
+def s5_step_fused(u: Tensor, state: Tensor, consts: tuple, activation: str, norm: tuple | None = None) -> Tensor:
     """One decoding step of an S5 layer, one pass per row: B_bar u, h = Lambda_bar h + B_bar u (complex, on
     the state's (Re, Im) pairs), s = Re(C h) + D u, y = GELU(s), then the activation (`S5_ACTIVATIONS`:
     y, or y or s times sigmoid(y W^T + bias) through the gate). u [B, H] float32 CPU; state [B, P, 2]
     (updated in place); consts from `s5_step_consts` -> [B, H]. The three products run here, not as
     torch products: each is [B, H] x [H, H]-sized, ~20 us of dispatch apiece over 14 layers a token (as
     S4D's output layer, `s4d_step_fused`). The reference is `backbones.s5.S5Mixer._step`, F.gelu and
-    `_gate`."""
-    return torch.from_numpy(_nb_s5_step(_np32(u), _inplace(state, "s5: state['ssm']"), *consts,
-                                        S5_ACTIVATIONS[activation]))
+    `_gate`. norm: as in `s4d_step_fused`."""
+    st, act = _inplace(state, "s5: state['ssm']"), S5_ACTIVATIONS[activation]
+    if norm is None:
+        return torch.from_numpy(_nb_s5_step(_np32(u), st, *consts, act))
+    return torch.from_numpy(_nb_s5_step_normed(_np32(u), *norm, st, *consts, act))
