@@ -165,10 +165,6 @@ class Mixer(nn.Module):
         conversions fewer a layer, ~13 us); the result must be the same bits."""
         return self.step(norm.step(x), state)
 
-    def _while_unchanged(self, name: str, params, build: Callable[[], Any], *extra: Any) -> Any:
-        """`while_unchanged` on this mixer (params None: all of its parameters)."""
-        return while_unchanged(self, name, params, build, *extra)
-
     def prepare_compiled_step(self) -> None:
         """Run eagerly by `Backbone.compiled_step` before the compiled step: compute what that step
         reads besides the parameters and the state (`_keep_compiled_consts`; S4D's and S5's

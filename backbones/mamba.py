@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from backbones.base import Backbone, Mixer, State, register
+from backbones.base import Backbone, Mixer, State, register, while_unchanged
 from backbones.mamba2 import causal_conv_silu
 from backbones.ops import fused_cpu
 from backbones.ops.dispatch import KernelSwitch, check_mode, kernel_available, load_kernel
@@ -164,7 +164,7 @@ class MambaMixer(KernelSwitch, Mixer):
         nb = self.kernel != "reference" and self.scan_backend != "torch" and step_usable(xz, state["ssm"], state["conv"])
         self.record_path("step", None, "", "", f"backbones.mamba.MambaMixer.step{numba_note(nb)}")
         if nb:
-            consts = self._while_unchanged("_fused_cache", None, lambda: fused_cpu.mamba_step_consts(
+            consts = while_unchanged(self, "_fused_cache", None, lambda: fused_cpu.mamba_step_consts(
                 self.conv1d.weight[:, 0], self.conv1d.bias, self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D))
             y = fused_cpu.mamba_step_fused(xz, state["conv"], state["ssm"], self.x_proj, consts)
             state["pos"] = state.get("pos", 0) + 1

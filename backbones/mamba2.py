@@ -29,7 +29,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 from torch.autograd.function import once_differentiable
 from torch.utils.flop_counter import FlopCounterMode
 
-from backbones.base import Backbone, Mixer, State, register
+from backbones.base import Backbone, Mixer, State, register, while_unchanged
 from backbones.ops import fused_cpu
 from backbones.ops.dispatch import KernelSwitch, check_mode, kernel_available, load_kernel
 from backbones.ops.fused_cpu import numba_note, numba_usable, step_usable
@@ -705,7 +705,7 @@ class Mamba2Mixer(KernelSwitch, Mixer):
         nb = kernel is None and self.kernel != "reference" and step_usable(zxbcdt, state["ssm"], state["conv"])
         self.record_path("step", kernel, *STEP_KERNEL, f"backbones.mamba2.Mamba2Mixer.step{numba_note(nb)}")
         if nb:
-            consts = self._while_unchanged("_fused_cache", None, lambda: fused_cpu.mamba2_step_consts(
+            consts = while_unchanged(self, "_fused_cache", None, lambda: fused_cpu.mamba2_step_consts(
                 self.conv1d.weight[:, 0], self.conv1d.bias, self.dt_bias, self.A_log, self.D, self.norm.weight,
                 self.norm.eps), self.norm.eps)
             y = fused_cpu.mamba2_step_fused(zxbcdt, state["conv"], state["ssm"], consts, self.d_inner, self.ngroups)

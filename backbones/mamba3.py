@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from backbones.base import Backbone, Mixer, State, register
+from backbones.base import Backbone, Mixer, State, register, while_unchanged
 from backbones.ops import fused_cpu
 from backbones.ops.dispatch import KernelSwitch, check_mode
 from backbones.ops.fused_cpu import numba_note, step_usable
@@ -161,7 +161,7 @@ class Mamba3Mixer(KernelSwitch, Mixer):
         self.record_path("step", kernel, *SISO_KERNEL, f"backbones.mamba3.Mamba3Mixer.step{numba_note(nb)}")
         if not nb:
             return self._mix(proj[:, None], x[:, None], state)[:, 0]
-        consts = self._while_unchanged("_fused_cache", None, lambda: fused_cpu.mamba3_step_consts(
+        consts = while_unchanged(self, "_fused_cache", None, lambda: fused_cpu.mamba3_step_consts(
             self.dt_bias, self.B_bias, self.C_bias, self.B_norm, self.C_norm, self.D, self.A_floor, BC_NORM_EPS),
             self.A_floor)
         y = fused_cpu.mamba3_step_fused(proj, st, consts, self.d_inner, self.ngroups)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from backbones.base import Backbone, Mixer, State, register
+from backbones.base import Backbone, Mixer, State, register, while_unchanged
 from backbones.ops import fused_cpu
 from backbones.ops.fft_conv import fft_causal_conv
 from backbones.ops.fused_cpu import numba_usable, step_usable
@@ -147,7 +147,7 @@ class S4DMixer(Mixer):
         are unchanged (same storage and version counter), so a step does no discretisation."""
         if torch.is_grad_enabled():
             return self._discrete(rtype)
-        return self._while_unchanged("_step_cache", (self.log_dt, self.log_A_real, self.A_imag, self.C),
+        return while_unchanged(self, "_step_cache", (self.log_dt, self.log_A_real, self.A_imag, self.C),
                                      lambda: self._discrete(rtype), rtype)
 
     def _fused_consts(self) -> tuple | None:
@@ -159,7 +159,7 @@ class S4DMixer(Mixer):
             _, dA, dB, C = self._step_params(torch.float32)
             return fused_cpu.s4d_step_consts(dA, dB, C, self.D, self.out.weight, self.out.bias)
 
-        return self._while_unchanged("_fused_cache", None, build)
+        return while_unchanged(self, "_fused_cache", None, build)
 
     def _recurrent(self, u: Tensor, state: State) -> Tensor:  # u [B, H] -> SSM output [B, H]
         consts = self._compiling_consts()
@@ -202,7 +202,7 @@ class S4DMixer(Mixer):
         nc = norm.step_consts(x) if self.fused_step else None
         consts = self._fused_consts() if nc is not None else None
         if consts is None:
-            return self.step(norm.step(x), state)
+            return super().step_normed(x, norm, state)
         return fused_cpu.s4d_step_fused(x, self._state_pairs(state, torch.float32), consts, self.glu, norm=nc)
 
     def allocate_state(self, batch_size, max_len, device=None, dtype=None) -> State:

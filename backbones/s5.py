@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from backbones.base import Backbone, Mixer, State, register
+from backbones.base import Backbone, Mixer, State, register, while_unchanged
 from backbones.ops import fused_cpu
 from backbones.ops.diag_scan import diag_scan, scan_uses_numba
 from backbones.ops.fft_conv import fft_causal_conv
@@ -148,7 +148,7 @@ class S5Mixer(Mixer):
 
         if torch.is_grad_enabled():
             return build()
-        return self._while_unchanged("_step_cache", None, lambda: tuple(t.contiguous() for t in build()))
+        return while_unchanged(self, "_step_cache", None, lambda: tuple(t.contiguous() for t in build()))
 
     def _step(self, u: Tensor, h: Tensor) -> Tensor:
         """One recurrence step: u [B, H] float32; h [B, P] complex, updated in place -> y [B, H]."""
@@ -220,7 +220,7 @@ class S5Mixer(Mixer):
         """The block's norm and the fused step in one numba call where both run as numba passes."""
         nc = norm.step_consts(x) if self.fused_step and not self.use_package else None
         if nc is None:
-            return self.step(norm.step(x), state)
+            return super().step_normed(x, norm, state)
         return fused_cpu.s5_step_fused(x, self._checked_state(state, x[:, None]), self._fused_consts(), self.activation,
                                        norm=nc)
 
@@ -232,7 +232,7 @@ class S5Mixer(Mixer):
             return fused_cpu.s5_step_consts(*self._step_params(), None if g is None else g.weight,
                                             None if g is None else g.bias)
 
-        return self._while_unchanged("_fused_cache", None, build)
+        return while_unchanged(self, "_fused_cache", None, build)
 
     def forward(self, x: Tensor, state: State | None = None) -> Tensor:  # [B, S, H]
         s = self._ssm(x, state).to(x.dtype)

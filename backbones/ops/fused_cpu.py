@@ -19,10 +19,11 @@ cheap intermediates in the backward instead of saving them.
   `s4d_step_fused` (the recurrence, GELU and the output layer) and `s5_step_fused` (its three products,
   the recurrence, GELU and the gate). Eager torch ran a step as 20-40 small ops per layer, ~8 us of
   dispatch each; these run every row on the calling thread. What a pass reads of the parameters comes
-  from its `*_step_consts`, kept by the mixer while they are unchanged (`Mixer._while_unchanged`). The
+  from its `*_step_consts`, kept by the mixer while they are unchanged (`backbones.base.while_unchanged`). The
   references are the mixers' torch steps (kernel="reference"; S4D, S5: `fused_step = False`).
-- `rms_norm_rows`: a decoding step's RMSNorm (`backbones.base.RMSNorm.step`: every block's norms, every
-  backbone), F.rms_norm bit for bit: its sum runs in ATen's order.
+- `rms_norm_rows` (`rms_norm_kept` with constants kept by `backbones.base.RMSNorm.step`): a decoding
+  step's RMSNorm (every block's norms, every backbone; S4D's and S5's steps run it in their own call),
+  F.rms_norm bit for bit: its sum runs in ATen's order.
 
 The others agree with their references to float32 rounding (tests), not bit for bit: the sums run in
 another order and exp is the vectorised Cephes exp of `backbones.ops.selective_scan`. Numba's
@@ -686,10 +687,10 @@ def rms_norm_usable(x: Tensor, weight: Tensor) -> bool:
             and _sum_lanes() is not None)
 
 
-def rms_norm_consts(weight: Tensor, eps: float) -> tuple:
+def rms_norm_consts(weight: Tensor, eps: float, lanes: int | None = None) -> tuple:
     """What `rms_norm_kept` reads besides the rows: the weight [D] as a numpy array, eps as float32 and the
-    vector width (`_sum_lanes`). A decoding step's norm keeps them while its weight is unchanged."""
-    return _np32(weight), _np.float32(eps), _sum_lanes()
+    vector width (default `_sum_lanes()`). A decoding step's norm keeps them while its weight is unchanged."""
+    return _np32(weight), _np.float32(eps), lanes or _sum_lanes()
 
 
 def rms_norm_kept(x: Tensor, consts: tuple) -> Tensor:
@@ -702,7 +703,7 @@ def rms_norm_rows(x: Tensor, weight: Tensor, eps: float, lanes: int | None = Non
     `rms_norm_usable`; `lanes`: the vector width to sum at, default `_sum_lanes()`). F.rms_norm runs ~12 ops
     on CPU (pow, sum, div, add, rsqrt, two muls and their casts), 15-25 us of dispatch for a decoding step's
     [B, D] rows; this 8 us. The reference is F.rms_norm."""
-    return torch.from_numpy(_nb_rms_norm(_np32(x), _np32(weight), _np.float32(eps), lanes or _sum_lanes()))
+    return rms_norm_kept(x, rms_norm_consts(weight, eps, lanes))
 
 
 def _np32(t: Tensor):
