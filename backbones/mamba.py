@@ -5,7 +5,8 @@ conv1d on x; SiLU; x_proj to (dt, B, C); dt_proj + softplus; selective scan with
 A = -exp(A_log) (S4D-real init) and a D skip; output gated by SiLU(z); out_proj.
 
 The scans live in `backbones.ops.selective_scan` (a sequential reference, a numba CPU
-kernel and a chunked PyTorch scan). Knobs `kernel` ("auto" | "kernel" | "reference", see
+kernel and a chunked PyTorch scan); on float32 CPU tensors the forward runs dt's softplus, the
+numba scan, the skip and the gate as one call (`backbones.ops.fused_cpu.selective_scan_gated`). Knobs `kernel` ("auto" | "kernel" | "reference", see
 `backbones.ops.dispatch`): the kernel is mamba_ssm's CUDA `selective_scan_fn` (with
 causal_conv1d's conv when installed) for forward passes that start from a zero state;
 the reference is `selective_scan` with `scan_backend` ("auto" | "numba" | "torch").
@@ -92,12 +93,13 @@ class MambaMixer(KernelSwitch, Mixer):
         self.out_proj = nn.Linear(di, d_model, bias=bias)
 
     # -- pieces shared by forward and step
-    def _ssm_params(self, xc: Tensor, numba: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-        """dt [..., D], B and C [..., N] from the conv's output; numba: dt through
-        `fused_cpu.dt_proj_softplus` (xc [B, S, D] float32 on CPU)."""
-        dtr, Bm, Cm = self.x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        if numba:
-            return fused_cpu.dt_proj_softplus(dtr, self.dt_proj.weight, self.dt_proj.bias), Bm, Cm
+    def _x_proj(self, xc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """dt's low-rank input [..., R], B and C [..., N] from the conv's output."""
+        return self.x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+
+    def _ssm_params(self, xc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """dt [..., D], B and C [..., N] from the conv's output."""
+        dtr, Bm, Cm = self._x_proj(xc)
         return F.softplus(self.dt_proj(dtr)), Bm, Cm
 
     def _cuda_scan(self, x: Tensor, state: State | None):
@@ -131,9 +133,15 @@ class MambaMixer(KernelSwitch, Mixer):
         if state is not None:
             state["conv"].copy_(padded[:, :, padded.shape[-1] - k :])
         xc = xc.transpose(1, 2)  # [B, S, D]
-        dt, Bm, Cm = self._ssm_params(xc, numba=nb)  # nb implies CPU, where scan is None
         A = -torch.exp(self.A_log.float())  # [D, N]
-        if scan is not None:
+        h0 = None if state is None else state["ssm"]
+        if nb:  # CPU (scan is None): dt, the scan, its skip and its gate in one numba call
+            dtr, Bm, Cm = self._x_proj(xc)
+            y, hT = fused_cpu.selective_scan_gated(
+                xc, dtr, self.dt_proj.weight, self.dt_proj.bias, A, Bm, Cm, self.D, z, h0, chunk=self.chunk)
+            path = "backbones.ops.fused_cpu.selective_scan_gated (numba: dt, the scan, its skip and gate)"
+        elif scan is not None:
+            dt, Bm, Cm = self._ssm_params(xc)
             out = scan(
                 xc.transpose(1, 2).contiguous(), dt.transpose(1, 2).contiguous(), A,
                 Bm.transpose(1, 2).contiguous(), Cm.transpose(1, 2).contiguous(), self.D.float(),
@@ -141,16 +149,14 @@ class MambaMixer(KernelSwitch, Mixer):
             )  # fmt: skip
             y, hT = out if state is not None else (out, None)
             y = y.transpose(1, 2)  # [B, S, D], includes the D skip
-        if scan is None:
-            h0 = None if state is None else state["ssm"]
+            path = ""
+        else:
+            dt, Bm, Cm = self._ssm_params(xc)
             y, hT = selective_scan(xc, dt, A, Bm, Cm, h0, chunk=self.chunk, backend=backend)
-            # with the numba kernels (CPU: scan is None), the skip and the gate in one pass each way
-            y = fused_cpu.skip_gate_fused(y, xc, self.D, z) if nb else y + xc * self.D
-        why = "" if scan is not None or self.kernel != "kernel" else "; the CUDA scan cannot start from a state"
-        fused = ("; dt: backbones.ops.fused_cpu.dt_proj_softplus; skip and gate: "
-                 "backbones.ops.fused_cpu.skip_gate_fused") if nb else ""
-        self.record_path("scan", scan, *SCAN_KERNEL,
-                         f"backbones.ops.selective_scan(backend={backend}){why}{fused}")
+            y = y + xc * self.D
+            why = "; the CUDA scan cannot start from a state" if self.kernel == "kernel" else ""
+            path = f"backbones.ops.selective_scan(backend={backend}){why}"
+        self.record_path("scan", scan, *SCAN_KERNEL, path)
         if state is not None:
             state["ssm"].copy_(hT)
             state["pos"] = state.get("pos", 0) + S

@@ -613,50 +613,106 @@ def test_causal_conv_silu_numba_equals_conv1d_fwd_bwd(b, l, c, K):
         _close(name, a, r)
 
 
+def _gated_scan_inputs(seed: int = 3, b: int = 3, L: int = 9, c: int = 5, n: int = 3, R: int = 4):
+    """Inputs of `selective_scan_gated` as the Mamba1 mixer passes them: dt's low-rank input, B and C
+    column slices of one x_proj output, z a column slice of in_proj's; dt's bias over softplus's whole
+    range (past torch's threshold of 20, far below zero); large |z| (silu's tails); a non-zero h0."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, L, c, generator=gen).requires_grad_()
+    xp = torch.randn(b, L, R + 2 * n, generator=gen).requires_grad_()
+    W = torch.randn(c, R, generator=gen).requires_grad_()
+    bias = torch.linspace(-25, 25, c).requires_grad_()  # with r W^T, pre-activations from ~-30 to ~30
+    A = (-torch.rand(c, n, generator=gen) * 2).requires_grad_()
+    D = torch.randn(c, generator=gen).requires_grad_()
+    zz = (torch.randn(b, L, 2 * c, generator=gen) * 3).requires_grad_()
+    h0 = torch.randn(b, c, n, generator=gen).requires_grad_()
+    return x, xp, W, bias, A, D, zz, h0
+
+
+def _gated_scan(fast: bool, x, xp, W, bias, A, D, zz, h0, chunk):
+    from backbones.ops import fused_cpu as fc
+    from backbones.ops.selective_scan import selective_scan_ref
+
+    R, c, n = W.shape[1], x.shape[2], A.shape[1]
+    r, Bm, Cm = xp.split([R, n, n], dim=-1)
+    z = zz[..., c:]
+    if fast:
+        return fc.selective_scan_gated(x, r, W, bias, A, Bm, Cm, D, z, h0, chunk=chunk)
+    y, hT = selective_scan_ref(x, F.softplus(F.linear(r, W, bias)), A, Bm, Cm, h0)
+    return (y + x * D) * F.silu(z), hT
+
+
 @needs_numba
 @pytest.mark.parametrize("threads", [1, 2])
-def test_skip_gate_numba_equals_torch_fwd_bwd(threads, monkeypatch):
-    """Mamba1's (y + x D) * silu(z) as one numba pass each way against the torch lines it replaces:
-    output and the gradients of y, x, D and z (a strided z, as in_proj's chunk gives it), with the
-    per-sequence partial sums of d D over 1 and 2 threads."""
-    from backbones.ops import fused_cpu as fc
-
+@pytest.mark.parametrize("chunk", [4, 16])
+def test_selective_scan_gated_equals_torch_fwd_bwd(threads, chunk, monkeypatch):
+    """Mamba1's selective SSM in one numba call each way (dt's softplus, the scan, the skip and the gate)
+    against the sequential reference and the torch lines around it: the output, the final state and
+    the gradients of every input (through both outputs), with strided slices for dt's input, B, C and
+    z, chunks that do and do not cut the sequence, 3 sequences over 1 and 2 threads."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    gen = torch.Generator().manual_seed(3)
-    y, x = (torch.randn(3, 7, 5, generator=gen, requires_grad=True) for _ in range(2))
-    D = torch.randn(5, generator=gen, requires_grad=True)
-    zz = (torch.randn(3, 7, 10, generator=gen) * 3).requires_grad_()  # large |z| too: silu's tails
-    gout = torch.randn(3, 7, 5, generator=gen)
-    fast = fc.skip_gate_fused(y, x, D, zz[..., 5:])
-    ref = (y + x * D) * F.silu(zz[..., 5:])
-    _close("out", fast, ref)
-    for name, a, r in zip(["dy", "dx", "dD", "dz"], torch.autograd.grad(fast, (y, x, D, zz), gout),
-                          torch.autograd.grad(ref, (y, x, D, zz), gout), strict=True):
+    ins = _gated_scan_inputs()
+    gen = torch.Generator().manual_seed(9)
+    fast, ref = _gated_scan(True, *ins, chunk), _gated_scan(False, *ins, chunk)
+    gout, gh = torch.randn(fast[0].shape, generator=gen), torch.randn(fast[1].shape, generator=gen)
+    for name, a, r in zip(["out", "hT"], fast, ref, strict=True):
+        _close(name, a, r)
+    names = ["dx", "dxp", "dW", "dbias", "dA", "dD", "dz", "dh0"]
+    for name, a, r in zip(names, torch.autograd.grad(fast, ins, (gout, gh)), torch.autograd.grad(ref, ins, (gout, gh)),
+                          strict=True):
         _close(name, a, r)
 
 
 @needs_numba
-@pytest.mark.parametrize("threads", [1, 2])
-def test_dt_proj_softplus_numba_equals_torch_fwd_bwd(threads, monkeypatch):
-    """Mamba1's dt = softplus(r W^T + b) (numba softplus, products in other layouts) against
-    F.softplus(F.linear(...)): output and the gradients of r (a column slice, as x_proj's split gives
-    it), W and b; pre-activations over softplus's whole range, including past torch's threshold of 20
-    and far below zero (dt ~ 1e-9, where a relative error of log1p shows)."""
+def test_selective_scan_gated_is_its_kernels_bit_for_bit_on_any_thread_split(monkeypatch):
+    """One launch runs the softplus, the scan and the gate one sequence after the other: bit for bit
+    the three kernels run one after the other over the whole batch, and the same on 1, 2 or 3 threads
+    (the per-sequence partial sums of the parameters' gradients do not depend on the split)."""
+    import numpy as np
+
+    from backbones.ops import fused_cpu as fc
+    from backbones.ops.selective_scan import selective_scan
+
+    x, xp, W, bias, A, D, zz, h0 = _gated_scan_inputs(b=4, L=21, c=19)  # 19 channels: vector loops and their tails
+    R, c, n = W.shape[1], x.shape[2], A.shape[1]
+    with torch.no_grad():
+        out, hT = _gated_scan(True, x, xp, W, bias, A, D, zz, h0, 8)
+        r, Bm, Cm = xp.split([R, n, n], dim=-1)
+        pre = F.linear(r, W, bias)
+        dt = torch.empty_like(pre)
+        fc._nb_softplus_fwd(pre.numpy(), dt.numpy(), 0, x.shape[0])
+        y, hT_ref = selective_scan(x, dt, A, Bm, Cm, h0, chunk=8, backend="numba")
+        gated = torch.empty_like(y)
+        fc._nb_skip_gate_fwd(y.numpy(), x.detach().numpy(), D.detach().numpy(),
+                             np.ascontiguousarray(zz[..., c:].detach().numpy()), gated.numpy(), 0, x.shape[0])
+    assert torch.equal(out, gated) and torch.equal(hT, hT_ref)
+    ins = (x, xp, W, bias, A, D, zz, h0)
+    grads = []
+    for threads in (1, 2, 3):
+        monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
+        o, h = _gated_scan(True, *ins, 8)
+        grads.append(torch.autograd.grad((o * o.detach().cos()).sum() + h.sum(), ins))
+    for g1, g2, g3 in zip(*grads, strict=True):
+        assert torch.equal(g1, g2) and torch.equal(g1, g3)
+
+
+@needs_numba
+def test_softplus_kernel_equals_torch_over_its_whole_range():
+    """The numba softplus (`_softplus_parts`: one exp, log1p by a series) against F.softplus to a
+    relative 4e-7, from far below zero (dt ~ 1e-13, where a relative error of log1p shows) to past torch's
+    threshold of 20 (softplus(v) = v); its backward's factor against torch.sigmoid."""
     from backbones.ops import fused_cpu as fc
 
-    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    gen = torch.Generator().manual_seed(4)
-    xp = torch.randn(3, 9, 12, generator=gen, requires_grad=True)
-    W = torch.randn(11, 4, generator=gen, requires_grad=True)
-    b = (torch.linspace(-25, 25, 11)).requires_grad_()  # with r W^T, pre from ~-30 to ~30
-    gout = torch.randn(3, 9, 11, generator=gen)
-    fast = fc.dt_proj_softplus(xp[..., 2:6], W, b)
-    ref = F.softplus(F.linear(xp[..., 2:6], W, b))
-    assert fast.shape == ref.shape and fast.dtype == torch.float32
-    assert ((fast - ref).abs() <= 4e-7 * ref.abs() + 1e-30).all(), "softplus relative error above 4e-7"
-    for name, a, r in zip(["dr", "dW", "db"], torch.autograd.grad(fast, (xp, W, b), gout),
-                          torch.autograd.grad(ref, (xp, W, b), gout), strict=True):
-        _close(name, a, r)
+    pre = torch.linspace(-30, 30, 2 * 7 * 401).reshape(2, 7, 401)
+    out, gpre, gb = torch.empty_like(pre), torch.empty_like(pre), pre.new_empty(2, 401)
+    g = torch.ones_like(pre)
+    fc._nb_softplus_fwd(pre.numpy(), out.numpy(), 0, 2)
+    fc._nb_softplus_bwd(pre.numpy(), g.numpy(), gpre.numpy(), gb.numpy(), 0, 2)
+    ref = F.softplus(pre)
+    assert ((out - ref).abs() <= 4e-7 * ref.abs() + 1e-30).all(), "softplus relative error above 4e-7"
+    sig = torch.sigmoid(pre)
+    assert ((gpre - sig).abs() <= 4e-7 * sig + 1e-30).all(), "sigmoid relative error above 4e-7"
+    assert torch.allclose(gb, gpre.sum(1), rtol=1e-5)
 
 
 @needs_numba
@@ -705,9 +761,10 @@ def test_mixer_numba_path_equals_reference_path_and_is_recorded(make):
     if "norm" in ran[0]:  # Mamba2: the scan's backward tail and the gated norm too
         assert ran[0]["scan"].endswith("(numba: backbones.ops.fused_cpu)") and "numba" not in ran[1]["scan"]
         assert ran[0]["norm"].endswith("(numba: backbones.ops.fused_cpu)") and "numba" not in ran[1]["norm"]
-    else:  # Mamba1: the skip and the gate after the scan too
-        fused = "; dt: backbones.ops.fused_cpu.dt_proj_softplus; skip and gate: backbones.ops.fused_cpu.skip_gate_fused"
-        assert ran[0]["scan"].endswith(fused) and "fused_cpu" not in ran[1]["scan"]
+    else:  # Mamba1: dt, the scan, its skip and its gate in one call
+        assert ran[0]["scan"] == ("reference: backbones.ops.fused_cpu.selective_scan_gated (numba: dt, the scan, "
+                                  "its skip and gate)")
+        assert ran[1]["scan"] == "reference: backbones.ops.selective_scan(backend=torch)"
 
 
 def test_mamba2_in_proj_padding_changes_no_value():
@@ -991,3 +1048,50 @@ def test_numba_gelu_equals_the_erf_form():
     rel = (out.double() - ref).abs() / ref.abs()
     assert rel[normal & (x > -6)].max() < 5e-6
     assert rel[normal].max() < 3e-5
+
+
+_CACHE_PROBE = """
+import hashlib, sys, torch
+from backbones.ops import fused_cpu as fc
+from backbones.s4d import S4DMixer
+from backbones.s5 import S5Mixer
+from backbones.base import RMSNorm
+sys.path.insert(0, {tests!r})
+from test_perf_equivalence import _gated_scan, _gated_scan_inputs
+h = hashlib.sha256()
+ins = _gated_scan_inputs(b=2, L=21, c=19)
+out, hT = _gated_scan(True, *ins, 8)
+for t in (out, hT, *torch.autograd.grad((out * out.detach().cos()).sum() + hT.sum(), ins)):
+    h.update(t.detach().numpy().tobytes())
+torch.manual_seed(0)
+for mixer in (S4DMixer(24, d_state=8), S5Mixer(24, 8)):
+    norm, x = RMSNorm(24), torch.randn(3, 24)
+    state = mixer.allocate_state(3, 4)
+    with torch.inference_mode():
+        for _ in range(3):
+            x = mixer.step_normed(x, norm, state)
+            h.update(x.numpy().tobytes())
+print(h.hexdigest())
+"""
+
+
+@needs_numba
+@pytest.mark.slow
+def test_numba_kernels_give_the_same_bits_compiled_or_loaded_from_cache(tmp_path):
+    """A fresh process compiles the kernels into an empty numba cache, a second one loads them: the same
+    bits from both (Mamba1's gated scan forward and backward, S4D's and S5's norm-and-step). A jitted
+    function that called the scan's kernels once gave other gradients when loaded from the cache before
+    the kernels themselves, so `selective_scan_gated` calls them apart."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = _CACHE_PROBE.format(tests=str(Path(__file__).parent))
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+            for _ in range(2)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert any(tmp_path.rglob("*.nbi")), "the first run wrote no numba cache"
+    assert runs[0].stdout == runs[1].stdout

@@ -10,10 +10,9 @@ cheap intermediates in the backward instead of saving them.
   `backbones.mamba2.GatedRMSNorm.reference` (F.rms_norm and autograd).
 - `ssd_grad_tail`: the chunked SSD's backward from d(x dt) to the gradients of x, dt, A and D
   (`backbones.mamba2._SSDScan`, its factorised way); the reference is the torch code beside the call.
-- `skip_gate_fused`: Mamba1's (y + x D) * silu(z) after its scan; the reference is the torch lines of
-  `backbones.mamba.MambaMixer.forward`.
-- `dt_proj_softplus`: Mamba1's dt = softplus(r W^T + b) from x_proj's low-rank slice; the reference is
-  `backbones.mamba.MambaMixer._ssm_params`'s torch line.
+- `selective_scan_gated`: Mamba1's selective SSM from x_proj's output on, dt = softplus(r W^T + b), the
+  scan (`backbones.ops.selective_scan`'s numba kernels), its skip and its gate, (y + x D) * silu(z),
+  in one launch each way; the reference is the torch lines of `backbones.mamba.MambaMixer.forward`.
 - decoding steps, one token (no grad): `mamba2_step_fused` (in_proj's output to the gated norm),
   `mamba3_step_fused` (in_proj's output to the gate), `mamba_step_fused` (two passes around x_proj),
   `s4d_step_fused` (the recurrence, GELU and the output layer) and `s5_step_fused` (its three products,
@@ -47,7 +46,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 from torch.autograd.function import once_differentiable
 
-from backbones.ops.selective_scan import _nb, _run_batched, _vexp
+from backbones.ops.selective_scan import _nb, _nb_scan_bwd, _nb_scan_fwd, _run_batched, _vexp
 
 AVAILABLE = _nb is not None
 
@@ -797,69 +796,90 @@ def ssd_grad_tail(gy: Tensor, y: Tensor, xdt: Tensor, G1: Tensor, f1: Tensor, G2
     return gx, gdt, gA.sum(0), None if D is None else gD.sum(0)
 
 
-class _SkipGate(torch.autograd.Function):
-    """(y + x D) * silu(z): y, x, z [B, L, C], D [C] -> [B, L, C]; saves the inputs, the backward
-    recomputes y + x D and sigmoid(z)."""
+class _MambaInner(torch.autograd.Function):
+    """Mamba1's selective SSM between x_proj and out_proj (`selective_scan_gated`), one launch each way.
+    x enters twice (the scan's and the skip's): autograd sums its two gradients as it did when they
+    came from two functions. Saves the inputs, the pre-activation of dt, dt, the scan's output and its
+    states every `chunk` steps."""
 
     @staticmethod
-    def forward(ctx, y: Tensor, x: Tensor, D: Tensor, z: Tensor) -> Tensor:
-        out = y.new_empty(y.shape)
-        _launch(_nb_skip_gate_fwd, y.shape[0], y, x, D, z, out)
-        ctx.save_for_backward(y, x, D, z)
-        return out
+    def forward(ctx, x, r, W, bias, A, Bm, Cm, h0, D, z, x_skip, chunk: int):
+        b, L, d = x.shape
+        n = A.shape[1]
+        pre = F.linear(r, W, bias)  # [B, L, C], contiguous
+        At = A.t().contiguous()  # [N, C]
+        h0t = h0.transpose(1, 2).contiguous()  # [B, N, C]
+        z = z.contiguous()
+        dt, y, out = (x.new_empty(b, L, d) for _ in range(3))  # y: the scan's output; out: gated
+        bounds = x.new_empty(b, -(-L // chunk), n, d)
+        hT = x.new_empty(b, n, d)
+        pre_, x_, At_, Bm_, Cm_, h0_, dt_, y_, bounds_, hT_, D_, z_, out_ = (t.detach().numpy() for t in (
+            pre, x, At, Bm, Cm, h0t, dt, y, bounds, hT, D, z, out))
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g: Tensor):
-        y, x, D, z = ctx.saved_tensors
-        B = y.shape[0]
-        gy, gx, gz = (y.new_empty(y.shape) for _ in range(3))
-        gD = y.new_empty(B, D.shape[0])
-        _launch(_nb_skip_gate_bwd, B, y, x, D, z, g, gy, gx, gz, gD)
-        return gy, gx, gD.sum(0), gz
+        def run(b0: int, b1: int) -> None:
+            for i in range(b0, b1):  # one sequence at a time, its rows in cache (~1 us a call)
+                _nb_softplus_fwd(pre_, dt_, i, i + 1)
+                _nb_scan_fwd(x_, dt_, At_, Bm_, Cm_, h0_, chunk, y_, bounds_, hT_, i, i + 1)
+                _nb_skip_gate_fwd(y_, x_, D_, z_, out_, i, i + 1)
 
-
-def skip_gate_fused(y: Tensor, x: Tensor, D: Tensor, z: Tensor) -> Tensor:
-    """Mamba1's scan output with its skip, gated: (y + x D) * silu(z), y, x, z [b, l, c] float32 CPU,
-    D [c] -> [b, l, c], one pass each way (torch runs ~4 forward and ~6 backward passes); the
-    reference is those torch lines in `backbones.mamba.MambaMixer.forward`."""
-    return _SkipGate.apply(y, x, D, z)
-
-
-class _DtProjSoftplus(torch.autograd.Function):
-    """softplus(r W^T + b): r [B, L, R], W [C, R], b [C] -> [B, L, C]; saves r, W and the
-    pre-activation. The backward's two products run in the layouts MKL is fast at for a small R:
-    (r^T d) [R, C] and (W^T d^T) [R, BL], each used transposed (autograd's d^T r and d W, with the
-    [C, R] or [BL, R] result, ran 2.5-5x slower at the demo's R = 8)."""
-
-    @staticmethod
-    def forward(ctx, r: Tensor, W: Tensor, b: Tensor) -> Tensor:
-        pre = torch.nn.functional.linear(r, W, b)  # [B, L, C], contiguous
-        out = torch.empty_like(pre)
-        _launch(_nb_softplus_fwd, pre.shape[0], pre, out)
-        ctx.save_for_backward(r, W, pre)
-        return out
+        _run_batched(run, b)
+        ctx.save_for_backward(r, W, pre, x, dt, At, Bm, Cm, bounds, D, z, y)
+        ctx.chunk = chunk
+        return out, hT.transpose(1, 2)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g: Tensor):
-        r, W, pre = ctx.saved_tensors
-        B, L, C = pre.shape
-        gpre = torch.empty_like(pre)
-        gb = pre.new_empty(B, C)
-        _launch(_nb_softplus_bwd, B, pre, g, gpre, gb)
+    def backward(ctx, g, ghT):
+        r, W, pre, x, dt, At, Bm, Cm, bounds, D, z, y = ctx.saved_tensors
+        B, L, C = x.shape
+        g = torch.zeros_like(x) if g is None else g.contiguous()
+        ghT = torch.zeros_like(bounds[:, 0]) if ghT is None else ghT.transpose(1, 2).contiguous()
+        gy, gxs, gz, gx, gdt, gpre = (torch.empty_like(x) for _ in range(6))
+        gBm, gC = torch.empty_like(Bm), torch.empty_like(Cm)
+        gD, gb, gAt = x.new_empty(B, C), x.new_empty(B, C), x.new_empty(B, *At.shape)
+        gh0 = torch.empty_like(ghT)
+        pre_, x_, dt_, At_, Bm_, Cm_, bounds_, D_, z_, y_, g_, ghT_ = (t.detach().numpy() for t in (
+            pre, x, dt, At, Bm, Cm, bounds, D, z, y, g, ghT))
+        gy_, gxs_, gz_, gD_, gx_, gdt_, gAt_, gBm_, gC_, gh0_, gpre_, gb_ = (t.numpy() for t in (
+            gy, gxs, gz, gD, gx, gdt, gAt, gBm, gC, gh0, gpre, gb))
+
+        def run(b0: int, b1: int) -> None:
+            for i in range(b0, b1):  # per sequence, back through the three kernels
+                _nb_skip_gate_bwd(y_, x_, D_, z_, g_, gy_, gxs_, gz_, gD_, i, i + 1)  # the scan's gy
+                _nb_scan_bwd(x_, dt_, At_, Bm_, Cm_, bounds_, ctx.chunk, gy_, ghT_, gx_, gdt_, gAt_, gBm_, gC_,
+                             gh0_, i, i + 1)
+                _nb_softplus_bwd(pre_, gdt_, gpre_, gb_, i, i + 1)  # d pre, the bias's per-sequence sums
+
+        _run_batched(run, B)
+        # dt's low-rank products in the layouts MKL is fast at for a small rank R: (W^T d^T) [R, BL] and
+        # (r^T d) [R, C], each used transposed (autograd's d W and d^T r ran 2.5-5x slower at R = 8)
         d = gpre.view(B * L, C)
-        gr = (W.t() @ d.t()).t().view(B, L, -1) if ctx.needs_input_grad[0] else None  # [B, L, R]
-        gW = (r.reshape(B * L, -1).t() @ d).t() if ctx.needs_input_grad[1] else None  # [C, R]
-        return gr, gW, gb.sum(0)
+        gr = (W.t() @ d.t()).t().view(B, L, -1) if ctx.needs_input_grad[1] else None  # [B, L, R]
+        gW = (r.reshape(B * L, -1).t() @ d).t() if ctx.needs_input_grad[2] else None  # [C, R]
+        return (gx, gr, gW, gb.sum(0), gAt.sum(0).t(), gBm, gC, gh0.transpose(1, 2), gD.sum(0), gz, gxs, None)
 
 
-def dt_proj_softplus(r: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """Mamba1's dt: softplus(r weight^T + bias), r [b, l, R] float32 CPU, weight [C, R] (dt_proj's),
-    bias [C] -> [b, l, C]; the softplus one numba pass each way (torch's runs libm's log1p per element,
-    ~2 ns each), the low-rank products in fast layouts (`_DtProjSoftplus`). The reference is
-    `F.softplus(F.linear(r, weight, bias))`."""
-    return _DtProjSoftplus.apply(r, weight, bias)
+def selective_scan_gated(x: Tensor, dt_low: Tensor, dt_weight: Tensor, dt_bias: Tensor, A: Tensor, B: Tensor,
+                         C: Tensor, D: Tensor, z: Tensor, h0: Tensor | None = None, chunk: int = 16
+                         ) -> tuple[Tensor, Tensor]:
+    """Mamba1's selective SSM from x_proj's output to the gated output, as mamba_ssm's
+    `selective_scan_fn(..., D, z, delta_softplus=True)` with dt's low-rank projection folded in:
+
+        dt = softplus(dt_low dt_weight^T + dt_bias)
+        y  = (selective_scan(x, dt, A, B, C, h0) + x D) * silu(z)
+
+    x, z [b, l, c]; dt_low [b, l, R]; dt_weight [c, R]; dt_bias, D [c]; A [c, n]; B, C [b, l, n];
+    h0 [b, c, n]; float32 CPU. Returns y [b, l, c] and the final state [b, c, n]. One numba launch
+    each way runs the softplus, the scan and the gate one sequence after the other (one hand-off to
+    the worker threads instead of three, the sequence's rows still in cache; the three kernels called
+    apart, not from one jitted function: numba's cache compiled such a caller's copy of them with other
+    bits, depending on whether the kernels had been loaded first); the softplus is
+    `_softplus_parts`, the exp the Cephes one of `backbones.ops.selective_scan`. The reference is
+    `backbones.mamba.MambaMixer.forward`'s torch lines (kernel="reference")."""
+    if h0 is None:
+        h0 = x.new_zeros(x.shape[0], x.shape[2], A.shape[1])
+    x, B, C = (t.contiguous() for t in (x, B, C))
+    return _MambaInner.apply(x, dt_low, dt_weight, dt_bias, A.contiguous(), B, C, h0, D, z, x, chunk)
 
 
 def _inplace(t: Tensor, name: str):
