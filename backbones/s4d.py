@@ -198,7 +198,7 @@ class S4DMixer(Mixer):
         return self._post(self._recurrent(x.to(self._rtype(x)), state).to(x.dtype))
 
     def step_normed(self, x: Tensor, norm, state: State) -> Tensor:
-        """The block's norm and the fused step in one numba call where both run as numba passes."""
+        """The block's norm and the fused step: the norm's kernel, then the step's (no `RMSNorm.step` wrapper)."""
         nc = norm.step_consts(x) if self.fused_step else None
         consts = self._fused_consts() if nc is not None else None
         if consts is None:

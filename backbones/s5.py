@@ -217,7 +217,7 @@ class S5Mixer(Mixer):
         return fused_cpu.s5_step_fused(x, self._checked_state(state, x[:, None]), self._fused_consts(), self.activation)
 
     def step_normed(self, x: Tensor, norm, state: State) -> Tensor:
-        """The block's norm and the fused step in one numba call where both run as numba passes."""
+        """The block's norm and the fused step: the norm's kernel, then the step's (no `RMSNorm.step` wrapper)."""
         nc = norm.step_consts(x) if self.fused_step and not self.use_package else None
         if nc is None:
             return super().step_normed(x, norm, state)

@@ -981,17 +981,18 @@ def test_decoding_norm_equals_torch_bit_for_bit():
 def test_decoding_with_the_numba_norm_is_bit_identical(name, kw, monkeypatch):
     """A backbone's decoding steps (every block's norms: before the mixer, the cross-attention and the
     channel mixer; the final norm) give the same bits with the numba norm as with F.rms_norm; S4D and S5
-    run the block's norm inside their step's numba call (`Mixer.step_normed`), once per layer and token."""
+    run the block's norm in their fused step (`Mixer.step_normed`): the norm's kernel straight before the
+    step's, once per layer and token, and no `RMSNorm.step` wrapper but the final norm's."""
     from backbones.base import build_backbone
     from backbones.ops import fused_cpu
 
-    calls = []
+    calls, wrapped = [], []
 
-    def counted(kernel):
-        return lambda *a: calls.append(1) or kernel(*a)
+    def counted(kernel, into):
+        return lambda *a: into.append(1) or kernel(*a)
 
-    for k in ("_nb_s4d_step_normed", "_nb_s5_step_normed"):
-        monkeypatch.setattr(fused_cpu, k, counted(getattr(fused_cpu, k)))
+    monkeypatch.setattr(fused_cpu, "_nb_rms_norm", counted(fused_cpu._nb_rms_norm, calls))
+    monkeypatch.setattr(fused_cpu, "rms_norm_kept", counted(fused_cpu.rms_norm_kept, wrapped))
     torch.manual_seed(0)
     bb = build_backbone(name, d_model=64, n_layers=2, **kw).eval()
     x, mem = torch.randn(3, 12, 64), torch.randn(3, 5, 64)
@@ -1003,7 +1004,8 @@ def test_decoding_with_the_numba_norm_is_bit_identical(name, kw, monkeypatch):
             return torch.stack([bb.step(x[:, t], st, mem, mask) for t in range(12)], 1)
 
     fast = decode()
-    assert len(calls) == (2 * 12 if name in ("s4d", "s5") else 0)
+    if name in ("s4d", "s5"):  # 2 layers' norms in the step, the final norm through its wrapper
+        assert (len(calls), len(wrapped)) == (2 * 12 + 12, 12)
     monkeypatch.setattr(fused_cpu, "rms_norm_usable", lambda x, w: False)
     assert torch.equal(fast, decode())
 
@@ -1056,6 +1058,7 @@ from backbones.ops import fused_cpu as fc
 from backbones.s4d import S4DMixer
 from backbones.s5 import S5Mixer
 from backbones.base import RMSNorm
+from backbones.ops.s4d_kernel import s4d_kernel
 sys.path.insert(0, {tests!r})
 from test_perf_equivalence import _gated_scan, _gated_scan_inputs
 h = hashlib.sha256()
@@ -1063,6 +1066,13 @@ ins = _gated_scan_inputs(b=2, L=21, c=19)
 out, hT = _gated_scan(True, *ins, 8)
 for t in (out, hT, *torch.autograd.grad((out * out.detach().cos()).sum() + hT.sum(), ins)):
     h.update(t.detach().numpy().tobytes())
+torch.manual_seed(1)
+z = torch.complex(-torch.rand(19, 16), torch.randn(19, 16) * 3).requires_grad_()  # S4D's training kernel
+W = torch.randn(19, 16, dtype=torch.complex64).requires_grad_()
+K = s4d_kernel(z, W, 150)
+h.update(K.detach().numpy().tobytes())
+for t in torch.autograd.grad((K * K.detach().cos()).sum(), (z, W)):
+    h.update(t.numpy().tobytes())
 torch.manual_seed(0)
 for mixer in (S4DMixer(24, d_state=8), S5Mixer(24, 8)):
     norm, x = RMSNorm(24), torch.randn(3, 24)
@@ -1079,9 +1089,10 @@ print(h.hexdigest())
 @pytest.mark.slow
 def test_numba_kernels_give_the_same_bits_compiled_or_loaded_from_cache(tmp_path):
     """A fresh process compiles the kernels into an empty numba cache, a second one loads them: the same
-    bits from both (Mamba1's gated scan forward and backward, S4D's and S5's norm-and-step). A jitted
-    function that called the scan's kernels once gave other gradients when loaded from the cache before
-    the kernels themselves, so `selective_scan_gated` calls them apart."""
+    bits from both (Mamba1's gated scan, S4D's training kernel, each forward and backward; S4D's and S5's
+    norm-and-step). Both once differed: a jitted function calling another one compiled apart ran, when
+    loaded from the cache, its own copy of the callee, with other bits than the callee compiled in the
+    process (`test_no_jitted_kernel_calls_one_compiled_apart`)."""
     import os
     import subprocess
     import sys
@@ -1089,9 +1100,34 @@ def test_numba_kernels_give_the_same_bits_compiled_or_loaded_from_cache(tmp_path
 
     code = _CACHE_PROBE.format(tests=str(Path(__file__).parent))
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
-    runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900,
+                           check=False)
             for _ in range(2)]
     for r in runs:
         assert r.returncode == 0, r.stderr[-3000:]
     assert any(tmp_path.rglob("*.nbi")), "the first run wrote no numba cache"
     assert runs[0].stdout == runs[1].stdout
+
+
+@needs_numba
+def test_no_jitted_kernel_calls_one_compiled_apart():
+    """A jitted function that calls another jitted function compiled apart (not inline="always") computed
+    other bits when numba loaded the caller from its cache than when it compiled it (S4D's training kernel
+    calling `_powers`: parameters after 3 training steps differed between the first process on a fresh
+    cache and the next ones). So a kernel calls only functions inlined into it, or overloads (the
+    vectorised exp), and kernels that run one after another are called apart from Python."""
+    from numba.core.registry import CPUDispatcher
+
+    from backbones.ops import diag_scan, fused_cpu, s4d_kernel, selective_scan
+
+    checked = 0
+    for mod in (diag_scan, fused_cpu, s4d_kernel, selective_scan):
+        for name, kernel in vars(mod).items():
+            if not isinstance(kernel, CPUDispatcher) or kernel.py_func.__module__ != mod.__name__:
+                continue
+            checked += 1
+            for ref in kernel.py_func.__code__.co_names:
+                callee = kernel.py_func.__globals__.get(ref)
+                if isinstance(callee, CPUDispatcher):
+                    assert callee.targetoptions.get("inline") == "always", f"{mod.__name__}.{name} calls {ref}"
+    assert checked >= 25

@@ -21,7 +21,7 @@ cheap intermediates in the backward instead of saving them.
   from its `*_step_consts`, kept by the mixer while they are unchanged (`backbones.base.while_unchanged`). The
   references are the mixers' torch steps (kernel="reference"; S4D, S5: `fused_step = False`).
 - `rms_norm_rows` (`rms_norm_kept` with constants kept by `backbones.base.RMSNorm.step`): a decoding
-  step's RMSNorm (every block's norms, every backbone; S4D's and S5's steps run it in their own call),
+  step's RMSNorm (every block's norms, every backbone; S4D's and S5's fused steps call its kernel themselves),
   F.rms_norm bit for bit: its sum runs in ATen's order.
 
 The others agree with their references to float32 rounding (tests), not bit for bit: the sums run in
@@ -33,6 +33,10 @@ scalar until it went through a 2-d view (2.5x). Batch slices
 run on torch.get_num_threads() threads (the kernels release the GIL); per-parameter gradients are
 summed per slice, then over slices. The mixers pick these kernels for float32 CPU tensors when
 numba imports (`numba_usable`) and record it in their kernel paths.
+
+A kernel calls no other jitted function compiled apart, only helpers inlined into it
+(inline="always") and overloads: numba's cache gave such a caller other bits when it loaded it than
+when it compiled it (tested). Kernels that run one after another are called one after the other.
 """
 
 from __future__ import annotations
@@ -479,7 +483,7 @@ if _nb is not None:
         half = _np.float32(0.5)
         return v * (_np.float32(1.0) - half * c) if v >= _np.float32(0.0) else half * v * c
 
-    @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
+    @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy", inline="always")
     def _dot(W, j, v):  # pragma: no cover - jitted
         # W[j] . v: a decoding step's product, one output at a time (a [B, H] x [H, O] torch product
         # would be MKL's, waking its second thread at 2 threads: `s4d_step_fused`)
@@ -614,17 +618,6 @@ if _nb is not None:
             for e in range(D):
                 out[r, e] = x[r, e] * rs * w[e]
         return out
-
-    @_nb.njit(nogil=True, cache=True, error_model="numpy")
-    def _nb_s4d_step_normed(x, nw, eps, lanes, u_st, dA, dB, C, D, W, bias, glu):  # pragma: no cover - jitted
-        # _nb_s4d_step on the block's norm of x (_nb_rms_norm, compiled on its own without fastmath: the
-        # same bits as apart), one call
-        return _nb_s4d_step(_nb_rms_norm(x, nw, eps, lanes), u_st, dA, dB, C, D, W, bias, glu)
-
-    @_nb.njit(nogil=True, cache=True, error_model="numpy")
-    def _nb_s5_step_normed(x, nw, eps, lanes, h, lam, bwt, cwt, D, W, bias, act):  # pragma: no cover - jitted
-        # _nb_s5_step on the block's norm of x, as _nb_s4d_step_normed
-        return _nb_s5_step(_nb_rms_norm(x, nw, eps, lanes), h, lam, bwt, cwt, D, W, bias, act)
 
 
 def numba_usable(t: Tensor) -> bool:
@@ -969,11 +962,11 @@ def s4d_step_fused(u: Tensor, state: Tensor, consts: tuple, glu: bool, norm: tup
     (glu) or [B, O]. The output layer runs here, not as a torch product: at 2 threads MKL splits its
     [B, H] x [H, O] product over both threads, and waking the second cost more than the product (and
     slowed every op after it). The reference is `backbones.s4d.S4DMixer._recurrent` and `_post`. norm: the
-    block's `rms_norm_consts`, u then its input, normed in the same call (`_nb_rms_norm`, F.rms_norm's bits)."""
+    block's `rms_norm_consts`, u then its input, normed first by `_nb_rms_norm` (F.rms_norm's bits)."""
     st = _inplace(state, "s4d: state['ssm']")
     if norm is None:
         return torch.from_numpy(_nb_s4d_step(_np32(u), st, *consts, bool(glu)))
-    return torch.from_numpy(_nb_s4d_step_normed(_np32(u), *norm, st, *consts, bool(glu)))
+    return torch.from_numpy(_nb_s4d_step(_nb_rms_norm(_np32(u), *norm), st, *consts, bool(glu)))
 
 
 #: `s5_step_fused`'s activation codes (backbones.s5's activation names)
@@ -1003,4 +996,4 @@ def s5_step_fused(u: Tensor, state: Tensor, consts: tuple, activation: str, norm
     st, act = _inplace(state, "s5: state['ssm']"), S5_ACTIVATIONS[activation]
     if norm is None:
         return torch.from_numpy(_nb_s5_step(_np32(u), st, *consts, act))
-    return torch.from_numpy(_nb_s5_step_normed(_np32(u), *norm, st, *consts, act))
+    return torch.from_numpy(_nb_s5_step(_nb_rms_norm(_np32(u), *norm), st, *consts, act))

@@ -56,7 +56,7 @@ def s4d_kernel_ref(z: Tensor, W: Tensor, L: int) -> Tensor:
 
 if _nb is not None:
 
-    @_nb.njit(nogil=True, fastmath=True, cache=True)
+    @_nb.njit(nogil=True, fastmath=True, cache=True, inline="always")
     def _powers(zr, zi, h, p1r, p1i, p2r, p2i):  # pragma: no cover - jitted
         # exp(a z) into p1 [m, N] and exp(m b z) into p2 [nb, N] for channel h, by repeated
         # multiplication with exp(z) and exp(m z) (at most ~sqrt(L) factors each)
