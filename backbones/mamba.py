@@ -6,9 +6,10 @@ A = -exp(A_log) (S4D-real init) and a D skip; output gated by SiLU(z); out_proj.
 
 The scans live in `backbones.ops.selective_scan` (a sequential reference, a numba CPU
 kernel and a chunked PyTorch scan); on float32 CPU tensors the forward runs dt's softplus, the
-numba scan, the skip and the gate as one call (`backbones.ops.fused_cpu.selective_scan_gated`). Knobs `kernel` ("auto" | "kernel" | "reference", see
-`backbones.ops.dispatch`): the kernel is mamba_ssm's CUDA `selective_scan_fn` (with
-causal_conv1d's conv when installed) for forward passes that start from a zero state;
+numba scan, the skip and the gate as one call (`backbones.ops.fused_cpu.selective_scan_gated`).
+Knobs `kernel` ("auto" | "kernel" | "reference", see `backbones.ops.dispatch`): the kernel is
+mamba_ssm's CUDA `selective_scan_fn` (with causal_conv1d's conv when installed) for forward passes
+that start from a zero state;
 the reference is `selective_scan` with `scan_backend` ("auto" | "numba" | "torch").
 The CUDA extension cannot run without a GPU, so this kernel is never checked on CPU.
 A decoding step on float32 CPU tensors runs as two numba passes around x_proj
