@@ -50,7 +50,15 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 from torch.autograd.function import once_differentiable
 
-from backbones.ops.selective_scan import _nb, _nb_scan_bwd, _nb_scan_fwd, _run_batched, _vexp
+from backbones.ops.selective_scan import (
+    _nb,
+    _nb_scan_bwd,
+    _nb_scan_fwd,
+    _run_batched,
+    _scan_buffers,
+    _scan_grad_buffers,
+    _vexp,
+)
 
 AVAILABLE = _nb is not None
 
@@ -797,15 +805,10 @@ class _MambaInner(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, r, W, bias, A, Bm, Cm, h0, D, z, x_skip, chunk: int):
-        b, L, d = x.shape
-        n = A.shape[1]
         pre = F.linear(r, W, bias)  # [B, L, C], contiguous
-        At = A.t().contiguous()  # [N, C]
-        h0t = h0.transpose(1, 2).contiguous()  # [B, N, C]
         z = z.contiguous()
-        dt, y, out = (x.new_empty(b, L, d) for _ in range(3))  # y: the scan's output; out: gated
-        bounds = x.new_empty(b, -(-L // chunk), n, d)
-        hT = x.new_empty(b, n, d)
+        At, h0t, y, bounds, hT = _scan_buffers(x, A, h0, chunk)  # y: the scan's output
+        dt, out = torch.empty_like(x), torch.empty_like(x)  # out: gated
         pre_, x_, At_, Bm_, Cm_, h0_, dt_, y_, bounds_, hT_, D_, z_, out_ = (t.detach().numpy() for t in (
             pre, x, At, Bm, Cm, h0t, dt, y, bounds, hT, D, z, out))
 
@@ -815,7 +818,7 @@ class _MambaInner(torch.autograd.Function):
                 _nb_scan_fwd(x_, dt_, At_, Bm_, Cm_, h0_, chunk, y_, bounds_, hT_, i, i + 1)
                 _nb_skip_gate_fwd(y_, x_, D_, z_, out_, i, i + 1)
 
-        _run_batched(run, b)
+        _run_batched(run, x.shape[0])
         ctx.save_for_backward(r, W, pre, x, dt, At, Bm, Cm, bounds, D, z, y)
         ctx.chunk = chunk
         return out, hT.transpose(1, 2)
@@ -826,11 +829,9 @@ class _MambaInner(torch.autograd.Function):
         r, W, pre, x, dt, At, Bm, Cm, bounds, D, z, y = ctx.saved_tensors
         B, L, C = x.shape
         g = torch.zeros_like(x) if g is None else g.contiguous()
-        ghT = torch.zeros_like(bounds[:, 0]) if ghT is None else ghT.transpose(1, 2).contiguous()
-        gy, gxs, gz, gx, gdt, gpre = (torch.empty_like(x) for _ in range(6))
-        gBm, gC = torch.empty_like(Bm), torch.empty_like(Cm)
-        gD, gb, gAt = x.new_empty(B, C), x.new_empty(B, C), x.new_empty(B, *At.shape)
-        gh0 = torch.empty_like(ghT)
+        ghT, gx, gdt, gAt, gBm, gC, gh0 = _scan_grad_buffers(x, At, Bm, Cm, bounds, ghT)
+        gy, gxs, gz, gpre = (torch.empty_like(x) for _ in range(4))  # gy: the scan's, from the gate's backward
+        gD, gb = x.new_empty(B, C), x.new_empty(B, C)  # per-sequence partial sums
         pre_, x_, dt_, At_, Bm_, Cm_, bounds_, D_, z_, y_, g_, ghT_ = (t.detach().numpy() for t in (
             pre, x, dt, At, Bm, Cm, bounds, D, z, y, g, ghT))
         gy_, gxs_, gz_, gD_, gx_, gdt_, gAt_, gBm_, gC_, gh0_, gpre_, gb_ = (t.numpy() for t in (

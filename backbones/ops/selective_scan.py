@@ -303,21 +303,35 @@ def _run_batched(fn, batch: int) -> None:
             f.result()
 
 
+def _scan_buffers(x: Tensor, A: Tensor, h0: Tensor, chunk: int) -> tuple[Tensor, ...]:
+    """What `_nb_scan_fwd` reads and writes besides x, dt, B and C, in its layout (states [B, N, D]):
+    At [N, D] and h0 [B, N, D] from A [D, N] and h0 [B, D, N]; empty y [B, L, D], bounds [B, K, N, D]
+    (the state before each chunk) and hT [B, N, D]."""
+    b, L, d = x.shape
+    n = A.shape[1]
+    return (A.t().contiguous(), h0.transpose(1, 2).contiguous(), x.new_empty(b, L, d),
+            x.new_empty(b, -(-L // chunk), n, d), x.new_empty(b, n, d))
+
+
+def _scan_grad_buffers(x: Tensor, At: Tensor, Bm: Tensor, C: Tensor, bounds: Tensor, ghT: Tensor | None
+                       ) -> tuple[Tensor, ...]:
+    """What `_nb_scan_bwd` writes, in its argument order after gy: ghT [B, N, D] (from the final state's
+    gradient [B, D, N], zeros without one), then empty gx, gdt, gAt [B, N, D] (per-sequence partial
+    sums), gBm, gC and gh0 [B, N, D]. The caller returns gAt.sum(0).t() and gh0.transpose(1, 2)."""
+    ghT = torch.zeros_like(bounds[:, 0]) if ghT is None else ghT.transpose(1, 2).contiguous()
+    return (ghT, torch.empty_like(x), torch.empty_like(x), x.new_empty(x.shape[0], *At.shape),
+            torch.empty_like(Bm), torch.empty_like(C), torch.empty_like(ghT))
+
+
 class _NumbaScan(torch.autograd.Function):
     """Batch-first scan on CPU: x, dt [B, L, D]; A [D, N]; Bm, C [B, L, N]; h0 [B, D, N]."""
 
     @staticmethod
     def forward(ctx, x, dt, A, Bm, C, h0, chunk: int):
-        b, L, d = x.shape
-        n = A.shape[1]
-        At = A.t().contiguous()  # [N, D]
-        h0t = h0.transpose(1, 2).contiguous()  # [B, N, D]
-        y = x.new_empty(b, L, d)
-        bounds = x.new_empty(b, -(-L // chunk), n, d)
-        hT = x.new_empty(b, n, d)
+        At, h0t, y, bounds, hT = _scan_buffers(x, A, h0, chunk)
         arr = [t.detach().numpy() for t in (x, dt, At, Bm, C, h0t)]
         out = [y.numpy(), bounds.numpy(), hT.numpy()]
-        _run_batched(lambda b0, b1: _nb_scan_fwd(*arr, chunk, *out, b0, b1), b)
+        _run_batched(lambda b0, b1: _nb_scan_fwd(*arr, chunk, *out, b0, b1), x.shape[0])
         ctx.save_for_backward(x, dt, At, Bm, C, bounds)
         ctx.chunk = chunk
         return y, hT.transpose(1, 2)
@@ -325,15 +339,11 @@ class _NumbaScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy, ghT):
         x, dt, At, Bm, C, bounds = ctx.saved_tensors
-        b = x.shape[0]
         gy = torch.zeros_like(x) if gy is None else gy.contiguous()
-        ghT = torch.zeros_like(bounds[:, 0]) if ghT is None else ghT.transpose(1, 2).contiguous()
-        gx, gdt, gBm, gC = (torch.empty_like(t) for t in (x, dt, Bm, C))
-        gAt = x.new_empty(b, *At.shape)
-        gh0 = torch.empty_like(ghT)
+        ghT, gx, gdt, gAt, gBm, gC, gh0 = _scan_grad_buffers(x, At, Bm, C, bounds, ghT)
         arr = [t.detach().numpy() for t in (x, dt, At, Bm, C, bounds)]
         grads = [t.numpy() for t in (gy, ghT, gx, gdt, gAt, gBm, gC, gh0)]
-        _run_batched(lambda b0, b1: _nb_scan_bwd(*arr, ctx.chunk, *grads, b0, b1), b)
+        _run_batched(lambda b0, b1: _nb_scan_bwd(*arr, ctx.chunk, *grads, b0, b1), x.shape[0])
         return gx, gdt, gAt.sum(0).t(), gBm, gC, gh0.transpose(1, 2), None
 
 
