@@ -93,6 +93,14 @@ class RMSNorm(nn.Module):
         return while_unchanged(self, "_step_consts", (w,), lambda: fused_cpu.rms_norm_consts(w, self.eps), self.eps)
 
 
+def step_linear(layer: nn.Linear, x: Tensor) -> Tensor:
+    """layer(x) for a decoding step's rows x [B, D]: `fused_cpu.linear_rows` where `fused_cpu.rows_usable`
+    (equal to float32 rounding), else the layer."""
+    if fused_cpu.rows_usable(x, layer.weight):
+        return fused_cpu.linear_rows(x, layer.weight, layer.bias)
+    return layer(x)
+
+
 class MLP(nn.Module):
     """Channel mixer d -> ratio*d -> d with GELU (the study's SiMBA uses ratio 2)."""
 
@@ -104,6 +112,13 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(F.gelu(self.fc1(x)))
+
+    def step(self, x: Tensor) -> Tensor:  # [B, D] -> [B, D]
+        """`forward` on a decoding step's rows: one numba pass (`fused_cpu.mlp_rows`) where
+        `fused_cpu.rows_usable`, equal to float32 rounding."""
+        if fused_cpu.rows_usable(x, self.fc1.weight):
+            return fused_cpu.mlp_rows(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+        return self.forward(x)
 
 
 class CrossAttention(nn.Module):
@@ -125,18 +140,30 @@ class CrossAttention(nn.Module):
         k, v = self.kv(memory).view(B, L, 2, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
         return k, v  # [B, H, L, Dh] each
 
+    def _cached_kv(self, memory: Tensor, memory_mask: Tensor | None, state: State) -> tuple[Tensor, Tensor]:
+        """The memory's keys and values, computed on first use and kept (contiguous) in the decoding state."""
+        if "xk" not in state:
+            if memory_mask is not None and not bool(memory_mask.any(-1).all()):
+                raise ValueError("cross-attention: a row of memory_mask [B, L] keeps no position (True = keep)")
+            state["xk"], state["xv"] = (t.contiguous() for t in self._kv(memory))
+        return state["xk"], state["xv"]
+
     def forward(self, x: Tensor, memory: Tensor, memory_mask: Tensor | None, state: State | None = None):
         B, S, D = x.shape
-        if state is not None:
-            if "xk" not in state:
-                state["xk"], state["xv"] = self._kv(memory)
-            k, v = state["xk"], state["xv"]
-        else:
-            k, v = self._kv(memory)
+        k, v = self._kv(memory) if state is None else self._cached_kv(memory, memory_mask, state)
         q = self.q(x).view(B, S, self.n_heads, D // self.n_heads).transpose(1, 2)
         mask = None if memory_mask is None else memory_mask[:, None, None, :]  # [B, 1, 1, L]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out(y.transpose(1, 2).reshape(B, S, D))
+
+    def step(self, x: Tensor, memory: Tensor, memory_mask: Tensor | None, state: State) -> Tensor:  # [B, D]
+        """`forward` for one decoding step's rows: the products and the attention as numba passes
+        (`fused_cpu.linear_rows`, `cross_attend_rows`) where `fused_cpu.rows_usable`, equal to float32 rounding."""
+        if not fused_cpu.rows_usable(x, self.q.weight):
+            return self.forward(x[:, None], memory, memory_mask, state)[:, 0]
+        k, v = self._cached_kv(memory, memory_mask, state)
+        y = fused_cpu.cross_attend_rows(fused_cpu.linear_rows(x, self.q.weight), k, v, memory_mask)
+        return fused_cpu.linear_rows(y, self.out.weight)
 
 
 # ----------------------------------------------------------------------------- mixer contract
@@ -248,9 +275,10 @@ class Block(nn.Module):
     def step(self, x: Tensor, state: State, memory=None, memory_mask=None) -> Tensor:  # [B, D]
         x = x + self.mixer.step_normed(x, self.norm1, state["mixer"])
         if self.cross is not None:
-            x = x + self.cross(self.norm_x.step(x)[:, None], memory, memory_mask, state["cross"])[:, 0]
-        if self.channel is not None:
-            x = x + self.channel(self.norm2.step(x))
+            x = x + self.cross.step(self.norm_x.step(x), memory, memory_mask, state["cross"])
+        if self.channel is not None:  # any [..., D] module; the MLP has a decoding step of its own
+            y = self.norm2.step(x)
+            x = x + (self.channel.step(y) if isinstance(self.channel, MLP) else self.channel(y))
         return x
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from backbones.base import Backbone, Mixer, State, register, while_unchanged
+from backbones.base import Backbone, Mixer, State, register, step_linear, while_unchanged
 from backbones.mamba2 import causal_conv_silu
 from backbones.ops import fused_cpu
 from backbones.ops.dispatch import KernelSwitch, check_mode, kernel_available, load_kernel
@@ -166,16 +166,19 @@ class MambaMixer(KernelSwitch, Mixer):
         return self.out_proj(y)
 
     def step(self, x: Tensor, state: State) -> Tensor:  # [B, d_model] -> [B, d_model]
-        xz = self.in_proj(x)
-        # decoding (no grad) on float32 CPU tensors: two numba passes around x_proj (fused_cpu.mamba_step_fused)
-        nb = self.kernel != "reference" and self.scan_backend != "torch" and step_usable(xz, state["ssm"], state["conv"])
+        # decoding (no grad) on float32 CPU tensors: two numba passes around x_proj (fused_cpu.mamba_step_fused),
+        # the products as row kernels (step_linear)
+        fused = self.kernel != "reference" and self.scan_backend != "torch"
+        xz = step_linear(self.in_proj, x) if fused else self.in_proj(x)
+        nb = fused and step_usable(xz, state["ssm"], state["conv"])
         self.record_path("step", None, "", "", f"backbones.mamba.MambaMixer.step{numba_note(nb)}")
         if nb:
             consts = while_unchanged(self, "_fused_cache", None, lambda: fused_cpu.mamba_step_consts(
                 self.conv1d.weight[:, 0], self.conv1d.bias, self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D))
-            y = fused_cpu.mamba_step_fused(xz, state["conv"], state["ssm"], self.x_proj, consts)
+            y = fused_cpu.mamba_step_fused(xz, state["conv"], state["ssm"], lambda t: step_linear(self.x_proj, t),
+                                           consts)
             state["pos"] = state.get("pos", 0) + 1
-            return self.out_proj(y)
+            return step_linear(self.out_proj, y)
         xi, z = xz.chunk(2, dim=-1)  # [B, D]
         window = torch.cat([state["conv"].to(xi.dtype), xi[:, :, None]], dim=-1)  # [B, D, d_conv]
         xc = (window * self.conv1d.weight[:, 0]).sum(-1)

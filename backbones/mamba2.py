@@ -29,7 +29,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 from torch.autograd.function import once_differentiable
 from torch.utils.flop_counter import FlopCounterMode
 
-from backbones.base import Backbone, Mixer, State, register, while_unchanged
+from backbones.base import Backbone, Mixer, State, register, step_linear, while_unchanged
 from backbones.ops import fused_cpu
 from backbones.ops.dispatch import KernelSwitch, check_mode, kernel_available, load_kernel
 from backbones.ops.fused_cpu import numba_note, numba_usable, step_usable
@@ -699,17 +699,19 @@ class Mamba2Mixer(KernelSwitch, Mixer):
                       norm_before_gate=False)
 
     def step(self, x: Tensor, state: State) -> Tensor:  # [b, d_model] -> [b, d_model]
-        zxbcdt = self.in_proj(x)
         kernel = self.pick_kernel(x, *STEP_KERNEL)
-        # decoding (no grad) on float32 CPU tensors and states, without mamba_ssm's step kernel: one numba pass
-        nb = kernel is None and self.kernel != "reference" and step_usable(zxbcdt, state["ssm"], state["conv"])
+        # decoding (no grad) on float32 CPU tensors and states, without mamba_ssm's step kernel: one numba pass,
+        # the products as row kernels (step_linear)
+        fused = kernel is None and self.kernel != "reference"
+        zxbcdt = step_linear(self.in_proj, x) if fused else self.in_proj(x)
+        nb = fused and step_usable(zxbcdt, state["ssm"], state["conv"])
         self.record_path("step", kernel, *STEP_KERNEL, f"backbones.mamba2.Mamba2Mixer.step{numba_note(nb)}")
         if nb:
             consts = while_unchanged(self, "_fused_cache", None, lambda: fused_cpu.mamba2_step_consts(
                 self.conv1d.weight[:, 0], self.conv1d.bias, self.dt_bias, self.A_log, self.D, self.norm.weight,
                 self.norm.eps), self.norm.eps)
             y = fused_cpu.mamba2_step_fused(zxbcdt, state["conv"], state["ssm"], consts, self.d_inner, self.ngroups)
-            return self.out_proj(y)
+            return step_linear(self.out_proj, y)
         b = x.shape[0]
         z, xBC, dt = self._split(zxbcdt)  # [b, d_inner], [b, conv_dim], [b, h]
         conv = state["conv"]  # [b, conv_dim, d_conv-1]: the last inputs, oldest first

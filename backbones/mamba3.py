@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from backbones.base import Backbone, Mixer, State, register, while_unchanged
+from backbones.base import Backbone, Mixer, State, register, step_linear, while_unchanged
 from backbones.ops import fused_cpu
 from backbones.ops.dispatch import KernelSwitch, check_mode
 from backbones.ops.fused_cpu import numba_note, step_usable
@@ -154,10 +154,11 @@ class Mamba3Mixer(KernelSwitch, Mixer):
         """One decoding step. Decoding (no grad) on float32 CPU tensors and states, without the Triton
         kernel: in_proj's output to the gate in one numba pass (`fused_cpu.mamba3_step_fused`); otherwise
         `forward` on the one token (kernel="reference": the chunked PyTorch scan)."""
-        proj = self.in_proj(x)
         kernel = self.pick_kernel(x, *SISO_KERNEL)
+        fused = kernel is None and self.kernel != "reference"  # the products as row kernels (step_linear)
+        proj = step_linear(self.in_proj, x) if fused else self.in_proj(x)
         st = {k: state[k] for k in STATE_KEYS}  # in the order the numba pass reads them
-        nb = kernel is None and self.kernel != "reference" and step_usable(proj, *st.values())
+        nb = fused and step_usable(proj, *st.values())
         self.record_path("step", kernel, *SISO_KERNEL, f"backbones.mamba3.Mamba3Mixer.step{numba_note(nb)}")
         if not nb:
             return self._mix(proj[:, None], x[:, None], state)[:, 0]
@@ -165,7 +166,7 @@ class Mamba3Mixer(KernelSwitch, Mixer):
             self.dt_bias, self.B_bias, self.C_bias, self.B_norm, self.C_norm, self.D, self.A_floor, BC_NORM_EPS),
             self.A_floor)
         y = fused_cpu.mamba3_step_fused(proj, st, consts, self.d_inner, self.ngroups)
-        return self.out_proj(y)
+        return step_linear(self.out_proj, y)
 
     def allocate_state(self, batch_size: int, max_len: int, device=None, dtype=None) -> State:
         sd = torch.promote_types(dtype or self.in_proj.weight.dtype, torch.float32)

@@ -1010,6 +1010,124 @@ def test_decoding_with_the_numba_norm_is_bit_identical(name, kw, monkeypatch):
     assert torch.equal(fast, decode())
 
 
+@needs_numba
+def test_decoding_row_kernels_equal_torch():
+    """The decoding step's row kernels against torch on every row count they take (1-8: blocks of four rows
+    and their tails), at widths with and without vector tails: `linear_rows` = F.linear with and without a
+    bias; `mlp_rows` = MLP.forward; `cross_attend_rows` = SDPA with a key mask (a row keeping one position,
+    a row keeping all) and without; `self_attend_rows` = SDPA over the cache's first p + 1 positions, with
+    the new key and value written at p and nothing else of the cache changed."""
+    from backbones.base import MLP
+    from backbones.ops import fused_cpu
+
+    g = torch.Generator().manual_seed(0)
+    for rows in range(1, fused_cpu.STEP_ROWS_MAX + 1):
+        for i, o in ((64, 96), (37, 13)):
+            x, w, b = (torch.randn(*s, generator=g) for s in ((rows, i), (o, i), (o,)))
+            _close(f"linear {rows}x{i}->{o}", fused_cpu.linear_rows(x, w, b), F.linear(x, w, b), tol=2e-6)
+            _close(f"linear {rows}x{i}->{o}, no bias", fused_cpu.linear_rows(x, w), F.linear(x, w), tol=2e-6)
+        mlp = MLP(40, 2.5)
+        x = torch.randn(rows, 40, generator=g)
+        with torch.no_grad():
+            _close(f"mlp {rows}", fused_cpu.mlp_rows(x, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight,
+                                                     mlp.fc2.bias), mlp(x), tol=2e-6)
+        H, L, Dh = 3, 7, 16
+        q, k, v = torch.randn(rows, H * Dh, generator=g), *(torch.randn(rows, H, L, Dh, generator=g) for _ in "kv")
+        keep = torch.rand(rows, L, generator=g) < 0.5
+        keep[:, 0], keep[0] = True, torch.arange(L) == 3  # row 0 keeps one position
+        keep[-1] = True
+        for mask in (keep, None):
+            want = F.scaled_dot_product_attention(q.view(rows, H, 1, Dh), k, v,
+                                                  attn_mask=None if mask is None else mask[:, None, None, :])
+            _close(f"cross {rows}, mask {mask is not None}", fused_cpu.cross_attend_rows(q, k, v, mask),
+                   want.reshape(rows, H * Dh), tol=2e-6)
+        T, p = 9, 5
+        kc, vc = torch.randn(rows, H, T, Dh, generator=g), torch.randn(rows, H, T, Dh, generator=g)
+        qkv = torch.randn(rows, 3 * H * Dh, generator=g)
+        qn, kn, vn = qkv.view(rows, 3, H, 1, Dh).unbind(1)
+        kw, vw = kc.clone(), vc.clone()
+        kw[:, :, p : p + 1], vw[:, :, p : p + 1] = kn, vn
+        want = F.scaled_dot_product_attention(qn, kw[:, :, : p + 1], vw[:, :, : p + 1])
+        _close(f"self {rows}", fused_cpu.self_attend_rows(qkv, kc, vc, p), want.reshape(rows, H * Dh), tol=2e-6)
+        assert torch.equal(kc, kw) and torch.equal(vc, vw)
+
+
+@needs_numba
+@pytest.mark.parametrize("rows", [3, 9])
+def test_transformer_decoding_with_row_kernels_equals_torch_steps(rows, monkeypatch):
+    """A cross-attention Transformer's decoding steps (self-attention from its KV cache, cross-attention,
+    MLP) through the row kernels equal its torch steps to float32 rounding over 12 tokens, KV caches
+    included, and every block ran them; past STEP_ROWS_MAX rows the torch steps run, bit for bit the same
+    as with the kernels switched off."""
+    from backbones.base import build_backbone
+    from backbones.ops import fused_cpu
+
+    calls = []
+
+    def counted(name):
+        f = getattr(fused_cpu, name)
+        return lambda *a: calls.append(name) or f(*a)
+
+    for name in ("linear_rows", "mlp_rows", "cross_attend_rows", "self_attend_rows"):
+        monkeypatch.setattr(fused_cpu, name, counted(name))
+    torch.manual_seed(0)
+    bb = build_backbone("transformer", d_model=48, n_layers=2, n_heads=3, cross_attention=True).eval()
+    x, mem = torch.randn(rows, 12, 48), torch.randn(rows, 5, 48)
+    mask = torch.ones(rows, 5, dtype=torch.bool)
+    mask[0, 2:] = False
+
+    def decode():
+        st = bb.allocate_state(rows, 12)
+        with torch.no_grad():
+            bb(x[:, :4], mem, mask, state=st)  # prefill
+            out = torch.stack([bb.step(x[:, t], st, mem, mask) for t in range(4, 12)], 1)
+        return out, st
+
+    fast, st_fast = decode()
+    n = len(calls)
+    monkeypatch.setattr(fused_cpu, "rows_usable", lambda x, w: False)
+    ref, st_ref = decode()
+    assert len(calls) == n  # none when switched off
+    if rows > fused_cpu.STEP_ROWS_MAX:
+        assert n == 0 and torch.equal(fast, ref)
+    else:  # per block and token: qkv, self-attention, out; q, cross-attention, out; the MLP
+        assert sorted(set(calls)) == ["cross_attend_rows", "linear_rows", "mlp_rows", "self_attend_rows"]
+        assert n == 2 * 8 * 7
+        _close("transformer steps", fast, ref, tol=2e-6)
+    for a, b in zip(st_fast, st_ref):
+        _close("KV cache", a["mixer"]["k"], b["mixer"]["k"], tol=2e-6)
+        assert a["mixer"]["pos"] == b["mixer"]["pos"] == 12
+
+
+@needs_numba
+def test_generation_records_what_ran_its_step_products():
+    """`rows_note` (what `generate_clips` records) names the row kernels exactly where a step takes them."""
+    from backbones.ops import fused_cpu
+
+    w = torch.zeros(3, 4)
+    for rows in (1, 8, 9):
+        with torch.no_grad():
+            took = fused_cpu.rows_usable(torch.zeros(rows, 4), w)
+            assert took == (rows <= fused_cpu.STEP_ROWS_MAX)
+            assert fused_cpu.rows_note(rows, w).startswith("numba: backbones.ops.fused_cpu" if took else "torch")
+    with torch.no_grad():
+        assert fused_cpu.rows_note(2, w.double()) == "torch" and not fused_cpu.rows_usable(torch.zeros(2, 4), w.double())
+    assert not fused_cpu.rows_usable(torch.zeros(2, 4), w)  # grad enabled: torch's products, with their graph
+    assert fused_cpu.rows_note(2, w).startswith("numba")  # generate runs in inference mode whatever the caller's
+
+
+def test_cross_attention_refuses_a_memory_row_that_keeps_nothing():
+    """A decoding state's cross-attention names a memory mask row with no position kept (SDPA would give
+    NaN, the numba pass a division by zero) instead of decoding from it."""
+    from backbones.base import CrossAttention
+
+    ca = CrossAttention(16, 2).eval()
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    mask[1] = False
+    with torch.no_grad(), pytest.raises(ValueError, match=r"a row of memory_mask \[B, L\] keeps no position"):
+        ca.step(torch.randn(2, 16), torch.randn(2, 4, 16), mask, {})
+
+
 def test_fake_tensor_check_agrees_with_is_fake():
     """`numba_usable`'s shortcut past is_fake (a plain tensor or parameter) answers as is_fake does for
     plain, fake and functional tensors alike (FLOP counting runs the steps on fake tensors)."""

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from backbones.base import Backbone, count_params
+from backbones.base import Backbone, count_params, step_linear
 from ttm.patterns import Pattern
 from ttm.positions import position_table, resolve_positions
 
@@ -227,7 +227,7 @@ class TTMLM(nn.Module):
             if not recurrent:
                 seq_in = torch.cat([self.start_tokens(B2, dev), seq[..., :s]], dim=-1)
                 h = self._full(seq_in, mem, mem_mask)[:, -1]
-            logits = guided(torch.stack([head(h) for head in self.heads], dim=1))  # [B, K', card]
+            logits = guided(torch.stack([step_linear(head, h) for head in self.heads], dim=1))  # [B, K', card]
             tok = pick(logits)  # [B, K']
             tok = torch.where(valid[:, s][None], tok, self.pattern.special)
             seq[:, :, s] = tok.repeat(2, 1) if use_cfg else tok

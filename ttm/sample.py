@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from backbones.ops import fused_cpu
 from ttm.audio import save_audio
 from ttm.config import GenerateConfig, RunConfig
 from ttm.progress import bar as progress_bar
@@ -179,7 +180,8 @@ def generate_clips(
     says (cfg_scale, top_k, top_p, temperature), then `render_codes(codes, emb, mask, generator)
     -> (wav [b, C, N], {stage: seconds})` makes audio of them (default: the codec decodes them;
     a two-stage model passes its diffusion stage); `compile_step`: the LM decodes through
-    `Backbone.compiled_step` (torch.compile). Returns timings and which decoding step ran."""
+    `Backbone.compiled_step` (torch.compile). Returns timings, which decoding step ran and
+    what ran its products per batch size in rows (`fused_cpu.rows_note`)."""
 
     def decode(codes, emb, mask, g):
         t0 = time.perf_counter()
@@ -206,7 +208,11 @@ def generate_clips(
 
     info = render_prompts(prompts, encoder, out_dir, codec, n_frames, render, seed, batch_size, max_text_len,
                           next(lm.parameters()).device, progress, desc)
-    return {**info, "decode_step": "compiled" if compile_step else "eager"}
+    cfg = 2 if gen.cfg_scale != 1.0 else 1  # CFG doubles a batch's rows
+    rows = {cfg * min(batch_size, len(prompts)), cfg * (len(prompts) % batch_size or batch_size)}  # full, last
+    products = {f"{r} rows": "torch.compile" if compile_step else fused_cpu.rows_note(r, next(lm.parameters()))
+                for r in sorted(rows)}
+    return {**info, "decode_step": "compiled" if compile_step else "eager", "step_products": products}
 
 
 def _decode_partial(codec, codes: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,11 @@ cheap intermediates in the backward instead of saving them.
   dispatch each; these run every row on the calling thread. What a pass reads of the parameters comes
   from its `*_step_consts`, kept by the mixer while they are unchanged (`backbones.base.while_unchanged`). The
   references are the mixers' torch steps (kernel="reference"; S4D, S5: `fused_step = False`).
+- row kernels for a decoding step's few rows (<= STEP_ROWS_MAX, CFG included; `rows_usable`): `linear_rows`
+  (`backbones.base.step_linear`: the heads and the Mamba mixers' projections), `mlp_rows` (`MLP.step`),
+  `cross_attend_rows` (`CrossAttention.step`) and `self_attend_rows` (the Transformer's KV-cache step). At
+  2 rows MKL's product ran 1.2-2.5x slower than one pass over the weight, SDPA ~60 us a call. The
+  references are F.linear, `MLP.forward` and F.scaled_dot_product_attention.
 - `rms_norm_rows` (`rms_norm_kept` with constants kept by `backbones.base.RMSNorm.step`): a decoding
   step's RMSNorm (every block's norms, every backbone; S4D's and S5's fused steps call its kernel themselves),
   F.rms_norm bit for bit: its sum runs in ATen's order.
@@ -571,6 +576,114 @@ if _nb is not None:
                     out[b, c] = (y[c] if act == 1 else sv[c]) * sig
         return out
 
+    @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy", inline="always")
+    def _rows_product(x, W, bias, out):  # pragma: no cover - jitted
+        # out [R, O] = x W^T + bias: x [R, I], W [O, I], bias [O] (or [0]: none). Output j at a time, over
+        # the rows: four rows share one read of W's row j (four sums in one loop), the last R % 4 use _dot
+        R, I = x.shape
+        for j in range(W.shape[0]):
+            bj = bias[j] if bias.shape[0] else _np.float32(0.0)
+            b = 0
+            while b + 4 <= R:
+                a0, a1, a2, a3 = _np.float32(0.0), _np.float32(0.0), _np.float32(0.0), _np.float32(0.0)
+                for k in range(I):
+                    w = W[j, k]
+                    a0 += w * x[b, k]
+                    a1 += w * x[b + 1, k]
+                    a2 += w * x[b + 2, k]
+                    a3 += w * x[b + 3, k]
+                out[b, j] = a0 + bj
+                out[b + 1, j] = a1 + bj
+                out[b + 2, j] = a2 + bj
+                out[b + 3, j] = a3 + bj
+                b += 4
+            while b < R:
+                out[b, j] = _dot(W, j, x[b]) + bj
+                b += 1
+
+    @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
+    def _nb_linear_rows(x, W, bias):  # pragma: no cover - jitted
+        # x [R, I], W [O, I], bias [O] or [0] -> [R, O] = x W^T + bias
+        out = _np.empty((x.shape[0], W.shape[0]), _np.float32)
+        _rows_product(x, W, bias, out)
+        return out
+
+    @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
+    def _nb_mlp_rows(x, W1, b1, W2, b2):  # pragma: no cover - jitted
+        # x [R, D], W1 [F, D], b1 [F], W2 [D, F], b2 [D] -> [R, D] = gelu(x W1^T + b1) W2^T + b2
+        R = x.shape[0]
+        hid = _np.empty((R, W1.shape[0]), _np.float32)
+        _rows_product(x, W1, b1, hid)
+        for r in range(R):
+            for f in range(hid.shape[1]):
+                hid[r, f] = _gelu(hid[r, f])
+        out = _np.empty((R, W2.shape[0]), _np.float32)
+        _rows_product(hid, W2, b2, out)
+        return out
+
+    @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy", inline="always")
+    def _attend(q, kc, vc, b, h, n, keep, s, o):  # pragma: no cover - jitted
+        # o [Dh] = softmax_t(q . kc[b, h, t]) vc[b, h, t] over t < n where keep[t] (keep [n] or [0]: all);
+        # q [Dh], already scaled; s [>= n] scratch. Masked positions are skipped, not set to -inf (fastmath)
+        Dh = q.shape[0]
+        masked = keep.shape[0] > 0
+        m = _np.float32(-3.0e38)
+        for t in range(n):
+            if masked and not keep[t]:
+                continue
+            acc = _np.float32(0.0)
+            for d in range(Dh):
+                acc += q[d] * kc[b, h, t, d]
+            s[t] = acc
+            m = max(m, acc)
+        tot = _np.float32(0.0)
+        for d in range(Dh):
+            o[d] = 0
+        for t in range(n):
+            if masked and not keep[t]:
+                continue
+            e = _vexp(s[t] - m)
+            tot += e
+            for d in range(Dh):
+                o[d] += e * vc[b, h, t, d]
+        inv = _np.float32(1.0) / tot
+        for d in range(Dh):
+            o[d] *= inv
+
+    @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
+    def _nb_cross_attend(q, kc, vc, keep, scale):  # pragma: no cover - jitted
+        # q [B, H * Dh]; kc, vc [B, H, L, Dh] (the text memory's keys and values); keep [B, L] (True: attend)
+        # -> [B, H * Dh]: per row and head, softmax(q k^T scale) v over the kept positions
+        Bn, H, L, Dh = kc.shape
+        s = _np.empty(L, _np.float32)
+        qs = _np.empty(Dh, _np.float32)
+        out = _np.empty((Bn, H * Dh), _np.float32)
+        for b in range(Bn):
+            for h in range(H):
+                for d in range(Dh):
+                    qs[d] = q[b, h * Dh + d] * scale
+                _attend(qs, kc, vc, b, h, L, keep[b], s, out[b, h * Dh:(h + 1) * Dh])
+        return out
+
+    @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
+    def _nb_self_attend(qkv, kc, vc, p, scale):  # pragma: no cover - jitted
+        # qkv [B, 3 * H * Dh] (q, k, v, each heads-major); kc, vc [B, H, T, Dh] a KV cache holding positions < p:
+        # writes k, v at position p, then -> [B, H * Dh], each head's query attending to positions <= p
+        Bn, H, Dh = kc.shape[0], kc.shape[1], kc.shape[3]
+        HD = H * Dh
+        s = _np.empty(p + 1, _np.float32)
+        qs = _np.empty(Dh, _np.float32)
+        every = _np.empty(0, _np.bool_)
+        out = _np.empty((Bn, HD), _np.float32)
+        for b in range(Bn):
+            for h in range(H):
+                for d in range(Dh):
+                    qs[d] = qkv[b, h * Dh + d] * scale
+                    kc[b, h, p, d] = qkv[b, HD + h * Dh + d]
+                    vc[b, h, p, d] = qkv[b, 2 * HD + h * Dh + d]
+                _attend(qs, kc, vc, b, h, p + 1, every, s, out[b, h * Dh:(h + 1) * Dh])
+        return out
+
     @_nb.njit(nogil=True, cache=True, error_model="numpy")
     def _nb_rms_norm(x, w, eps, lanes):  # pragma: no cover - jitted
         # -> [R, D] = x / sqrt(mean(x^2) + eps) * w, x [R, D], w [D]: ATen's CPU rms_norm bit for bit (no
@@ -704,6 +817,58 @@ def rms_norm_rows(x: Tensor, weight: Tensor, eps: float, lanes: int | None = Non
     on CPU (pow, sum, div, add, rsqrt, two muls and their casts), 15-25 us of dispatch for a decoding step's
     [B, D] rows; this 8 us. The reference is F.rms_norm."""
     return rms_norm_kept(x, rms_norm_consts(weight, eps, lanes))
+
+
+#: the most rows (a decoding step's batch, CFG's doubling included) the row kernels below take: at 2 threads
+#: MKL's [R, I] x [I, O] product streams the weight once per row or two and wakes its second thread, and
+#: ran 1.2-2.5x slower than `_rows_product` up to 8 rows; from 16 rows on, MKL's is faster
+STEP_ROWS_MAX = 8
+_NO_BIAS = _np.zeros(0, _np.float32)
+
+
+def rows_usable(x: Tensor, weight: Tensor) -> bool:
+    """Whether a decoding step's rows x [R, D] and a float32 `weight` they meet run the row kernels here
+    (`linear_rows`, `mlp_rows`, `cross_attend_rows`, `self_attend_rows`): `step_usable` and R <= STEP_ROWS_MAX."""
+    return x.dim() == 2 and x.shape[0] <= STEP_ROWS_MAX and weight.dtype == torch.float32 and step_usable(x)
+
+
+def rows_note(rows: int, like: Tensor) -> str:
+    """Which products the decoding steps (`TTMLM.generate`: inference mode, no autocast) of `rows` rows on
+    tensors like `like` (a parameter) run: what a generation records."""
+    return (f"numba: {__name__} row kernels (linear, MLP, attention)"
+            if rows <= STEP_ROWS_MAX and numba_usable(like) else "torch")
+
+
+def linear_rows(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear(x, weight, bias) on a decoding step's rows (`rows_usable`), one pass over the weight per
+    four rows: x [R, I] float32 CPU, weight [O, I], bias [O] -> [R, O]. Agrees with F.linear to float32
+    rounding (its sums run in another order); the reference is F.linear."""
+    return torch.from_numpy(_nb_linear_rows(_np32(x), _np32(weight), _NO_BIAS if bias is None else _np32(bias)))
+
+
+def mlp_rows(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
+    """`backbones.base.MLP` on a decoding step's rows, one pass: gelu(x w1^T + b1) w2^T + b2, x [R, D]
+    float32 CPU -> [R, D]; GELU is erf's (`_gelu`). The reference is MLP.forward (F.linear, F.gelu)."""
+    return torch.from_numpy(_nb_mlp_rows(_np32(x), _np32(w1), _np32(b1), _np32(w2), _np32(b2)))
+
+
+def cross_attend_rows(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None) -> Tensor:
+    """One query row per sequence attending to a memory: q [B, H * Dh] (projected), k, v [B, H, L, Dh], keep
+    [B, L] bool (True: attend; None: every position) -> [B, H * Dh], softmax(q k^T / sqrt(Dh)) v per head.
+    Every row must keep a position (`backbones.base.CrossAttention` checks once per decoding). The
+    reference is F.scaled_dot_product_attention."""
+    B, Dh = k.shape[0], k.shape[3]
+    kp = _np.ones((B, 0), _np.bool_) if keep is None else keep.detach().contiguous().numpy()
+    return torch.from_numpy(_nb_cross_attend(_np32(q), _np32(k), _np32(v), kp, _np.float32(Dh ** -0.5)))
+
+
+def self_attend_rows(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int) -> Tensor:
+    """One decoding step of causal self-attention from its KV cache: qkv [B, 3 * H * Dh] (the qkv product's
+    row: q, k, v, each heads-major); k_cache, v_cache [B, H, T, Dh] holding positions < pos, into which k, v
+    are written at `pos` (in place) -> [B, H * Dh], each head's query attending to positions <= pos with
+    scale 1 / sqrt(Dh). The reference is `backbones.transformer.SelfAttention.forward` (SDPA)."""
+    kc, vc = _inplace(k_cache, "transformer: state['k']"), _inplace(v_cache, "transformer: state['v']")
+    return torch.from_numpy(_nb_self_attend(_np32(qkv), kc, vc, pos, _np.float32(kc.shape[3] ** -0.5)))
 
 
 def _np32(t: Tensor):
