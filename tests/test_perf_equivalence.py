@@ -1050,6 +1050,10 @@ def test_decoding_row_kernels_equal_torch():
         want = F.scaled_dot_product_attention(qn, kw[:, :, : p + 1], vw[:, :, : p + 1])
         _close(f"self {rows}", fused_cpu.self_attend_rows(qkv, kc, vc, p), want.reshape(rows, H * Dh), tol=2e-6)
         assert torch.equal(kc, kw) and torch.equal(vc, vw)
+    with pytest.raises(ValueError, match="the KV cache holds 9 positions; asked to write 9"):
+        fused_cpu.self_attend_rows(qkv, kc, vc, 9)
+    with pytest.raises(ValueError, match=r"keep must be \[B, L\] = \[8, 7\], got \[8, 6\]"):
+        fused_cpu.cross_attend_rows(q, k, v, keep[:, :6])
 
 
 @needs_numba

@@ -858,6 +858,8 @@ def cross_attend_rows(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None) -> T
     Every row must keep a position (`backbones.base.CrossAttention` checks once per decoding). The
     reference is F.scaled_dot_product_attention."""
     B, Dh = k.shape[0], k.shape[3]
+    if keep is not None and keep.shape != k.shape[:1] + k.shape[2:3]:
+        raise ValueError(f"cross_attend_rows: keep must be [B, L] = {[B, k.shape[2]]}, got {list(keep.shape)}")
     kp = _np.ones((B, 0), _np.bool_) if keep is None else keep.detach().contiguous().numpy()
     return torch.from_numpy(_nb_cross_attend(_np32(q), _np32(k), _np32(v), kp, _np.float32(Dh ** -0.5)))
 
@@ -868,6 +870,8 @@ def self_attend_rows(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int) ->
     are written at `pos` (in place) -> [B, H * Dh], each head's query attending to positions <= pos with
     scale 1 / sqrt(Dh). The reference is `backbones.transformer.SelfAttention.forward` (SDPA)."""
     kc, vc = _inplace(k_cache, "transformer: state['k']"), _inplace(v_cache, "transformer: state['v']")
+    if not 0 <= pos < kc.shape[2]:
+        raise ValueError(f"self_attend_rows: the KV cache holds {kc.shape[2]} positions; asked to write {pos}")
     return torch.from_numpy(_nb_self_attend(_np32(qkv), kc, vc, pos, _np.float32(kc.shape[3] ** -0.5)))
 
 
