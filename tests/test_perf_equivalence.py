@@ -1050,7 +1050,7 @@ def test_decoding_row_kernels_equal_torch():
         want = F.scaled_dot_product_attention(qn, kw[:, :, : p + 1], vw[:, :, : p + 1])
         _close(f"self {rows}", fused_cpu.self_attend_rows(qkv, kc, vc, p), want.reshape(rows, H * Dh), tol=2e-6)
         assert torch.equal(kc, kw) and torch.equal(vc, vw)
-    with pytest.raises(ValueError, match="the KV cache holds 9 positions; asked to write 9"):
+    with pytest.raises(ValueError, match="KV cache holds 9 positions; asked to write position 9"):
         fused_cpu.self_attend_rows(qkv, kc, vc, 9)
     with pytest.raises(ValueError, match=r"keep must be \[B, L\] = \[8, 7\], got \[8, 6\]"):
         fused_cpu.cross_attend_rows(q, k, v, keep[:, :6])
@@ -1089,9 +1089,13 @@ def test_transformer_decoding_with_row_kernels_equals_torch_steps(rows, monkeypa
 
     fast, st_fast = decode()
     n = len(calls)
+    with torch.no_grad(), pytest.raises(ValueError, match="KV cache holds 12 positions; asked to write position 12"
+                                        if rows <= fused_cpu.STEP_ROWS_MAX else "KV cache holds 12 positions; asked for 13"):
+        bb.step(x[:, 0], copy.deepcopy(st_fast), mem, mask)  # a token past the cache
+    n_past = len(calls) - n
     monkeypatch.setattr(fused_cpu, "rows_usable", lambda x, w: False)
     ref, st_ref = decode()
-    assert len(calls) == n  # none when switched off
+    assert len(calls) == n + n_past  # none when switched off
     if rows > fused_cpu.STEP_ROWS_MAX:
         assert n == 0 and torch.equal(fast, ref)
     else:  # per block and token: qkv, self-attention, out; q, cross-attention, out; the MLP

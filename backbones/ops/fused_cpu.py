@@ -819,9 +819,9 @@ def rms_norm_rows(x: Tensor, weight: Tensor, eps: float, lanes: int | None = Non
     return rms_norm_kept(x, rms_norm_consts(weight, eps, lanes))
 
 
-#: the most rows (a decoding step's batch, CFG's doubling included) the row kernels below take: at 2 threads
-#: MKL's [R, I] x [I, O] product streams the weight once per row or two and wakes its second thread, and
-#: ran 1.2-2.5x slower than `_rows_product` up to 8 rows; from 16 rows on, MKL's is faster
+#: the most rows (a decoding step's batch, CFG's doubling included) the row kernels below take: MKL's
+#: [R, I] x [I, O] product ran 1.2-2.5x slower than `_rows_product` from 2 to 8 rows (1 and 2 threads);
+#: from 16 rows on, MKL's is faster
 STEP_ROWS_MAX = 8
 _NO_BIAS = _np.zeros(0, _np.float32)
 
@@ -871,7 +871,7 @@ def self_attend_rows(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int) ->
     scale 1 / sqrt(Dh). The reference is `backbones.transformer.SelfAttention.forward` (SDPA)."""
     kc, vc = _inplace(k_cache, "transformer: state['k']"), _inplace(v_cache, "transformer: state['v']")
     if not 0 <= pos < kc.shape[2]:
-        raise ValueError(f"self_attend_rows: the KV cache holds {kc.shape[2]} positions; asked to write {pos}")
+        raise ValueError(f"KV cache holds {kc.shape[2]} positions; asked to write position {pos}")
     return torch.from_numpy(_nb_self_attend(_np32(qkv), kc, vc, pos, _np.float32(kc.shape[3] ** -0.5)))
 
 
