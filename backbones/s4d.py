@@ -10,8 +10,9 @@ as in the paper's minimal implementation):
     y_t = 2 Re(C . h_t) + D u_t
 
 Training runs the equivalent causal convolution y = K * u + D u with the kernel
-K_l = 2 Re(sum_n C_n dB_n dA_n^l) (length L, backbones.ops.s4d_kernel) through FFTs of length
->= 2L (backbones.ops.fft_conv, with a hand-written backward); decoding runs the recurrence (on float32
+K_l = 2 Re(sum_n C_n dB_n dA_n^l) (length L; discretisation and kernel in one numba pass,
+backbones.ops.s4d_kernel) through FFTs of length >= 2L (backbones.ops.fft_conv.fft_causal_conv_skip,
+one node with a hand-written backward); decoding runs the recurrence (on float32
 CPU tensors with its GELU and output layer as one numba pass, `backbones.ops.fused_cpu.s4d_step_fused`).
 A prefill from a state adds the state's free response 2 Re(C dA^{t+1} h) and returns the
 final state dA^S h + sum_s dA^{S-1-s} dB u_s.
@@ -32,9 +33,9 @@ from torch import Tensor, nn
 
 from backbones.base import Backbone, Mixer, State, register, while_unchanged
 from backbones.ops import fused_cpu
-from backbones.ops.fft_conv import fft_causal_conv
+from backbones.ops.fft_conv import fft_causal_conv_skip
 from backbones.ops.fused_cpu import numba_usable, step_usable
-from backbones.ops.s4d_kernel import kernel_blocks, kernel_uses_numba, s4d_kernel
+from backbones.ops.s4d_kernel import discretize, kernel_blocks, kernel_uses_numba, s4d_kernel
 
 
 class S4DMixer(Mixer):
@@ -76,13 +77,10 @@ class S4DMixer(Mixer):
     # -- discretisation
     def _discrete(self, rtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """dt*A, dA = exp(dt A), dB = (dA - 1) / A and C, each [H, N/2] complex (complex128 for float64)."""
-        A = torch.complex(-torch.exp(self.log_A_real.to(rtype)), self.A_imag.to(rtype))  # [H, N/2]
-        dtA = A * torch.exp(self.log_dt.to(rtype))[:, None]
-        dA = torch.exp(dtA)
-        C = torch.view_as_complex(self.C.to(rtype).contiguous())
-        return dtA, dA, (dA - 1) / A, C
+        return discretize(self.log_dt, self.log_A_real, self.A_imag, self.C, rtype)
 
-    def _powers(self, dtA: Tensor, L: int) -> tuple[Tensor, Tensor]:
+    @staticmethod
+    def _powers(dtA: Tensor, L: int) -> tuple[Tensor, Tensor]:
         """Re and Im of dA^l = exp(l dt A) for l < L, each [H, N/2, L], from real exp/cos/sin
         (vectorised on CPU, unlike the complex exp)."""
         l = torch.arange(L, device=dtA.device, dtype=dtA.real.dtype)
@@ -124,14 +122,14 @@ class S4DMixer(Mixer):
         u = x.to(rt)
         if state is not None and S == 1:
             return self._post(self._recurrent(u[:, 0], state).to(x.dtype))[:, None]
-        dtA, _, dB, C = self._discrete(rt)
         if state is None:  # training: the kernel alone
-            K = s4d_kernel(dtA, C * dB, S)  # [H, S]
+            K = s4d_kernel(self.log_dt, self.log_A_real, self.A_imag, self.C, S, rt)  # [H, S]
         else:  # prefill: the state terms need every power dA^l, l <= S
+            dtA, _, dB, C = self._discrete(rt)
             Vr, Vi = self._powers(dtA, S + 1)  # [H, N/2, S+1]
             K = self._kernel(C * dB, Vr[:, :, :S], Vi[:, :, :S])  # [H, S]
         # contiguous [B, S, H]: a transposed layout would make GELU's backward a slow strided loop
-        y = fft_causal_conv(u.transpose(1, 2), K).transpose(1, 2).contiguous() + u * self.D.to(rt)
+        y = fft_causal_conv_skip(u, K, self.D.to(rt))
         if state is not None:
             h = self._state(state, rt)
             V = torch.complex(Vr, Vi)

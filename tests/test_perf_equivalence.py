@@ -250,50 +250,91 @@ def test_pure_chunk_size_cuts_the_length_into_equal_chunks(seq_len, want):
     assert q == want and -(-seq_len // q) == -(-seq_len // 48)  # as many chunks as at the longest chunk
 
 
-@pytest.mark.parametrize("L", [1, 2, 15, 16, 17, 176, 301])
-def test_s4d_kernel_paths_equal_power_table_fwd_bwd(L):
-    """The blocked reference and the numba loops (closed-form backward) vs the full table of
-    powers, K and the gradients of z = dt A and W = C dB, float64."""
-    from backbones.ops.s4d_kernel import _NumbaKernel, s4d_kernel_ref
+def _s4d_params(H: int, half: int, dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
+    """S4DMixer's (log_dt, log_A_real, A_imag, C) with their default initialisation spread out a
+    little (so that no two modes share their decay), requiring grad."""
     from backbones.s4d import S4DMixer
 
-    torch.manual_seed(0)
-    m = S4DMixer(8, d_state=10).double()
-    dtA, _, dB, C = m._discrete(torch.float64)
-    z0, W0 = dtA.detach(), (C * dB).detach()
+    torch.manual_seed(seed)
+    m = S4DMixer(H, d_state=2 * half)
+    with torch.no_grad():
+        m.log_A_real.add_(0.3 * torch.randn_like(m.log_A_real))
+        m.A_imag.add_(0.1 * torch.randn_like(m.A_imag))
+    return [p.detach().to(dtype).requires_grad_() for p in (m.log_dt, m.log_A_real, m.A_imag, m.C)]
+
+
+@pytest.mark.parametrize("L", [1, 2, 3, 15, 16, 17, 176, 301])
+def test_s4d_kernel_paths_equal_power_table_fwd_bwd(L):
+    """The blocked reference and the numba pass (discretisation and closed-form backward by hand) vs
+    the full table of powers through autograd: K and the gradients of log_dt, log_A_real, A_imag and C,
+    float64."""
+    from backbones.ops.s4d_kernel import _NumbaKernel, discretize, s4d_kernel_ref
+    from backbones.s4d import S4DMixer
+
+    params = _s4d_params(8, 5, torch.float64)
     g = torch.randn(8, L, dtype=torch.float64)
+
+    def table(*p):
+        z, _, dB, C = discretize(*p, torch.float64)
+        return S4DMixer._kernel(C * dB, *S4DMixer._powers(z, L))
+
     outs = []
-    for fn in (
-        lambda z, W: m._kernel(W, *m._powers(z, L)),
-        lambda z, W: s4d_kernel_ref(z, W, L),
-        lambda z, W: _NumbaKernel.apply(z, W, L),
-    ):
-        z, W = z0.clone().requires_grad_(), W0.clone().requires_grad_()
-        K = fn(z, W)
+    for fn in (table, lambda *p: s4d_kernel_ref(*p, L, torch.float64), lambda *p: _NumbaKernel.apply(*p, L)):
+        ps = [p.detach().clone().requires_grad_() for p in params]
+        K = fn(*ps)
         assert K.shape == (8, L)
-        outs.append([K, *torch.autograd.grad((K * g).sum(), (z, W))])
+        outs.append([K, *torch.autograd.grad((K * g).sum(), ps)])
     for other in outs[1:]:
         for a, r in zip(other, outs[0], strict=True):
             assert (a - r).abs().max() < 1e-10 * max(1.0, r.abs().max().item())
 
 
+def test_s4d_numba_kernel_passes_gradcheck():
+    from backbones.ops.s4d_kernel import _NumbaKernel
+
+    assert torch.autograd.gradcheck(lambda *p: _NumbaKernel.apply(*p, 11), _s4d_params(3, 4, torch.float64))
+
+
 def test_s4d_numba_kernel_float32_close_to_float64():
     from backbones.ops.s4d_kernel import _NumbaKernel
-    from backbones.s4d import S4DMixer
 
-    torch.manual_seed(0)
-    m = S4DMixer(32).double()
-    dtA, _, dB, C = m._discrete(torch.float64)
-    z64, W64 = dtA.detach(), (C * dB).detach()
+    p64 = _s4d_params(32, 32, torch.float64)
     g = torch.randn(32, 176, dtype=torch.float64)
     outs = []
-    for dt in (torch.complex128, torch.complex64):
-        z, W = z64.to(dt).requires_grad_(), (W64.to(dt)).requires_grad_()
-        K = _NumbaKernel.apply(z, W, 176)
-        grads = torch.autograd.grad((K * g.to(K.dtype)).sum(), (z, W))
-        outs.append([t.to(torch.complex128) for t in (K, *grads)])
+    for dt in (torch.float64, torch.float32):
+        ps = [p.detach().to(dt).requires_grad_() for p in p64]
+        K = _NumbaKernel.apply(*ps, 176)
+        grads = torch.autograd.grad((K * g.to(K.dtype)).sum(), ps)
+        outs.append([t.double() for t in (K, *grads)])
     for a, r in zip(outs[1], outs[0], strict=True):
         assert (a - r).abs().max() < 1e-5 * r.abs().max()
+
+
+def test_s4d_kernel_rejects_other_dtypes():
+    from backbones.ops.s4d_kernel import s4d_kernel
+
+    with pytest.raises(ValueError, match="rtype must be float32 or float64, got torch.bfloat16"):
+        s4d_kernel(*_s4d_params(2, 2, torch.float32), 5, torch.bfloat16)
+
+
+def test_fft_causal_conv_skip_is_the_transposed_convolution_plus_skip_bit_for_bit():
+    """S4D's one-node convolution with skip: the same bits as fft_causal_conv on the transposed input
+    plus D u, output and the gradients of u, k and D."""
+    from backbones.ops.fft_conv import fft_causal_conv, fft_causal_conv_skip
+
+    gen = torch.Generator().manual_seed(0)
+    u0, k0, D0 = torch.randn(3, 37, 16, generator=gen), torch.randn(16, 37, generator=gen), torch.randn(16, generator=gen)
+    g = torch.randn(3, 37, 16, generator=gen)
+    outs = []
+    for fn in (lambda u, k, D: fft_causal_conv(u.transpose(1, 2), k).transpose(1, 2).contiguous() + u * D,
+               fft_causal_conv_skip):
+        u, k, D = (t.clone().requires_grad_() for t in (u0, k0, D0))
+        y = fn(u, k, D)
+        outs.append([y, *torch.autograd.grad((y * g).sum(), (u, k, D))])
+    for a, r in zip(*outs, strict=True):
+        assert torch.equal(a, r)
+    with pytest.raises(ValueError, match=r"k \[H, L\] .* got u torch.float32 \(3, 37, 16\), k \(37, 16\)"):
+        fft_causal_conv_skip(u0, k0.t(), D0)
 
 
 @pytest.mark.parametrize("dim", [-1, -2])
@@ -991,6 +1032,7 @@ def test_decoding_with_the_numba_norm_is_bit_identical(name, kw, monkeypatch):
     def counted(kernel, into):
         return lambda *a: into.append(1) or kernel(*a)
 
+    fused_cpu._sum_lanes()  # its once-per-process probe runs the kernel too: not counted here
     monkeypatch.setattr(fused_cpu, "_nb_rms_norm", counted(fused_cpu._nb_rms_norm, calls))
     monkeypatch.setattr(fused_cpu, "rms_norm_kept", counted(fused_cpu.rms_norm_kept, wrapped))
     torch.manual_seed(0)
@@ -1193,11 +1235,11 @@ out, hT = _gated_scan(True, *ins, 8)
 for t in (out, hT, *torch.autograd.grad((out * out.detach().cos()).sum() + hT.sum(), ins)):
     h.update(t.detach().numpy().tobytes())
 torch.manual_seed(1)
-z = torch.complex(-torch.rand(19, 16), torch.randn(19, 16) * 3).requires_grad_()  # S4D's training kernel
-W = torch.randn(19, 16, dtype=torch.complex64).requires_grad_()
-K = s4d_kernel(z, W, 150)
+ps = [p.detach().requires_grad_() for p in (torch.randn(19) - 4, torch.randn(19, 16), torch.randn(19, 16) * 3,
+                                            torch.randn(19, 16, 2))]  # S4D's training kernel
+K = s4d_kernel(*ps, 150)
 h.update(K.detach().numpy().tobytes())
-for t in torch.autograd.grad((K * K.detach().cos()).sum(), (z, W)):
+for t in torch.autograd.grad((K * K.detach().cos()).sum(), ps):
     h.update(t.numpy().tobytes())
 torch.manual_seed(0)
 for mixer in (S4DMixer(24, d_state=8), S5Mixer(24, 8)):

@@ -12,6 +12,11 @@ reusing the forward's spectra, so a backward costs one forward FFT of g and one 
 per input (autograd takes a complex FFT for each rfft, plus the padding and slicing copies;
 ~30% of the convolution's time at the demo's shapes). Real inputs use rfft/irfft, complex inputs
 fft/ifft (complex gradients in PyTorch's convention: the adjoint applied to the conjugate).
+
+`fft_causal_conv_skip` is S4D's whole SSM in training, y = K * u + D u on channels-last [B, L, H]
+tensors, one autograd node: the input is transposed straight into the zero-padded buffer the FFT
+reads, and the transposed output is added onto D u, so the transposes cost no copies of their own.
+It computes the same bits as `fft_causal_conv` on the transposed input plus D u.
 """
 
 from __future__ import annotations
@@ -82,3 +87,43 @@ def fft_causal_conv(u: Tensor, k: Tensor, dim: int = -1) -> Tensor:
             f"{tuple(k.shape)}, dim {dim}"
         )
     return _FFTCausalConv.apply(u.contiguous(), k.contiguous(), dim)
+
+
+class _FFTCausalConvSkip(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u: Tensor, k: Tensor, D: Tensor) -> Tensor:  # u [B, L, H], k [H, L], D [H]
+        L = u.shape[1]
+        n = fft_len(L)
+        buf = u.new_zeros(u.shape[0], u.shape[2], n)  # [B, H, n]: u transposed and zero-padded
+        buf[..., :L].copy_(u.transpose(1, 2))
+        U, Kf = torch.fft.rfft(buf), torch.fft.rfft(k, n=n)  # [B, H, F], [H, F]
+        ctx.save_for_backward(u, D, U, Kf)
+        return torch.mul(u, D).add_(torch.fft.irfft(U * Kf, n=n)[..., :L].transpose(1, 2))  # [B, L, H]
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # g [B, L, H]
+        u, D, U, Kf = ctx.saved_tensors
+        L = g.shape[1]
+        n = fft_len(L)
+        buf = g.new_zeros(g.shape[0], g.shape[2], n)
+        buf[..., :L].copy_(g.transpose(1, 2))
+        G = torch.fft.rfft(buf)
+        gu = gk = gD = None
+        if ctx.needs_input_grad[0]:
+            gu = torch.mul(g, D).add_(torch.fft.irfft(G * Kf.conj(), n=n)[..., :L].transpose(1, 2))
+        if ctx.needs_input_grad[1]:
+            gk = torch.fft.irfft((G * U.conj()).sum(0), n=n)[..., :L]
+        if ctx.needs_input_grad[2]:
+            gD = (g * u).sum((0, 1))
+        return gu, gk, gD
+
+
+def fft_causal_conv_skip(u: Tensor, k: Tensor, D: Tensor) -> Tensor:
+    """y = K * u + D u along L for real channels-last u [B, L, H], k [H, L], D [H] -> y [B, L, H]
+    (contiguous); `fft_causal_conv(u.transpose(1, 2), k).transpose(1, 2) + u * D` bit for bit."""
+    if u.dim() != 3 or u.is_complex() or k.shape != (u.shape[2], u.shape[1]) or D.shape != (u.shape[2],):
+        raise ValueError(
+            f"fft_causal_conv_skip: real u [B, L, H], k [H, L] and D [H] expected; got u {u.dtype} "
+            f"{tuple(u.shape)}, k {tuple(k.shape)}, D {tuple(D.shape)}"
+        )
+    return _FFTCausalConvSkip.apply(u.contiguous(), k.contiguous(), D)
