@@ -333,8 +333,10 @@ def test_fft_causal_conv_skip_is_the_transposed_convolution_plus_skip_bit_for_bi
         outs.append([y, *torch.autograd.grad((y * g).sum(), (u, k, D))])
     for a, r in zip(*outs, strict=True):
         assert torch.equal(a, r)
-    with pytest.raises(ValueError, match=r"k \[H, L\] .* got u torch.float32 \(3, 37, 16\), k \(37, 16\)"):
+    with pytest.raises(ValueError, match=r"k \[H, L\] .* got u torch.float32 \(3, 37, 16\), k torch.float32 \(37, 16\)"):
         fft_causal_conv_skip(u0, k0.t(), D0)
+    with pytest.raises(ValueError, match=r"of one dtype expected; .* D torch.float64 \(16,\)"):
+        fft_causal_conv_skip(u0, k0, D0.double())
 
 
 @pytest.mark.parametrize("dim", [-1, -2])

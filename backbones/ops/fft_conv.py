@@ -121,9 +121,10 @@ class _FFTCausalConvSkip(torch.autograd.Function):
 def fft_causal_conv_skip(u: Tensor, k: Tensor, D: Tensor) -> Tensor:
     """y = K * u + D u along L for real channels-last u [B, L, H], k [H, L], D [H] -> y [B, L, H]
     (contiguous); `fft_causal_conv(u.transpose(1, 2), k).transpose(1, 2) + u * D` bit for bit."""
-    if u.dim() != 3 or u.is_complex() or k.shape != (u.shape[2], u.shape[1]) or D.shape != (u.shape[2],):
+    if (u.dim() != 3 or u.is_complex() or k.shape != (u.shape[2], u.shape[1]) or D.shape != (u.shape[2],)
+            or k.dtype != u.dtype or D.dtype != u.dtype):
         raise ValueError(
-            f"fft_causal_conv_skip: real u [B, L, H], k [H, L] and D [H] expected; got u {u.dtype} "
-            f"{tuple(u.shape)}, k {tuple(k.shape)}, D {tuple(D.shape)}"
+            f"fft_causal_conv_skip: real u [B, L, H], k [H, L] and D [H] of one dtype expected; got u {u.dtype} "
+            f"{tuple(u.shape)}, k {k.dtype} {tuple(k.shape)}, D {D.dtype} {tuple(D.shape)}"
         )
     return _FFTCausalConvSkip.apply(u.contiguous(), k.contiguous(), D)
