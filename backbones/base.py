@@ -276,9 +276,8 @@ class Block(nn.Module):
         x = x + self.mixer.step_normed(x, self.norm1, state["mixer"])
         if self.cross is not None:
             x = x + self.cross.step(self.norm_x.step(x), memory, memory_mask, state["cross"])
-        if self.channel is not None:  # any [..., D] module; the MLP has a decoding step of its own
-            y = self.norm2.step(x)
-            x = x + (self.channel.step(y) if isinstance(self.channel, MLP) else self.channel(y))
+        if self.channel is not None:  # any [..., D] module; one with a `step` (the MLP's) decodes through it
+            x = x + getattr(self.channel, "step", self.channel)(self.norm2.step(x))
         return x
 
 
@@ -333,6 +332,8 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
     def make_channel_mixer(self, layer_idx: int) -> nn.Module | None:
+        """A [..., D] -> [..., D] module after each mixer, or None. A decoding step calls its
+        `step(x [B, D])` when it has one (the MLP's row kernels), else the module itself."""
         return None if self.mlp_ratio is None else MLP(self.d_model, self.mlp_ratio)
 
     # -- contract

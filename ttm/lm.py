@@ -38,6 +38,12 @@ def text_memory(proj: nn.Module, null: Tensor, text_emb: Tensor, text_mask: Tens
     return m, mask
 
 
+def uses_cfg(cfg_scale: float) -> bool:
+    """Whether generation runs classifier-free guidance (`TTMLM.generate`): the conditional and the null
+    caption as one batch, twice the prompts' rows."""
+    return cfg_scale != 1.0
+
+
 class LMParts(nn.Module):
     """The LM's modules outside the backbone: text projection, null token, per-codebook
     embeddings and heads (TTMLM adopts them; lm_extra_params counts them on the meta device)."""
@@ -196,7 +202,7 @@ class TTMLM(nn.Module):
             raise ValueError("generate: compile_step applies to recurrent decoding (recurrent=True)")
         step = self.backbone.compiled_step() if compile_step else self.backbone.step
         B, dev = text_emb.shape[0], text_emb.device
-        use_cfg = cfg_scale != 1.0
+        use_cfg = uses_cfg(cfg_scale)
         if use_cfg:
             text_emb = torch.cat([text_emb, text_emb])
             text_mask = torch.cat([text_mask, torch.zeros_like(text_mask)])

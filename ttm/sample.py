@@ -21,6 +21,7 @@ import torch
 from backbones.ops import fused_cpu
 from ttm.audio import save_audio
 from ttm.config import GenerateConfig, RunConfig
+from ttm.lm import uses_cfg
 from ttm.progress import bar as progress_bar
 from ttm.text import encode_captions
 from ttm.util import atomic_write_text
@@ -208,7 +209,7 @@ def generate_clips(
 
     info = render_prompts(prompts, encoder, out_dir, codec, n_frames, render, seed, batch_size, max_text_len,
                           next(lm.parameters()).device, progress, desc)
-    cfg = 2 if gen.cfg_scale != 1.0 else 1  # CFG doubles a batch's rows
+    cfg = 2 if uses_cfg(gen.cfg_scale) else 1  # CFG doubles a batch's rows
     rows = {cfg * min(batch_size, len(prompts)), cfg * (len(prompts) % batch_size or batch_size)}  # full, last
     products = {f"{r} rows": "torch.compile" if compile_step else fused_cpu.rows_note(r, next(lm.parameters()))
                 for r in sorted(rows)}

@@ -89,14 +89,20 @@ def fft_causal_conv(u: Tensor, k: Tensor, dim: int = -1) -> Tensor:
     return _FFTCausalConv.apply(u.contiguous(), k.contiguous(), dim)
 
 
+def _rfft_channels(x: Tensor, n: int) -> Tensor:
+    """rfft of length n along L of channels-last x [B, L, H] -> [B, H, n // 2 + 1]: x transposed straight
+    into the zero-padded buffer the transform reads (one copy; rfft(n=n) of the transpose pads a second)."""
+    buf = x.new_zeros(x.shape[0], x.shape[2], n)
+    buf[..., : x.shape[1]].copy_(x.transpose(1, 2))
+    return torch.fft.rfft(buf)
+
+
 class _FFTCausalConvSkip(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u: Tensor, k: Tensor, D: Tensor) -> Tensor:  # u [B, L, H], k [H, L], D [H]
         L = u.shape[1]
         n = fft_len(L)
-        buf = u.new_zeros(u.shape[0], u.shape[2], n)  # [B, H, n]: u transposed and zero-padded
-        buf[..., :L].copy_(u.transpose(1, 2))
-        U, Kf = torch.fft.rfft(buf), torch.fft.rfft(k, n=n)  # [B, H, F], [H, F]
+        U, Kf = _rfft_channels(u, n), torch.fft.rfft(k, n=n)  # [B, H, F], [H, F]
         ctx.save_for_backward(u, D, U, Kf)
         return torch.mul(u, D).add_(torch.fft.irfft(U * Kf, n=n)[..., :L].transpose(1, 2))  # [B, L, H]
 
@@ -105,9 +111,7 @@ class _FFTCausalConvSkip(torch.autograd.Function):
         u, D, U, Kf = ctx.saved_tensors
         L = g.shape[1]
         n = fft_len(L)
-        buf = g.new_zeros(g.shape[0], g.shape[2], n)
-        buf[..., :L].copy_(g.transpose(1, 2))
-        G = torch.fft.rfft(buf)
+        G = _rfft_channels(g, n)
         gu = gk = gD = None
         if ctx.needs_input_grad[0]:
             gu = torch.mul(g, D).add_(torch.fft.irfft(G * Kf.conj(), n=n)[..., :L].transpose(1, 2))
