@@ -271,38 +271,42 @@ def test_weight_decay_is_chosen_by_shape_and_module_tags():
             assert any(names[id(p)].startswith("emb.") for p in no_decay)
 
 
-_FAULTS = """
-import json, resource, sys, torch
-from benchmarks.common import DEMO, build_lm, fake_batch, train_step_fn
+_KEPT = """
+import json, os, torch
 from ttm.util import keep_freed_memory
 state = keep_freed_memory()
-torch.set_num_threads(1)
-lm = build_lm(DEMO["K"], DEMO["card"], DEMO["text_dim"], **{**DEMO["model"], "backbone": "mamba2"})
-step = train_step_fn(lm, fake_batch(8, DEMO["K"], DEMO["card"], 100, 8, DEMO["text_dim"]))
-for _ in range(3):
-    step()
-faults = []
-for _ in range(8):
-    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    step()
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
-print(json.dumps({"state": state, "faults": sorted(faults)[4]}))  # the median step's
+def rss():  # resident bytes: page-size independent (huge pages count as what they hold)
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+torch.ones(1000).sum()
+fresh = []
+for n in (1, 3, 3, 3, 3, 3, 3):  # rounds of a step-like pattern: three 8 MiB activations, used and freed
+    r0 = rss()
+    xs = [torch.ones(2 << 20) for _ in range(n)]  # float32: 8 MiB each, pages touched
+    fresh.append((rss() - r0) / 2**20)  # MiB the round took from the kernel
+    del xs
+print(json.dumps({"state": state, "fresh": fresh}))
 """
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_training_keeps_freed_memory_for_the_next_step_and_records_it():
-    """ttm.util.keep_freed_memory (run by training's setup): a Mamba2 step's freed activations serve
-    the next step instead of fresh pages from the kernel; TTM_MALLOC=default leaves glibc's defaults."""
+    """ttm.util.keep_freed_memory (run by training's setup): once warm, freed multi-MB activations serve
+    the next round instead of fresh pages from the kernel; TTM_MALLOC=default leaves glibc's defaults,
+    which hand such blocks back (mmap threshold, heap trimming) and take fresh pages every round.
+
+    Resident memory, not page-fault counts, and a fixed pattern, not a model's step: a Mamba2 step's
+    median fault count (settings 1-3, defaults 2,000-4,000 here) came out 65 against 89 on a CI host,
+    whose fault size (huge pages?) and allocation history we cannot see."""
     out = {}
     for mode in ("set", "default"):
         env = {**os.environ, "TTM_MALLOC": "" if mode == "set" else "default"}
-        r = subprocess.run([sys.executable, "-c", _FAULTS], cwd=ROOT, env=env, capture_output=True, text=True,
+        r = subprocess.run([sys.executable, "-c", _KEPT], cwd=ROOT, env=env, capture_output=True, text=True,
                            check=True)
         out[mode] = json.loads(r.stdout.strip().splitlines()[-1])
     if not out["set"]["state"].startswith("glibc mallopt:"):
         pytest.skip(f"not glibc: {out['set']['state']}")
     assert out["default"]["state"] == "default (TTM_MALLOC=default)"
-    # the median step: glibc's defaults fault 2,000-4,000 fresh pages in (measured), the settings 1-3
-    assert out["set"]["faults"] * 10 < out["default"]["faults"], out
+    # measured here: settings [7.9, 16, 24, 16, 0, 0, 0] MiB, defaults [8, 24, 8, 24, 16, 16, 16]
+    assert max(out["set"]["fresh"][-3:]) < 1, out
+    assert min(out["default"]["fresh"][-3:]) > 8, out
