@@ -474,14 +474,17 @@ class _CausalConvSiLU(torch.autograd.Function):
         return gx, gw, gp.sum((0, 1))
 
 
-def causal_conv_silu(x: Tensor, weight: Tensor, bias: Tensor, numba: bool = False) -> Tensor:
+def causal_conv_silu(x: Tensor, weight: Tensor, bias: Tensor, numba: bool = False,
+                     sizes: tuple[int, ...] | None = None):
     """silu(causal depthwise conv(x)): x [b, l, c], weight [c, 1, K] (nn.Conv1d's), bias [c];
-    computed in x's dtype, as F.conv1d under autocast. `numba=True` (float32 CPU): the fused kernel
-    `backbones.ops.fused_cpu.causal_conv_silu_fused`, else `_CausalConvSiLU`."""
+    computed in x's dtype, as F.conv1d under autocast. `sizes`: the output's consecutive channel
+    segments (up to three), as `torch.split` gives them. `numba=True` (float32 CPU): the fused kernel
+    `backbones.ops.fused_cpu.causal_conv_silu_fused` (each segment contiguous), else `_CausalConvSiLU`."""
     if numba:
         _check_numba(x)
-        return fused_cpu.causal_conv_silu_fused(x, weight, bias)
-    return _CausalConvSiLU.apply(x, weight[:, 0].to(x.dtype), bias.to(x.dtype))
+        return fused_cpu.causal_conv_silu_fused(x, weight, bias, sizes)
+    y = _CausalConvSiLU.apply(x, weight[:, 0].to(x.dtype), bias.to(x.dtype))
+    return y if sizes is None else torch.split(y, list(sizes), -1)
 
 
 # ----------------------------------------------------------------------------- mixer
@@ -642,8 +645,9 @@ class Mamba2Mixer(KernelSwitch, Mixer):
         via = numba_note(nb)
 
         # causal depthwise conv, continuing from the state's window when given
-        if state is None and self.fused_conv:
-            xBC = causal_conv_silu(xBC, self.conv1d.weight, self.conv1d.bias, numba=nb)  # [b, l, conv_dim]
+        sizes = [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state]
+        if state is None and self.fused_conv:  # x, B, C: [b, l, d_inner], [b, l, g n] twice
+            xs, Bm, Cm = causal_conv_silu(xBC, self.conv1d.weight, self.conv1d.bias, numba=nb, sizes=sizes)
             self.record_path("conv", None, "", "", f"backbones.mamba2.causal_conv_silu{via}")
         else:
             self.record_path("conv", None, "", "", "torch.nn.functional.conv1d")
@@ -654,7 +658,7 @@ class Mamba2Mixer(KernelSwitch, Mixer):
                 xt = torch.cat([state["conv"].to(xt.dtype), xt], dim=-1)  # [b, conv_dim, d_conv-1+l]
                 state["conv"].copy_(xt[:, :, xt.shape[-1] - (self.d_conv - 1) :])
             xBC = F.silu(F.conv1d(xt, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)).transpose(1, 2)
-        xs, Bm, Cm = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], -1)
+            xs, Bm, Cm = torch.split(xBC, sizes, -1)
         xs = xs.reshape(b, l, self.nheads, self.headdim)
         Bm = Bm.reshape(b, l, self.ngroups, self.d_state)
         Cm = Cm.reshape(b, l, self.ngroups, self.d_state)

@@ -656,6 +656,31 @@ def test_causal_conv_silu_numba_equals_conv1d_fwd_bwd(b, l, c, K):
         _close(name, a, r)
 
 
+
+@needs_numba
+@pytest.mark.parametrize("sizes", [(256, 47, 47), (3, 0, 4), (7,), (1, 6)])
+def test_causal_conv_silu_numba_segments_are_the_split_bit_for_bit(sizes):
+    """Mamba2's x, B and C straight from the conv, each contiguous: the same bits as splitting the
+    whole output, forward and backward (the segments' gradients are gathered per row, not concatenated).
+    The widths include the demo's (350 channels: a vectorised loop and a scalar tail)."""
+    c = sum(sizes)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 29, c, generator=gen).requires_grad_()
+    w, bias = torch.randn(c, 1, 4, generator=gen).requires_grad_(), torch.randn(c, generator=gen).requires_grad_()
+    gy = torch.randn(3, 29, c, generator=gen)
+    whole = causal_conv_silu(x, w, bias, numba=True)
+    parts = causal_conv_silu(x, w, bias, numba=True, sizes=sizes)
+    assert len(parts) == len(sizes) and all(p.is_contiguous() for p in parts)
+    assert torch.equal(torch.cat(parts, -1), whole)
+    ref_split = causal_conv_silu(x, w, bias, sizes=sizes)  # the torch path: views of one output
+    assert [p.shape for p in ref_split] == [p.shape for p in parts]
+    g_whole = torch.autograd.grad(whole, (x, w, bias), gy)
+    g_parts = torch.autograd.grad(parts, (x, w, bias), list(torch.split(gy, list(sizes), -1)))
+    for a, b in zip(g_parts, g_whole, strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=f"1 to 3 channel counts summing to {c}, got"):
+        causal_conv_silu(x, w, bias, numba=True, sizes=(c, 1))
+
 def _gated_scan_inputs(seed: int = 3, b: int = 3, L: int = 9, c: int = 5, n: int = 3, R: int = 4):
     """Inputs of `selective_scan_gated` as the Mamba1 mixer passes them: dt's low-rank input, B and C
     column slices of one x_proj output, z a column slice of in_proj's; dt's bias over softplus's whole

@@ -5,7 +5,8 @@ kernel here reads its inputs once per direction, keeps one sequence's rows in ca
 cheap intermediates in the backward instead of saving them.
 
 - `causal_conv_silu_fused`: silu(causal depthwise conv1d(x) + bias), channels last (Mamba1 and
-  Mamba2); the references are `backbones.mamba2._CausalConvSiLU` and `F.conv1d`.
+  Mamba2, whose x, B and C it writes as three contiguous tensors); the references are
+  `backbones.mamba2._CausalConvSiLU` and `F.conv1d`.
 - `gated_rms_norm_fused`: rmsnorm(y * silu(z)) * weight per group (Mamba2); the reference is
   `backbones.mamba2.GatedRMSNorm.reference` (F.rms_norm and autograd).
 - `ssd_grad_tail`: the chunked SSD's backward from d(x dt) to the gradients of x, dt, A and D
@@ -80,34 +81,60 @@ if _nb is not None:
             for c in range(Cn):
                 acc[c] += x[b, s, c] * wt[k, c]
 
+    @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy", inline="always")
+    def _nb_seg_copy(src, off, dst, b, t):  # pragma: no cover - jitted
+        # dst[b, t, :] = src[off : off + width of dst]
+        for c in range(dst.shape[2]):
+            dst[b, t, c] = src[off + c]
+
+    @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy", inline="always")
+    def _nb_seg_gather(g, off, dst, b, t):  # pragma: no cover - jitted
+        # dst[off : off + width of g] = g[b, t, :]
+        for c in range(g.shape[2]):
+            dst[off + c] = g[b, t, c]
+
     @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
-    def _nb_conv_fwd(x, wt, bias, out, b0, b1):  # pragma: no cover - jitted
-        # x, out [B, L, C]; wt [K, C]; bias [C]
+    def _nb_conv_fwd(x, wt, bias, o0, o1, o2, b0, b1):  # pragma: no cover - jitted
+        # x [B, L, C]; wt [K, C]; bias [C]; o0, o1, o2 [B, L, C0], [B, L, C1], [B, L, C2] with
+        # C0 + C1 + C2 = C: the output's channels in three consecutive segments (each may be empty).
+        # silu runs over all C channels of a row at once, then the row is copied out: the vectorised
+        # loop and its scalar tail gave a few channels other bits when a segment ran on its own.
         L, Cn = x.shape[1], x.shape[2]
+        n0, n1 = o0.shape[2], o1.shape[2]
         acc = _np.empty(Cn, _np.float32)
+        row = _np.empty(Cn, _np.float32)
         one = _np.float32(1.0)
         for b in range(b0, b1):
             for t in range(L):
                 _nb_conv_pre(x, wt, bias, b, t, acc)
                 for c in range(Cn):
                     a = acc[c]
-                    out[b, t, c] = a / (one + _vexp(-a))
+                    row[c] = a / (one + _vexp(-a))
+                _nb_seg_copy(row, 0, o0, b, t)
+                _nb_seg_copy(row, n0, o1, b, t)
+                _nb_seg_copy(row, n0 + n1, o2, b, t)
 
     @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
-    def _nb_conv_bwd(x, wt, bias, g, gx, gw, gb, b0, b1):  # pragma: no cover - jitted
-        # x, g, gx [B, L, C]; wt [K, C]; gw [B, K, C], gb [B, C]: per-sequence partial sums
+    def _nb_conv_bwd(x, wt, bias, g0, g1, g2, gx, gw, gb, b0, b1):  # pragma: no cover - jitted
+        # x, gx [B, L, C]; g0, g1, g2: the output's gradient in _nb_conv_fwd's segments; wt [K, C];
+        # gw [B, K, C], gb [B, C]: per-sequence partial sums
         L, Cn, K = x.shape[1], x.shape[2], wt.shape[0]
+        n0, n1 = g0.shape[2], g1.shape[2]
         gp = _np.empty((L, Cn), _np.float32)  # d pre-activation of one sequence
+        grow = _np.empty(Cn, _np.float32)  # the output's gradient at one step, gathered
         one = _np.float32(1.0)
         for b in range(b0, b1):
             gw[b] = 0
             gb[b] = 0
             for t in range(L):  # recompute the pre-activation, then silu'
                 _nb_conv_pre(x, wt, bias, b, t, gp[t])
+                _nb_seg_gather(g0, 0, grow, b, t)
+                _nb_seg_gather(g1, n0, grow, b, t)
+                _nb_seg_gather(g2, n0 + n1, grow, b, t)
                 for c in range(Cn):
                     a = gp[t, c]
                     sg = one / (one + _vexp(-a))
-                    v = g[b, t, c] * sg * (one + a * (one - sg))
+                    v = grow[c] * sg * (one + a * (one - sg))
                     gp[t, c] = v
                     gb[b, c] += v
                 for k in range(max(0, K - 1 - t), K):  # x_s feeds tap k of output t
@@ -889,33 +916,46 @@ def _launch(kernel, batch: int, *args) -> None:
 
 
 class _ConvSiLU(torch.autograd.Function):
-    """x [B, L, C], wt [K, C], bias [C] -> silu(causal conv) [B, L, C]; the backward recomputes the
-    pre-activation from x (nothing but the inputs is saved)."""
+    """x [B, L, C], wt [K, C], bias [C] -> silu(causal conv) as its channel segments `sizes` (up to three,
+    summing to C), each a contiguous [B, L, size]; the backward recomputes the pre-activation from x
+    (nothing but the inputs is saved)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, wt: Tensor, bias: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, wt: Tensor, bias: Tensor, sizes: tuple[int, ...]) -> tuple[Tensor, ...]:
         x = x.contiguous()  # [B, L, C]
-        out = torch.empty_like(x)
-        _launch(_nb_conv_fwd, x.shape[0], x, wt, bias, out)
+        outs = [x.new_empty(*x.shape[:2], n) for n in sizes]
+        _launch(_nb_conv_fwd, x.shape[0], x, wt, bias, *_segments(outs))
         ctx.save_for_backward(x, wt, bias)
-        return out
+        return tuple(outs)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g: Tensor):
+    def backward(ctx, *g: Tensor):
         x, wt, bias = ctx.saved_tensors
         B = x.shape[0]
         gx = torch.empty_like(x)
         gw = x.new_empty(B, *wt.shape)
         gb = x.new_empty(B, wt.shape[1])
-        _launch(_nb_conv_bwd, B, x, wt, bias, g, gx, gw, gb)
-        return gx, gw.sum(0), gb.sum(0)
+        _launch(_nb_conv_bwd, B, x, wt, bias, *_segments(list(g)), gx, gw, gb)
+        return gx, gw.sum(0), gb.sum(0), None
 
 
-def causal_conv_silu_fused(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+def _segments(ts: list[Tensor]) -> list[Tensor]:
+    """A segmented kernel's three channel segments: ts [B, L, C_i] padded with empty [B, L, 0] ones."""
+    return ts + [ts[0].new_empty(*ts[0].shape[:2], 0)] * (3 - len(ts))
+
+
+def causal_conv_silu_fused(x: Tensor, weight: Tensor, bias: Tensor, sizes: tuple[int, ...] | None = None):
     """silu(causal depthwise conv1d(x) + bias): x [b, l, c] float32 CPU, weight [c, 1, K]
-    (nn.Conv1d's), bias [c] -> [b, l, c]."""
-    return _ConvSiLU.apply(x, weight[:, 0].t().contiguous(), bias)
+    (nn.Conv1d's), bias [c] -> [b, l, c]; given `sizes` (up to three channel counts summing to c), the
+    output's consecutive channel segments instead, each contiguous (Mamba2's x, B and C): the same
+    values as `torch.split` of the whole, with no split and no gradient concatenation after."""
+    if sizes is None:
+        return _ConvSiLU.apply(x, weight[:, 0].t().contiguous(), bias, (x.shape[-1],))[0]
+    if not 1 <= len(sizes) <= 3 or sum(sizes) != x.shape[-1] or min(sizes) < 0:
+        raise ValueError(f"causal_conv_silu_fused: sizes must be 1 to 3 channel counts summing to {x.shape[-1]}, "
+                         f"got {list(sizes)}")
+    return _ConvSiLU.apply(x, weight[:, 0].t().contiguous(), bias, tuple(sizes))
 
 
 class _GatedNorm(torch.autograd.Function):
