@@ -266,7 +266,8 @@ def keep_freed_memory() -> str:
 
     A step frees and reallocates the same multi-MB activations every time. By default glibc serves
     blocks above its mmap threshold (128 KiB, raised as large blocks are freed) with fresh mappings
-    and trims freed memory at the top of the heap, so each step faults fresh zeroed pages in again.
+    and trims freed memory at the top of the heap, so each step faults fresh zeroed pages in again
+    (in most processes: whether the defaults keep a freed heap top varied from process to process).
     At the demo's shapes (2-core AMD EPYC, 2 threads) a Mamba2 step took 5,600-24,500 minor faults
     and, paired in one process, 14-15% longer than with these settings (0-280 faults); SiMBA 19%,
     S4D 6%, Mamba1 and S5 3%, the Transformer 0-7% (benchmarks' ssm_train_step and grid cells run
