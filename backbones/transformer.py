@@ -35,7 +35,7 @@ class SelfAttention(Mixer):
         else:
             p = state["pos"]
             if p + S > state["k"].shape[2]:
-                raise ValueError(f"KV cache holds {state['k'].shape[2]} positions; asked for {p + S}")
+                raise ValueError(f"KV cache holds {state['k'].shape[2]} positions; asked to write position {p + S - 1}")
             state["k"][:, :, p : p + S] = k
             state["v"][:, :, p : p + S] = v
             state["pos"] = p + S
