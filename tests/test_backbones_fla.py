@@ -42,6 +42,21 @@ def test_linear_recurrence_closed_form_without_decay():
     assert torch.allclose(S, torch.einsum("bshk,bshv->bhkv", k, v))
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_short_conv_decoding_step_equals_the_convolution(bias):
+    """A one-token step from the state window (the taps as a product and sum) gives the depthwise
+    conv's output at that position, and the window moves on by that token."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 9, 6, generator=g, dtype=torch.float64)  # [B, T, D]
+    w = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    b = torch.randn(6, generator=g, dtype=torch.float64) if bias else None
+    whole, _ = fla.ref_causal_conv1d(x, w, b, activation="silu")
+    _, state = fla.ref_causal_conv1d(x[:, :8], w, b, activation="silu", output_final_state=True)
+    y, state = fla.ref_causal_conv1d(x[:, 8:], w, b, initial_state=state, activation="silu", output_final_state=True)
+    assert y.shape == (3, 1, 6) and torch.allclose(y, whole[:, 8:], rtol=1e-12, atol=1e-12)
+    assert torch.equal(state, x[:, 5:].transpose(1, 2))
+
+
 def test_reference_path_is_recorded_and_restores_the_fla_module():
     import fla.layers.gated_deltanet as gdn
 
