@@ -9,8 +9,10 @@ Paths (the `kernel` knob, see backbones.ops.dispatch): "kernel" runs the layer a
 ships it (Triton kernels: CUDA, or CPU tensors under TRITON_INTERPRET=1); "reference"
 runs the same layer and parameters with its Triton calls swapped for PyTorch while the
 call runs: the recurrences by `linear_recurrence` below (one loop over time, written from
-the papers' recurrences), the gates by fla's own naive references (`naive_kda_gate`), the
-short convolution and the norms by `F.conv1d` / `F.rms_norm`. "auto" = kernel on CUDA.
+the papers' recurrences; a decoding step's one token as one numba pass where it can,
+`fused_cpu.recurrence_step`, recorded under "step"), the gates by fla's own naive
+references (`naive_kda_gate`), the short convolution and the norms by `F.conv1d` (a
+decoding step: its taps' product and sum) / `F.rms_norm`. "auto" = kernel on CUDA.
 
 fla is an optional extra (`pip install .[fla]`, see pyproject). Names are registered when
 fla imports; `unavailable()` says why a catalogue entry or fla layer is not offered.
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from backbones.base import Backbone, Mixer, State, register
+from backbones.ops import fused_cpu
 from backbones.ops.dispatch import KernelSwitch, check_mode, kernel_available, load_kernel
 
 # ----------------------------------------------------------------------------- reference recurrence
@@ -77,6 +80,29 @@ def linear_recurrence(q, k, v, *, g=None, gk=None, beta=None, scale=None, initia
     return o, final
 
 
+def _recurrence(q, k, v, *, g=None, gk=None, beta=None, scale=None, initial_state=None,
+                output_final_state=False, l2norm_qk=False, state_v_first=False):
+    """`linear_recurrence`; one token from a state (a decoding step) where `one_token_fused` allows
+    runs as one numba pass instead (`fused_cpu.recurrence_step`, equal to float32 rounding)."""
+    if q.shape[1] != 1 or not one_token_fused(v, initial_state, q, k, g, gk, beta):
+        return linear_recurrence(q, k, v, g=g, gk=gk, beta=beta, scale=scale, initial_state=initial_state,
+                                 output_final_state=output_final_state, l2norm_qk=l2norm_qk,
+                                 state_v_first=state_v_first)
+    S = initial_state.transpose(-1, -2).contiguous() if state_v_first else initial_state.clone()  # [B,H,K,V]
+    o = fused_cpu.recurrence_step(q[:, 0], k[:, 0], v[:, 0], S, None if g is None else g[:, 0],
+                                  None if gk is None else gk[:, 0], None if beta is None else beta[:, 0],
+                                  scale, l2norm_qk)
+    final = (S.transpose(-1, -2) if state_v_first else S) if output_final_state else None
+    return o[:, None].to(v.dtype), final
+
+
+def one_token_fused(v: Tensor, state: Tensor | None, *others: Tensor | None) -> bool:
+    """Whether a one-token recurrence step runs as `fused_cpu.recurrence_step`: a float32 state to start
+    from and `fused_cpu.step_usable` (no autograd recording, float32 CPU, numba) for every tensor."""
+    return (state is not None and fused_cpu.step_usable(v, state)
+            and all(t is None or t.dtype == torch.float32 for t in others))
+
+
 def _no(flag: str, value: Any, op: str) -> None:
     if value:
         raise NotImplementedError(f"fla adapter: the PyTorch path of {op} does not implement {flag}={value!r}")
@@ -100,14 +126,14 @@ def _beta(beta, kw, op):
 
 def ref_gla(q, k, v, g=None, gk=None, **kw):
     c = _common(kw, "gla")
-    return linear_recurrence(q, k, v, gk=g if gk is None else gk, **c)
+    return _recurrence(q, k, v, gk=g if gk is None else gk, **c)
 
 
 def ref_simple_gla(q, k, v, g=None, g_gamma=None, **kw):
     c = _common(kw, "simple_gla")
     if g is None and g_gamma is not None:
         g = g_gamma.view(1, 1, -1).expand(q.shape[0], q.shape[1], -1)
-    return linear_recurrence(q, k, v, g=g, **c)
+    return _recurrence(q, k, v, g=g, **c)
 
 
 def ref_delta_rule(q, k, v, beta=None, **kw):
@@ -115,7 +141,7 @@ def ref_delta_rule(q, k, v, beta=None, **kw):
     l2 = kw.pop("use_qk_l2norm_in_kernel", False)
     if beta is None:
         beta = torch.ones(v.shape[:3], dtype=v.dtype, device=v.device)
-    return linear_recurrence(q, k, v, beta=beta, l2norm_qk=l2, **c)
+    return _recurrence(q, k, v, beta=beta, l2norm_qk=l2, **c)
 
 
 def ref_gated_delta_rule(q, k, v, g=None, beta=None, gk=None, A_log=None, dt_bias=None, **kw):
@@ -126,7 +152,7 @@ def ref_gated_delta_rule(q, k, v, g=None, beta=None, gk=None, A_log=None, dt_bia
         g = naive_gdn_gate(g, A_log, dt_bias)
     l2 = kw.pop("use_qk_l2norm_in_kernel", False)
     beta = _beta(beta, kw, "gated_delta_rule")
-    return linear_recurrence(q, k, v, g=g, gk=gk, beta=beta, l2norm_qk=l2, **c)
+    return _recurrence(q, k, v, g=g, gk=gk, beta=beta, l2norm_qk=l2, **c)
 
 
 def ref_kda(q, k, v, g, beta, A_log=None, dt_bias=None, **kw):
@@ -140,7 +166,7 @@ def ref_kda(q, k, v, g, beta, A_log=None, dt_bias=None, **kw):
         g = (naive_kda_gate(g, A_log, dt_bias) if lower is None
              else naive_kda_lowerbound_gate(g, A_log, dt_bias, lower_bound=lower))
     beta = _beta(beta, kw, "kda")
-    return linear_recurrence(q, k, v, gk=g, beta=beta, l2norm_qk=l2, **c)
+    return _recurrence(q, k, v, gk=g, beta=beta, l2norm_qk=l2, **c)
 
 
 # fla op (module path, name) -> PyTorch reference with the same call signature
@@ -341,6 +367,10 @@ class FlaMixer(KernelSwitch, Mixer):
         self.record_path("layer", load_kernel(*self._where) if use_kernel else None, *self._where,
                          f"{self.cls_path} + backbones.fla.torch_path")
         ctx = contextlib.nullcontext() if use_kernel else torch_path(self.layer)
+        if cache is not None and x.shape[1] == 1 and not use_kernel:  # a decoding step (`_recurrence`)
+            fused = one_token_fused(x, cache[0].get("recurrent_state"))
+            note = fused_cpu.numba_note(fused)
+            self.record_path("step", None, "", "", f"backbones.fla.linear_recurrence{note}")
         with ctx:
             out = self.layer(x, past_key_values=cache, use_cache=cache is not None)
         return out[0]

@@ -42,6 +42,47 @@ def test_linear_recurrence_closed_form_without_decay():
     assert torch.allclose(S, torch.einsum("bshk,bshv->bhkv", k, v))
 
 
+@pytest.mark.skipif(not fla.fused_cpu.AVAILABLE, reason="numba is not installed")
+@pytest.mark.parametrize("gate", ["none", "g", "gk"])
+@pytest.mark.parametrize("delta", [False, True])
+@pytest.mark.parametrize("v_first", [False, True])
+def test_one_token_fused_step_equals_the_reference_recurrence(gate, delta, v_first):
+    """A decoding step (one token from a state) through the numba pass gives the reference loop's
+    output and final state, for every gate, with and without the delta rule and l2-normalised q, k,
+    grouped heads (H = 2 Hk) and a state stored V-first; the state passed in is left as it was."""
+    g = torch.Generator().manual_seed(1)
+    B, Hk, H, K, V = 3, 2, 4, 8, 6
+    q, k = (torch.randn(B, 1, Hk, K, generator=g) for _ in range(2))
+    v = torch.randn(B, 1, H, V, generator=g)
+    kw = {"g": -torch.rand(B, 1, H, generator=g)} if gate == "g" else {}
+    kw |= {"gk": -torch.rand(B, 1, H, K, generator=g)} if gate == "gk" else {}
+    kw |= {"beta": torch.rand(B, 1, H, generator=g), "l2norm_qk": True} if delta else {}
+    S0 = torch.randn(B, H, V, K, generator=g) if v_first else torch.randn(B, H, K, V, generator=g)
+    kept = S0.clone()
+    with torch.no_grad():
+        ref = fla.linear_recurrence(q, k, v, scale=0.3, initial_state=S0, output_final_state=True,
+                                    state_v_first=v_first, **kw)
+        assert fla.one_token_fused(v, S0)
+        out = fla._recurrence(q, k, v, scale=0.3, initial_state=S0, output_final_state=True,
+                              state_v_first=v_first, **kw)
+    assert torch.equal(S0, kept)
+    for a, b in zip(out, ref, strict=True):
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6), (a - b).abs().max()
+    with torch.no_grad():
+        assert not fla.one_token_fused(v, S0.double()) and not fla.one_token_fused(v, None)
+    with torch.enable_grad():  # autograd recording: the reference runs
+        assert not fla.one_token_fused(v, S0)
+
+
+def test_decoding_records_its_recurrence_path():
+    m = fla.FlaMixer(32, "DeltaNet", n_heads=2)
+    state = m.allocate_state(2, 4)
+    with torch.no_grad():
+        m.step(torch.randn(2, 32), state)
+    note = fla.fused_cpu.numba_note(fla.fused_cpu.AVAILABLE)
+    assert m.kernel_path["step"] == f"reference: backbones.fla.linear_recurrence{note}"
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_short_conv_decoding_step_equals_the_convolution(bias):
     """A one-token step from the state window (the taps as a product and sum) gives the depthwise

@@ -16,11 +16,13 @@ cheap intermediates in the backward instead of saving them.
   in one launch each way; the reference is the torch lines of `backbones.mamba.MambaMixer.forward`.
 - decoding steps, one token (no grad): `mamba2_step_fused` (in_proj's output to the gated norm),
   `mamba3_step_fused` (in_proj's output to the gate), `mamba_step_fused` (two passes around x_proj),
-  `s4d_step_fused` (the recurrence, GELU and the output layer) and `s5_step_fused` (its three products,
-  the recurrence, GELU and the gate). Eager torch ran a step as 20-40 small ops per layer, ~8 us of
-  dispatch each; these run every row on the calling thread. What a pass reads of the parameters comes
-  from its `*_step_consts`, kept by the mixer while they are unchanged (`backbones.base.while_unchanged`). The
-  references are the mixers' torch steps (kernel="reference"; S4D, S5: `fused_step = False`).
+  `s4d_step_fused` (the recurrence, GELU and the output layer), `s5_step_fused` (its three products,
+  the recurrence, GELU and the gate) and `recurrence_step` (one token of the fla layers' gated
+  (delta-rule) linear-attention recurrence; its reference is `backbones.fla.linear_recurrence`).
+  Eager torch ran a step as 20-40 small ops per layer, ~8 us of dispatch each; these run every row
+  on the calling thread. What a pass reads of the parameters comes from its `*_step_consts`, kept by
+  the mixer while they are unchanged (`backbones.base.while_unchanged`). The references are the
+  mixers' torch steps (kernel="reference"; S4D, S5: `fused_step = False`).
 - row kernels for a decoding step's few rows (<= STEP_ROWS_MAX, CFG included; `rows_usable`): `linear_rows`
   (`backbones.base.step_linear`: the heads and the Mamba mixers' projections), `mlp_rows` (`MLP.step`),
   `cross_attend_rows` (`CrossAttention.step`) and `self_attend_rows` (the Transformer's KV-cache step). At
@@ -337,6 +339,65 @@ if _nb is not None:
                 win[c, Km1 - 1] = xn[c]
         for c in range(Cn):
             xc[c] = _silu(xc[c])
+
+    @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
+    def _nb_recurrence_step(q, k, v, g, gk, beta, S, scale, l2):  # pragma: no cover - jitted
+        # q, k [B, Hk, K]; v [B, H, V] (head h reads q, k head h // (H / Hk)); g [B, H], gk [B, H, K],
+        # beta [B, H], each with a 0-length first axis when absent; S [B, H, K, V], updated in place
+        # -> o [B, H, V]. l2: q, k / max(|.|_2, 1e-6) first (F.normalize); q is scaled after.
+        B, H, V = v.shape
+        Hk, K = q.shape[1], q.shape[2]
+        rep = H // Hk
+        o = _np.empty((B, H, V), _np.float32)
+        qs = _np.empty(K, _np.float32)
+        ks = _np.empty(K, _np.float32)
+        u = _np.empty(V, _np.float32)
+        tiny = _np.float32(1e-6)
+        for b in range(B):
+            for h in range(H):
+                hk = h // rep
+                dq = _np.float32(1.0)
+                dk = _np.float32(1.0)
+                if l2:
+                    nq = _np.float32(0.0)
+                    nk = _np.float32(0.0)
+                    for i in range(K):
+                        nq += q[b, hk, i] * q[b, hk, i]
+                        nk += k[b, hk, i] * k[b, hk, i]
+                    dq = max(_np.sqrt(nq), tiny)
+                    dk = max(_np.sqrt(nk), tiny)
+                for i in range(K):
+                    qs[i] = q[b, hk, i] / dq * scale
+                    ks[i] = k[b, hk, i] / dk
+                Sb = S[b, h]  # [K, V]
+                if gk.shape[0] > 0:
+                    for i in range(K):
+                        e = _np.exp(gk[b, h, i])
+                        for j in range(V):
+                            Sb[i, j] *= e
+                if g.shape[0] > 0:
+                    e = _np.exp(g[b, h])
+                    for i in range(K):
+                        for j in range(V):
+                            Sb[i, j] *= e
+                if beta.shape[0] > 0:  # delta rule: v - S^T k, times beta
+                    for j in range(V):
+                        u[j] = 0
+                    for i in range(K):
+                        for j in range(V):
+                            u[j] += Sb[i, j] * ks[i]
+                    for j in range(V):
+                        u[j] = beta[b, h] * (v[b, h, j] - u[j])
+                else:
+                    for j in range(V):
+                        u[j] = v[b, h, j]
+                for j in range(V):
+                    o[b, h, j] = 0
+                for i in range(K):  # S += k u^T, then o = S^T q
+                    for j in range(V):
+                        Sb[i, j] += ks[i] * u[j]
+                        o[b, h, j] += Sb[i, j] * qs[i]
+        return o
 
     @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
     def _nb_mamba2_step(zxbcdt, conv, w, cb, dt_bias, A_log, D, nw, eps, h, d_inner, ngroups):  # pragma: no cover
@@ -1108,6 +1169,21 @@ def mamba2_step_fused(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, con
     return torch.from_numpy(_nb_mamba2_step(
         _np32(zxbcdt), _inplace(conv_state, "mamba2: state['conv']"), w, cb, dt_bias, A_log, D, nw, eps,
         _inplace(ssm_state, "mamba2: state['ssm']"), d_inner, ngroups))
+
+
+def recurrence_step(q: Tensor, k: Tensor, v: Tensor, state: Tensor, g: Tensor | None = None,
+                    gk: Tensor | None = None, beta: Tensor | None = None, scale: float | None = None,
+                    l2norm_qk: bool = False) -> Tensor:
+    """One token of the gated (delta-rule) linear-attention recurrence (`backbones.fla.linear_recurrence`,
+    its reference, at T = 1), one pass per (row, head): q, k [B, Hk, K], v [B, H, V], g [B, H] or gk
+    [B, H, K] (log decays), beta [B, H] or None, state [B, H, K, V] float32 (updated in place) -> o
+    [B, H, V]. scale defaults to K^-1/2."""
+    K = q.shape[-1]
+    none2, none3 = _np.zeros((0, 0), _np.float32), _np.zeros((0, 0, 0), _np.float32)  # absent g / beta, gk
+    return torch.from_numpy(_nb_recurrence_step(
+        _np32(q), _np32(k), _np32(v), none2 if g is None else _np32(g), none3 if gk is None else _np32(gk),
+        none2 if beta is None else _np32(beta), _inplace(state, "recurrence_step: state"),
+        _np.float32(K**-0.5 if scale is None else scale), l2norm_qk))
 
 
 def mamba3_step_consts(dt_bias: Tensor, B_bias: Tensor, C_bias: Tensor, B_norm: Tensor, C_norm: Tensor,
