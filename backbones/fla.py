@@ -217,14 +217,28 @@ def ref_causal_conv1d(x, weight, bias=None, residual=None, initial_state=None, o
 
 
 def _short_conv_ref(self, x, residual=None, mask=None, cache=None, output_final_state=False, cu_seqlens=None, **kw):
-    """fla ShortConvolution in PyTorch (its cache [B, D, W] is updated in place when decoding)."""
+    """fla ShortConvolution in PyTorch; when decoding, its cache [B, D, W] is updated in place and is the
+    final state it returns, and one token runs as one numba pass where `_conv_step_fused` allows."""
     if mask is not None:
         x = x * mask[..., None]
+    decoding = cache is not None and not torch.is_grad_enabled()
+    if decoding and x.shape[1] == 1 and residual is None and _conv_step_fused(self, x, cache):
+        silu = self.activation is not None
+        y = fused_cpu.short_conv_step(x[:, 0], cache, self.weight[:, 0], self.bias, silu)
+        return y[:, None], cache
     y, final = ref_causal_conv1d(x, self.weight[:, 0], self.bias, residual, cache,
                                  output_final_state or cache is not None, self.activation, cu_seqlens)
-    if cache is not None and not torch.is_grad_enabled():
+    if decoding:
         cache.copy_(final)
+        final = cache  # the same values, in the cache's own (contiguous) tensor
     return y, final
+
+
+def _conv_step_fused(conv, x: Tensor, cache: Tensor) -> bool:
+    """Whether a ShortConvolution's one-token step runs as `fused_cpu.short_conv_step`: its activation
+    is silu or none, a contiguous float32 cache and `fused_cpu.step_usable` for x."""
+    return (conv.activation in (None, "silu", "swish") and cache.is_contiguous()
+            and conv.weight.dtype == torch.float32 and fused_cpu.step_usable(x, cache))
 
 
 def _rms_norm_gated_ref(self, x, g, residual=None, prenorm=False, residual_in_fp32=False):
@@ -368,8 +382,7 @@ class FlaMixer(KernelSwitch, Mixer):
                          f"{self.cls_path} + backbones.fla.torch_path")
         ctx = contextlib.nullcontext() if use_kernel else torch_path(self.layer)
         if cache is not None and x.shape[1] == 1 and not use_kernel:  # a decoding step (`_recurrence`)
-            fused = one_token_fused(x, cache[0].get("recurrent_state"))
-            note = fused_cpu.numba_note(fused)
+            note = fused_cpu.numba_note(one_token_fused(x, cache[0].get("recurrent_state")))
             self.record_path("step", None, "", "", f"backbones.fla.linear_recurrence{note}")
         with ctx:
             out = self.layer(x, past_key_values=cache, use_cache=cache is not None)

@@ -83,6 +83,34 @@ def test_decoding_records_its_recurrence_path():
     assert m.kernel_path["step"] == f"reference: backbones.fla.linear_recurrence{note}"
 
 
+@pytest.mark.skipif(not fla.fused_cpu.AVAILABLE, reason="numba is not installed")
+@pytest.mark.parametrize("activation", ["silu", None])
+@pytest.mark.parametrize("bias", [True, False])
+def test_short_conv_fused_step_equals_the_torch_step(activation, bias, monkeypatch):
+    """fla's ShortConvolution decoding token by token from a prefill: the numba pass gives the torch
+    step's outputs and leaves the same window in the same (contiguous) cache tensor."""
+    from fla.modules import ShortConvolution
+
+    torch.manual_seed(0)
+    conv = ShortConvolution(12, 4, bias=bias, activation=activation)
+    x = torch.randn(3, 9, 12)
+    runs = {}
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(fla, "_conv_step_fused", lambda *a: False)
+        cache = torch.zeros(3, 12, 4)
+        with torch.no_grad():
+            ys = [fla._short_conv_ref(conv, x[:, :6], cache=cache)[0]]
+            for t in range(6, 9):
+                y, final = fla._short_conv_ref(conv, x[:, t : t + 1], cache=cache)
+                assert final is cache
+                ys.append(y)
+        runs[fused] = (torch.cat(ys, 1), cache)
+    (y1, c1), (y0, c0) = runs[True], runs[False]
+    assert torch.allclose(y1, y0, rtol=1e-5, atol=1e-6) and torch.equal(c1, c0)
+    assert torch.equal(c1, x[:, 5:].transpose(1, 2))
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_short_conv_decoding_step_equals_the_convolution(bias):
     """A one-token step from the state window (the taps as a product and sum) gives the depthwise

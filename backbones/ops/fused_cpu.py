@@ -17,8 +17,9 @@ cheap intermediates in the backward instead of saving them.
 - decoding steps, one token (no grad): `mamba2_step_fused` (in_proj's output to the gated norm),
   `mamba3_step_fused` (in_proj's output to the gate), `mamba_step_fused` (two passes around x_proj),
   `s4d_step_fused` (the recurrence, GELU and the output layer), `s5_step_fused` (its three products,
-  the recurrence, GELU and the gate) and `recurrence_step` (one token of the fla layers' gated
-  (delta-rule) linear-attention recurrence; its reference is `backbones.fla.linear_recurrence`).
+  the recurrence, GELU and the gate), and for the fla layers `recurrence_step` (one token of the gated
+  (delta-rule) linear-attention recurrence; its reference is `backbones.fla.linear_recurrence`) and
+  `short_conv_step` (their short convolutions; its reference is `backbones.fla.ref_causal_conv1d`).
   Eager torch ran a step as 20-40 small ops per layer, ~8 us of dispatch each; these run every row
   on the calling thread. What a pass reads of the parameters comes from its `*_step_consts`, kept by
   the mixer while they are unchanged (`backbones.base.while_unchanged`). The references are the
@@ -339,6 +340,23 @@ if _nb is not None:
                 win[c, Km1 - 1] = xn[c]
         for c in range(Cn):
             xc[c] = _silu(xc[c])
+
+    @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
+    def _nb_short_conv_step(x, win, w, bias, act):  # pragma: no cover - jitted
+        # x [B, C] (one token); win [B, C, W] (the last W inputs, oldest first), slid by one in place;
+        # w [C, W]; bias [C] or empty -> y [B, C] = bias + sum_j w_j win_j, through silu when act
+        B, Cn, W = win.shape
+        y = _np.empty((B, Cn), _np.float32)
+        for b in range(B):
+            for c in range(Cn):
+                for j in range(W - 1):
+                    win[b, c, j] = win[b, c, j + 1]
+                win[b, c, W - 1] = x[b, c]
+                acc = bias[c] if bias.shape[0] > 0 else _np.float32(0.0)
+                for j in range(W):
+                    acc += win[b, c, j] * w[c, j]
+                y[b, c] = _silu(acc) if act else acc
+        return y
 
     @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
     def _nb_recurrence_step(q, k, v, g, gk, beta, S, scale, l2):  # pragma: no cover - jitted
@@ -1169,6 +1187,15 @@ def mamba2_step_fused(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, con
     return torch.from_numpy(_nb_mamba2_step(
         _np32(zxbcdt), _inplace(conv_state, "mamba2: state['conv']"), w, cb, dt_bias, A_log, D, nw, eps,
         _inplace(ssm_state, "mamba2: state['ssm']"), d_inner, ngroups))
+
+
+def short_conv_step(x: Tensor, window: Tensor, weight: Tensor, bias: Tensor | None, silu: bool) -> Tensor:
+    """One token through a depthwise causal conv from its window: x [B, C] float32 CPU, window [B, C, W]
+    (the last W inputs, oldest first; slid by one in place), weight [C, W], bias [C] or None -> [B, C],
+    silu'd when `silu`. The reference is `backbones.fla.ref_causal_conv1d` (fla's ShortConvolution)."""
+    b = _np.zeros(0, _np.float32) if bias is None else _np32(bias)
+    return torch.from_numpy(_nb_short_conv_step(_np32(x), _inplace(window, "short_conv_step: window"),
+                                                _np32(weight), b, silu))
 
 
 def recurrence_step(q: Tensor, k: Tensor, v: Tensor, state: Tensor, g: Tensor | None = None,
