@@ -381,9 +381,11 @@ class FlaMixer(KernelSwitch, Mixer):
         self.record_path("layer", load_kernel(*self._where) if use_kernel else None, *self._where,
                          f"{self.cls_path} + backbones.fla.torch_path")
         ctx = contextlib.nullcontext() if use_kernel else torch_path(self.layer)
-        if cache is not None and x.shape[1] == 1 and not use_kernel:  # a decoding step (`_recurrence`)
-            note = fused_cpu.numba_note(one_token_fused(x, cache[0].get("recurrent_state")))
-            self.record_path("step", None, "", "", f"backbones.fla.linear_recurrence{note}")
+        if cache is not None and x.shape[1] == 1 and not use_kernel:  # a decoding step: `_recurrence`, and
+            # `_short_conv_ref` where the layer has short convolutions (the same condition: float32, no grad)
+            fused = one_token_fused(x, cache[0].get("recurrent_state"))
+            path = f"backbones.fla one-token recurrence and short conv{fused_cpu.numba_note(fused)}"
+            self.record_path("step", None, "", "", path)
         with ctx:
             out = self.layer(x, past_key_values=cache, use_cache=cache is not None)
         return out[0]

@@ -80,7 +80,8 @@ def test_decoding_records_its_recurrence_path():
     with torch.no_grad():
         m.step(torch.randn(2, 32), state)
     note = fla.fused_cpu.numba_note(fla.fused_cpu.AVAILABLE)
-    assert m.kernel_path["step"] == f"reference: backbones.fla.linear_recurrence{note}"
+    path = f"reference: backbones.fla one-token recurrence and short conv{note}"
+    assert m.kernel_path["step"] == path
 
 
 @pytest.mark.skipif(not fla.fused_cpu.AVAILABLE, reason="numba is not installed")
