@@ -12,7 +12,7 @@ call runs: the recurrences by `linear_recurrence` below (one loop over time, wri
 the papers' recurrences; a decoding step's one token as one numba pass where it can,
 `fused_cpu.recurrence_step`, recorded under "step"), the gates by fla's own naive
 references (`naive_kda_gate`), the short convolution and the norms by `F.conv1d` (a
-decoding step: its taps' product and sum) / `F.rms_norm`. "auto" = kernel on CUDA.
+decoding step's one token: `fused_cpu.short_conv_step`) / `F.rms_norm`. "auto" = kernel on CUDA.
 
 fla is an optional extra (`pip install .[fla]`, see pyproject). Names are registered when
 fla imports; `unavailable()` says why a catalogue entry or fla layer is not offered.
@@ -82,9 +82,9 @@ def linear_recurrence(q, k, v, *, g=None, gk=None, beta=None, scale=None, initia
 
 def _recurrence(q, k, v, *, g=None, gk=None, beta=None, scale=None, initial_state=None,
                 output_final_state=False, l2norm_qk=False, state_v_first=False):
-    """`linear_recurrence`; one token from a state (a decoding step) where `one_token_fused` allows
+    """`linear_recurrence`; one token from a state (a decoding step) where `_recurrence_fused` allows
     runs as one numba pass instead (`fused_cpu.recurrence_step`, equal to float32 rounding)."""
-    if q.shape[1] != 1 or not one_token_fused(v, initial_state, q, k, g, gk, beta):
+    if q.shape[1] != 1 or not _recurrence_fused(v, initial_state, q, k, g, gk, beta):
         return linear_recurrence(q, k, v, g=g, gk=gk, beta=beta, scale=scale, initial_state=initial_state,
                                  output_final_state=output_final_state, l2norm_qk=l2norm_qk,
                                  state_v_first=state_v_first)
@@ -96,7 +96,7 @@ def _recurrence(q, k, v, *, g=None, gk=None, beta=None, scale=None, initial_stat
     return o[:, None].to(v.dtype), final
 
 
-def one_token_fused(v: Tensor, state: Tensor | None, *others: Tensor | None) -> bool:
+def _recurrence_fused(v: Tensor, state: Tensor | None, *others: Tensor | None) -> bool:
     """Whether a one-token recurrence step runs as `fused_cpu.recurrence_step`: a float32 state to start
     from and `fused_cpu.step_usable` (no autograd recording, float32 CPU, numba) for every tensor."""
     return (state is not None and fused_cpu.step_usable(v, state)
@@ -197,17 +197,11 @@ def ref_causal_conv1d(x, weight, bias=None, residual=None, initial_state=None, o
                       activation=None, cu_seqlens=None, **kw):
     """fla's causal_conv1d in PyTorch: x [B, T, D], weight [D, W]; state [B, D, W] = the last W inputs."""
     _no("cu_seqlens", cu_seqlens, "causal_conv1d")
-    B, T, D = x.shape
+    B, _, D = x.shape  # [B, T, D]
     W = weight.shape[-1]
     left = x.new_zeros(B, D, W - 1) if initial_state is None else initial_state[..., 1:].to(x.dtype)
     xt = torch.cat([left, x.transpose(1, 2)], -1)  # [B, D, W - 1 + T]
-    if T == 1:  # a decoding step: the W taps as one product and sum (F.conv1d's depthwise call took
-        # 0.15-0.3 ms here, a third of a delta-rule layer's step on CPU)
-        y = (xt * weight).sum(-1)[:, None]  # [B, 1, D]
-        if bias is not None:
-            y = y + bias
-    else:
-        y = F.conv1d(xt, weight[:, None], bias, groups=D).transpose(1, 2)
+    y = F.conv1d(xt, weight[:, None], bias, groups=D).transpose(1, 2)
     if activation in ("silu", "swish"):
         y = F.silu(y)
     if residual is not None:
@@ -383,7 +377,7 @@ class FlaMixer(KernelSwitch, Mixer):
         ctx = contextlib.nullcontext() if use_kernel else torch_path(self.layer)
         if cache is not None and x.shape[1] == 1 and not use_kernel:  # a decoding step: `_recurrence`, and
             # `_short_conv_ref` where the layer has short convolutions (the same condition: float32, no grad)
-            fused = one_token_fused(x, cache[0].get("recurrent_state"))
+            fused = _recurrence_fused(x, cache[0].get("recurrent_state"))
             path = f"backbones.fla one-token recurrence and short conv{fused_cpu.numba_note(fused)}"
             self.record_path("step", None, "", "", path)
         with ctx:

@@ -62,16 +62,16 @@ def test_one_token_fused_step_equals_the_reference_recurrence(gate, delta, v_fir
     with torch.no_grad():
         ref = fla.linear_recurrence(q, k, v, scale=0.3, initial_state=S0, output_final_state=True,
                                     state_v_first=v_first, **kw)
-        assert fla.one_token_fused(v, S0)
+        assert fla._recurrence_fused(v, S0)
         out = fla._recurrence(q, k, v, scale=0.3, initial_state=S0, output_final_state=True,
                               state_v_first=v_first, **kw)
     assert torch.equal(S0, kept)
     for a, b in zip(out, ref, strict=True):
         assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6), (a - b).abs().max()
     with torch.no_grad():
-        assert not fla.one_token_fused(v, S0.double()) and not fla.one_token_fused(v, None)
+        assert not fla._recurrence_fused(v, S0.double()) and not fla._recurrence_fused(v, None)
     with torch.enable_grad():  # autograd recording: the reference runs
-        assert not fla.one_token_fused(v, S0)
+        assert not fla._recurrence_fused(v, S0)
 
 
 def test_decoding_records_its_recurrence_path():
@@ -114,8 +114,8 @@ def test_short_conv_fused_step_equals_the_torch_step(activation, bias, monkeypat
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_short_conv_decoding_step_equals_the_convolution(bias):
-    """A one-token step from the state window (the taps as a product and sum) gives the depthwise
-    conv's output at that position, and the window moves on by that token."""
+    """The reference's one-token step from the state window gives the depthwise conv's output at that
+    position, and the window moves on by that token (what `fused_cpu.short_conv_step` is held to)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 9, 6, generator=g, dtype=torch.float64)  # [B, T, D]
     w = torch.randn(6, 4, generator=g, dtype=torch.float64)

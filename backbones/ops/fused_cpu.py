@@ -21,9 +21,9 @@ cheap intermediates in the backward instead of saving them.
   (delta-rule) linear-attention recurrence; its reference is `backbones.fla.linear_recurrence`) and
   `short_conv_step` (their short convolutions; its reference is `backbones.fla.ref_causal_conv1d`).
   Eager torch ran a step as 20-40 small ops per layer, ~8 us of dispatch each; these run every row
-  on the calling thread. What a pass reads of the parameters comes from its `*_step_consts`, kept by
-  the mixer while they are unchanged (`backbones.base.while_unchanged`). The references are the
-  mixers' torch steps (kernel="reference"; S4D, S5: `fused_step = False`).
+  on the calling thread. What a mixer's pass reads of the parameters comes from its `*_step_consts`,
+  kept by the mixer while they are unchanged (`backbones.base.while_unchanged`). The references are
+  the mixers' torch steps (kernel="reference"; S4D, S5: `fused_step = False`).
 - row kernels for a decoding step's few rows (<= STEP_ROWS_MAX, CFG included; `rows_usable`): `linear_rows`
   (`backbones.base.step_linear`: the heads and the Mamba mixers' projections), `mlp_rows` (`MLP.step`),
   `cross_attend_rows` (`CrossAttention.step`) and `self_attend_rows` (the Transformer's KV-cache step). At
