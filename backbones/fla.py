@@ -3,7 +3,10 @@
 One adapter turns an fla layer (`fla.layers.<Class>`) into a `Mixer`:
 
     forward(x, state)   -> layer(x, past_key_values=cache, use_cache=state is not None)
-    decoding            -> through fla's own Cache (its recurrent and conv states)
+    step(x, state)      -> on CPU (kernel "auto", float32, no autograd) the layer's fused step (`_STEPS`:
+                           one row product for its projections, its short convolutions and recurrence
+                           as one numba pass, its norm as another); else layer(x) as above; both keep
+                           their states in fla's own Cache
 
 Paths (the `kernel` knob, see backbones.ops.dispatch): "kernel" runs the layer as fla
 ships it (Triton kernels: CUDA, or CPU tensors under TRITON_INTERPRET=1); "reference"
@@ -31,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from backbones.base import Backbone, Mixer, State, register
+from backbones.base import Backbone, Mixer, State, register, while_unchanged
 from backbones.ops import fused_cpu
 from backbones.ops.dispatch import KernelSwitch, check_mode, kernel_available, load_kernel
 
@@ -297,6 +300,173 @@ def _refs() -> tuple[dict, dict]:
     return ops, classes
 
 
+# ----------------------------------------------------------------------------- fused decoding steps
+# One token of a catalogue layer, written from its forward (fla 0.6.0) for a decoding step: the projections
+# that read the input as one row product (`fused_cpu.linear_rows` on their weights concatenated while
+# unchanged), the short convolutions, the recurrence and the norm as numba passes, the gates in torch.
+# fla's forward runs ~60 small ops per token (a step cost 0.5-1.6 ms a layer); this runs ~10.
+# `FlaMixer.step` takes it where `_STEPS` has the layer and its check passes; else the forward runs.
+
+
+def _consts(mixer, mods) -> tuple:
+    """What a fused step reads besides x and the state, kept while the mixer's parameters are unchanged:
+    the nn.Linear `mods` (each reading x) as one weight and bias, their widths, and the three short
+    convolutions' weights [C, W] and biases concatenated (None without short convolutions)."""
+    def build():
+        W = torch.cat([m.weight for m in mods]).detach()
+        b = None if all(m.bias is None for m in mods) else torch.cat(
+            [m.weight.new_zeros(m.out_features) if m.bias is None else m.bias for m in mods]).detach()
+        L = mixer.layer
+        convs = (L.q_conv1d, L.k_conv1d, L.v_conv1d) if getattr(L, "use_short_conv", False) else ()
+        cw = torch.cat([cv.weight[:, 0] for cv in convs]).detach() if convs else None
+        cb = torch.cat([cv.bias for cv in convs]).detach() if convs and convs[0].bias is not None else None
+        return W, b, [m.out_features for m in mods], cw, cb, tuple(cv.activation is not None for cv in convs)
+    return while_unchanged(mixer, "_step_consts", None, build)
+
+
+def _rows(cs: tuple, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """x [B, D] through the projections of `_consts` cs as one row product -> ([B, sum of widths], its parts)."""
+    proj = _product(x, cs[0], cs[1])
+    return proj, list(proj.split(cs[2], -1))
+
+
+def _linear(mod, x: Tensor) -> Tensor:
+    return _product(x, mod.weight, mod.bias)
+
+
+def _product(x: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
+    """x W^T + b for a step's rows: the row kernel up to `fused_cpu.STEP_ROWS_MAX` rows, MKL's beyond."""
+    return fused_cpu.linear_rows(x, W, b) if x.shape[0] <= fused_cpu.STEP_ROWS_MAX else F.linear(x, W, b)
+
+
+def _conv_recurrence(cs: tuple, proj: Tensor, c: dict, v_first: bool, **kw) -> Tensor:
+    """q, k, v (proj's first columns) through the layer's three short convolutions (their weights in `_consts`
+    cs) and its recurrence (kw: g, gk, beta, l2norm_qk), one numba pass (`fused_cpu.conv_recurrence_step`)
+    -> o [B, H, V]."""
+    return fused_cpu.conv_recurrence_step(proj, c["conv_state"], cs[3], cs[4], cs[5], _state_kv(c, v_first), **kw)
+
+
+def _state_kv(c: dict, v_first: bool) -> Tensor:
+    """The layer's recurrent state as a contiguous [B, H, K, V] tensor that a step updates in place; a
+    V-first state ([B, H, V, K]) is kept in the cache as that tensor's transposed view (what the
+    reference path's prefill leaves; a contiguous V-first state is laid out so once)."""
+    s = c["recurrent_state"]
+    kv = s.transpose(-1, -2) if v_first else s
+    if not kv.is_contiguous():
+        kv = kv.contiguous()
+        c["recurrent_state"] = kv.transpose(-1, -2) if v_first else kv
+    return kv
+
+
+def _heads(t: Tensor, d: int) -> Tensor:  # [B, H * d] -> [B, H, d]
+    return t.reshape(t.shape[0], -1, d)
+
+
+def _gated_norm(norm, o: Tensor, gate: Tensor | None) -> Tensor:
+    """The output norm per head (fla's RMSNorm, or FusedRMSNormGated with gate [B, H * V]) on o [B, H, V]
+    -> [B, H * V]: one numba pass (`fused_cpu.gated_rms_rows`), or the reference without a weight."""
+    rows = o.reshape(-1, o.shape[-1])
+    if norm.weight is None:
+        y = _rms_norm_ref(norm, o) if gate is None else _rms_norm_gated_ref(norm, o, gate.view(o.shape))
+    else:
+        y = fused_cpu.gated_rms_rows(rows, norm.weight, getattr(norm, "bias", None), norm.eps,
+                                     None if gate is None else gate.reshape(rows.shape),
+                                     getattr(norm, "activation", "silu"))
+    return y.reshape(o.shape[0], -1)
+
+
+def _beta_of(layer, b: Tensor) -> Tensor:
+    return b.sigmoid() * 2 if layer.allow_neg_eigval else b.sigmoid()
+
+
+def _step_delta_net(m, x, c):
+    L = m.layer
+    cs = _consts(m, [L.q_proj, L.k_proj, L.v_proj, L.b_proj] + ([L.g_proj] if L.use_gate else []))
+    proj, (_, _, _, b, *g) = _rows(cs, x)
+    o = _conv_recurrence(cs, proj, c, False, beta=_beta_of(L, b), l2norm_qk=True)
+    return _linear(L.o_proj, _gated_norm(L.o_norm, o, g[0] if g else None))
+
+
+def _step_gated_delta_net(m, x, c):
+    L = m.layer
+    cs = _consts(m, [L.q_proj, L.k_proj, L.v_proj, L.a_proj, L.b_proj] + ([L.g_proj] if L.use_gate else []))
+    proj, (_, _, _, a, b, *g) = _rows(cs, x)
+    decay = -L.A_log.exp() * F.softplus(a + L.dt_bias)  # [B, Hv]: fla's naive_gdn_gate
+    o = _conv_recurrence(cs, proj, c, True, g=decay, beta=_beta_of(L, b), l2norm_qk=True)
+    return _linear(L.o_proj, _gated_norm(L.o_norm, o, g[0] if g else None))
+
+
+def _step_kda(m, x, c):
+    L = m.layer
+    cs = _consts(m, [L.q_proj, L.k_proj, L.v_proj, L.f_proj[0], L.b_proj, L.g_proj[0]])
+    proj, (_, _, _, f, b, g) = _rows(cs, x)
+    f = _heads(_linear(L.f_proj[1], f), L.head_k_dim)  # [B, Hv, K]
+    decay = -L.A_log.exp()[:, None] * F.softplus(f + L.dt_bias.view(f.shape[1:]))  # fla's naive_kda_gate
+    o = _conv_recurrence(cs, proj, c, True, gk=decay, beta=_beta_of(L, b), l2norm_qk=True)
+    return _linear(L.o_proj, _gated_norm(L.o_norm, o, _linear(L.g_proj[1], g)))
+
+
+def _gla_out(L, o: Tensor, g: Tensor | None) -> Tensor:
+    """GLA's and SimpleGLA's output: the norm with its swish gate fused (or, without a gate, the norm), o_proj.
+    (Their unfused `gate_fn` is an fla Triton op held by the layer, which no path here replaces.)"""
+    y = _gated_norm(L.g_norm, o, None) if g is None else _gated_norm(L.g_norm_swish_gate, o, g)
+    return _linear(L.o_proj, y)
+
+
+def _step_simple_gla(m, x, c):
+    L = m.layer
+    cs = _consts(m, [L.q_proj, L.k_proj, L.v_proj, L.g_proj, L.gk_proj])
+    proj, (q, k, v, g, gk) = _rows(cs, x)
+    decay = F.logsigmoid(gk) / L.gate_logit_normalizer  # [B, H]
+    if L.use_short_conv:
+        o = _conv_recurrence(cs, proj, c, True, g=decay)
+    else:
+        o = fused_cpu.recurrence_step(_heads(q, L.head_k_dim), _heads(k, L.head_k_dim), _heads(v, L.head_v_dim),
+                                      _state_kv(c, True), g=decay)
+    return _gla_out(L, o, g)
+
+
+def _step_gla(m, x, c):
+    L = m.layer
+    cs = _consts(m, [L.q_proj, L.k_proj, L.v_proj, L.gk_proj[0]] + ([L.g_proj] if L.use_output_gate else []))
+    proj, (q, k, v, gk, *g) = _rows(cs, x)
+    gk = F.logsigmoid(_linear(L.gk_proj[1], gk)) / L.gate_logit_normalizer
+    if L.clamp_min is not None:
+        gk = torch.clamp_min(gk, L.clamp_min)
+    gk = _heads(gk, L.head_k_dim)  # [B, H, K]
+    if L.use_short_conv:
+        o = _conv_recurrence(cs, proj, c, True, gk=gk)
+    else:
+        o = fused_cpu.recurrence_step(_heads(q, L.head_k_dim), _heads(k, L.head_k_dim), _heads(v, L.head_v_dim),
+                                      _state_kv(c, True), gk=gk)
+    return _gla_out(L, o, g[0] if g else None)
+
+
+def _step_hgrn2(m, x, c):
+    L = m.layer
+    _, (q, f, i) = _rows(_consts(m, [L.q_proj, L.f_proj, L.i_proj]), x)
+    g = F.logsigmoid(f)
+    o = fused_cpu.recurrence_step(_heads(F.silu(q), L.head_f_dim), _heads(1 - g.exp(), L.head_f_dim),
+                                  _heads(i, L.head_i_dim), _state_kv(c, True), gk=_heads(g, L.head_f_dim))
+    return _OP_REFS[("fla.modules.layernorm", "rms_norm_linear")](o.reshape(o.shape[0], -1), L.g_norm.weight,
+                                                                  L.g_norm.bias, L.o_proj.weight, L.o_proj.bias)
+
+
+#: catalogue layer -> (its fused step: (mixer, x [B, D], cache entry) -> [B, D],
+#: whether the layer's configuration is the one the step is written for)
+_STEPS: dict[str, tuple[Any, Any]] = {
+    "DeltaNet": (_step_delta_net, lambda L: L.use_short_conv and L.use_beta and L.qk_activation == "silu"
+                 and L.qk_norm == "l2"),
+    "GatedDeltaNet": (_step_gated_delta_net, lambda L: L.use_short_conv),
+    "KDA": (_step_kda, lambda L: L.use_short_conv and L.lower_bound is None),
+    "SimpleGLA": (_step_simple_gla, lambda L: L.feature_map_fn is None and L.num_kv_groups == 1
+                  and L.fuse_norm_and_gate),
+    "GLA": (_step_gla, lambda L: L.feature_map_fn is None and L.num_kv_groups == 1
+            and (L.fuse_norm_and_gate or not L.use_output_gate)),
+    "HGRN2": (_step_hgrn2, lambda L: not L.use_short_conv),
+}
+
+
 # ----------------------------------------------------------------------------- catalogue
 
 #: fla layer -> (class in fla.layers[.module], constructor kwargs given d_model D and heads H)
@@ -386,6 +556,27 @@ class FlaMixer(KernelSwitch, Mixer):
 
     def forward(self, x: Tensor, state: State | None = None) -> Tensor:
         return self._run(x, None if state is None else state["cache"])
+
+    def step(self, x: Tensor, state: State) -> Tensor:  # [B, D] -> [B, D]
+        """One decoding step: the layer's fused step (`_STEPS`) where `_step_fused` allows, else its forward."""
+        cache = state["cache"]
+        if not self._step_fused(x, cache[0]):
+            return super().step(x, state)
+        self.record_path("step", None, "", "", f"backbones.fla.FlaMixer.step: fused {self.layer_name} step"
+                                               f"{fused_cpu.numba_note(True)}")
+        y = _STEPS[self.layer_name][0](self, x, cache[0])
+        cache.update(layer_idx=0, offset=1)  # the states were updated in place; count the token
+        return y
+
+    def _step_fused(self, x: Tensor, entry: dict) -> bool:
+        """Whether a step runs as the layer's fused step: kernel "auto" off CUDA (not "reference": that runs
+        the layer's own forward), a step written for this layer and its configuration, float32 CPU rows
+        without autograd (`fused_cpu.step_usable`), a float32 state and contiguous float32 conv windows."""
+        fn, fits = _STEPS.get(self.layer_name, (None, None))
+        windows = entry.get("conv_state") or ()
+        return (self.kernel == "auto" and fn is not None and fits(self.layer)
+                and fused_cpu.step_usable(x, entry["recurrent_state"], *windows)
+                and all(w.is_contiguous() for w in windows))
 
     def allocate_state(self, batch_size: int, max_len: int, device=None, dtype=None) -> State:
         """An fla Cache holding zero states: the shapes come from one zero token through the

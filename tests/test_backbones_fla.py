@@ -75,13 +75,72 @@ def test_one_token_fused_step_equals_the_reference_recurrence(gate, delta, v_fir
 
 
 def test_decoding_records_its_recurrence_path():
-    m = fla.FlaMixer(32, "DeltaNet", n_heads=2)
+    """kernel="reference" decodes through the layer's own forward (its recurrence and short conv as numba
+    passes where they can); "auto" through the fused step."""
+    note = fla.fused_cpu.numba_note(fla.fused_cpu.AVAILABLE)
+    for kernel, path in (("reference", f"backbones.fla one-token recurrence and short conv{note}"),
+                         ("auto", f"backbones.fla.FlaMixer.step: fused DeltaNet step{note}" if note else
+                          "backbones.fla one-token recurrence and short conv")):
+        m = fla.FlaMixer(32, "DeltaNet", n_heads=2, kernel=kernel)
+        state = m.allocate_state(2, 4)
+        with torch.no_grad():
+            m.step(torch.randn(2, 32), state)
+        assert m.kernel_path["step"] == f"reference: {path}"
+
+
+#: (layer, layer_kwargs): the catalogue's configurations and the options each fused step covers
+_STEP_CASES = [
+    ("DeltaNet", {}), ("DeltaNet", {"use_gate": True, "allow_neg_eigval": True, "conv_bias": True}),
+    ("GatedDeltaNet", {}), ("GatedDeltaNet", {"output_gate_activation": "sigmoid", "num_v_heads": 8}),
+    ("GatedDeltaNet", {"use_gate": False}),
+    ("KDA", {}), ("KDA", {"allow_neg_eigval": True}),
+    ("SimpleGLA", {}), ("SimpleGLA", {"use_short_conv": False}),
+    ("GLA", {}), ("GLA", {"use_short_conv": True, "use_output_gate": False, "clamp_min": -0.05}),
+    ("HGRN2", {}),
+]
+
+
+@pytest.mark.skipif(not fla.fused_cpu.AVAILABLE, reason="numba is not installed")
+@pytest.mark.parametrize("layer,kw", _STEP_CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(_STEP_CASES)])
+def test_fused_layer_step_equals_the_layer_forward(layer, kw):
+    """Decoding token by token after a prefill: the fused step gives the layer's own forward's outputs
+    (kernel="reference", same parameters), leaves the same recurrent state and conv windows, and counts
+    the tokens in fla's cache; after a parameter update (as an optimiser step) it reads the new values."""
+    import copy
+
+    torch.manual_seed(0)
+    fused = fla.FlaMixer(64, layer, n_heads=4, layer_kwargs=kw).eval()
+    with torch.no_grad():
+        for p in fused.parameters():  # off the initial values (zero biases, unit norms)
+            p.add_(torch.randn_like(p) * 0.1)
+    ref = copy.deepcopy(fused)
+    ref.kernel = "reference"
+    x = torch.randn(3, 10, 64)
+    states = [m.allocate_state(3, 16) for m in (fused, ref)]
+    outs = []
+    with torch.no_grad():
+        for m, st in zip((fused, ref), states):
+            ys = [m(x[:, :6], st)]
+            ys += [m.step(x[:, t], st)[:, None] for t in range(6, 8)]
+            for p in m.parameters():
+                p.mul_(0.9)
+            ys += [m.step(x[:, t], st)[:, None] for t in range(8, 10)]
+            outs.append(torch.cat(ys, 1))
+    assert fused.kernel_path["step"].startswith(f"reference: backbones.fla.FlaMixer.step: fused {layer} step")
+    assert torch.allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6), (outs[0] - outs[1]).abs().max()
+    (a, b) = (st["cache"][0] for st in states)
+    assert torch.allclose(a["recurrent_state"], b["recurrent_state"], rtol=1e-5, atol=1e-5), (a["recurrent_state"] - b["recurrent_state"]).abs().max()
+    for wa, wb in zip(a.get("conv_state") or (), b.get("conv_state") or (), strict=True):
+        assert torch.allclose(wa, wb, rtol=1e-5, atol=1e-6)  # the projections' inputs: rounding apart
+    assert states[0]["cache"].get_seq_length() == states[1]["cache"].get_seq_length() == 10
+
+
+def test_a_configuration_without_a_fused_step_decodes_through_the_forward():
+    m = fla.FlaMixer(32, "HGRN2", n_heads=2, layer_kwargs={"use_short_conv": True})
     state = m.allocate_state(2, 4)
     with torch.no_grad():
         m.step(torch.randn(2, 32), state)
-    note = fla.fused_cpu.numba_note(fla.fused_cpu.AVAILABLE)
-    path = f"reference: backbones.fla one-token recurrence and short conv{note}"
-    assert m.kernel_path["step"] == path
+    assert m.kernel_path["step"].startswith("reference: backbones.fla one-token recurrence and short conv")
 
 
 @pytest.mark.skipif(not fla.fused_cpu.AVAILABLE, reason="numba is not installed")

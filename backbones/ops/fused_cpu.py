@@ -341,81 +341,149 @@ if _nb is not None:
         for c in range(Cn):
             xc[c] = _silu(xc[c])
 
+    @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy", inline="always")
+    def _conv_tap_step(x, win, w, bias, act, y):  # pragma: no cover - jitted
+        # One row of a depthwise causal conv's token: x [C] the new input, win [C, W] (the last W inputs,
+        # oldest first) slid by one in place, w [C, W], bias [C] or empty -> y [C] = bias + sum_j w_j win_j,
+        # through silu when act (in a loop of its own over contiguous channels: inside the taps' loop it
+        # ran 5x slower)
+        Cn, W = win.shape
+        for c in range(Cn):
+            acc = bias[c] if bias.shape[0] > 0 else _np.float32(0.0)
+            for j in range(W - 1):
+                acc += win[c, j + 1] * w[c, j]
+                win[c, j] = win[c, j + 1]
+            win[c, W - 1] = x[c]
+            y[c] = acc + x[c] * w[c, W - 1]
+        if act:
+            for c in range(Cn):
+                y[c] = _silu(y[c])
+
+    @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy", inline="always")
+    def _recurrence_head(q, k, v, Sb, g, gk, beta, scale, l2, qs, ks, u, o):  # pragma: no cover - jitted
+        # One (row, head) of the gated (delta-rule) linear-attention recurrence: q, k [K], v [V]; Sb [K, V]
+        # updated in place; g [1] (log decay) or empty, gk [K] or empty, beta [1] or empty (no delta rule);
+        # qs, ks [K], u [V] scratch -> o [V]. l2: q, k / max(|.|_2, 1e-6) first (F.normalize), then q * scale.
+        K, V = Sb.shape
+        dq = _np.float32(1.0)
+        dk = _np.float32(1.0)
+        if l2:
+            nq = _np.float32(0.0)
+            nk = _np.float32(0.0)
+            for i in range(K):
+                nq += q[i] * q[i]
+                nk += k[i] * k[i]
+            dq = max(_np.sqrt(nq), _np.float32(1e-6))
+            dk = max(_np.sqrt(nk), _np.float32(1e-6))
+        for i in range(K):
+            qs[i] = q[i] / dq * scale
+            ks[i] = k[i] / dk
+        hgk, hb = gk.shape[0] > 0, beta.shape[0] > 0
+        eg = _np.exp(g[0]) if g.shape[0] > 0 else _np.float32(1.0)
+        for j in range(V):
+            u[j] = 0
+        for i in range(K):  # decay S, and (delta rule) u = S^T k, in one pass over S
+            e = eg * _np.exp(gk[i]) if hgk else eg
+            row = Sb[i]
+            if hb:
+                for j in range(V):
+                    sv = row[j] * e
+                    row[j] = sv
+                    u[j] += sv * ks[i]
+            else:
+                for j in range(V):
+                    row[j] *= e
+        for j in range(V):  # the delta rule's u = beta (v - S^T k), else v
+            u[j] = beta[0] * (v[j] - u[j]) if hb else v[j]
+        for j in range(V):
+            o[j] = 0
+        for i in range(K):  # S += k u^T, then o = S^T q
+            row = Sb[i]
+            for j in range(V):
+                sv = row[j] + ks[i] * u[j]
+                row[j] = sv
+                o[j] += sv * qs[i]
+
     @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
     def _nb_short_conv_step(x, win, w, bias, act):  # pragma: no cover - jitted
-        # x [B, C] (one token); win [B, C, W] (the last W inputs, oldest first), slid by one in place;
-        # w [C, W]; bias [C] or empty -> y [B, C] = bias + sum_j w_j win_j, through silu when act
-        B, Cn, W = win.shape
-        y = _np.empty((B, Cn), _np.float32)
-        for b in range(B):
-            for c in range(Cn):
-                for j in range(W - 1):
-                    win[b, c, j] = win[b, c, j + 1]
-                win[b, c, W - 1] = x[b, c]
-                acc = bias[c] if bias.shape[0] > 0 else _np.float32(0.0)
-                for j in range(W):
-                    acc += win[b, c, j] * w[c, j]
-                y[b, c] = _silu(acc) if act else acc
+        # x [B, C] (one token); win [B, C, W] (slid by one in place); w [C, W]; bias [C] or empty -> y [B, C]
+        y = _np.empty(x.shape, _np.float32)
+        for b in range(x.shape[0]):
+            _conv_tap_step(x[b], win[b], w, bias, act, y[b])
         return y
 
     @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
     def _nb_recurrence_step(q, k, v, g, gk, beta, S, scale, l2):  # pragma: no cover - jitted
         # q, k [B, Hk, K]; v [B, H, V] (head h reads q, k head h // (H / Hk)); g [B, H], gk [B, H, K],
         # beta [B, H], each with a 0-length first axis when absent; S [B, H, K, V], updated in place
-        # -> o [B, H, V]. l2: q, k / max(|.|_2, 1e-6) first (F.normalize); q is scaled after.
+        # -> o [B, H, V]
         B, H, V = v.shape
         Hk, K = q.shape[1], q.shape[2]
         rep = H // Hk
         o = _np.empty((B, H, V), _np.float32)
-        qs = _np.empty(K, _np.float32)
-        ks = _np.empty(K, _np.float32)
-        u = _np.empty(V, _np.float32)
-        tiny = _np.float32(1e-6)
+        qs, ks, u = _np.empty(K, _np.float32), _np.empty(K, _np.float32), _np.empty(V, _np.float32)
+        none1, none2 = _np.empty(0, _np.float32), _np.empty((1, 0), _np.float32)
         for b in range(B):
             for h in range(H):
-                hk = h // rep
-                dq = _np.float32(1.0)
-                dk = _np.float32(1.0)
-                if l2:
-                    nq = _np.float32(0.0)
-                    nk = _np.float32(0.0)
-                    for i in range(K):
-                        nq += q[b, hk, i] * q[b, hk, i]
-                        nk += k[b, hk, i] * k[b, hk, i]
-                    dq = max(_np.sqrt(nq), tiny)
-                    dk = max(_np.sqrt(nk), tiny)
-                for i in range(K):
-                    qs[i] = q[b, hk, i] / dq * scale
-                    ks[i] = k[b, hk, i] / dk
-                Sb = S[b, h]  # [K, V]
-                if gk.shape[0] > 0:
-                    for i in range(K):
-                        e = _np.exp(gk[b, h, i])
-                        for j in range(V):
-                            Sb[i, j] *= e
-                if g.shape[0] > 0:
-                    e = _np.exp(g[b, h])
-                    for i in range(K):
-                        for j in range(V):
-                            Sb[i, j] *= e
-                if beta.shape[0] > 0:  # delta rule: v - S^T k, times beta
-                    for j in range(V):
-                        u[j] = 0
-                    for i in range(K):
-                        for j in range(V):
-                            u[j] += Sb[i, j] * ks[i]
-                    for j in range(V):
-                        u[j] = beta[b, h] * (v[b, h, j] - u[j])
-                else:
-                    for j in range(V):
-                        u[j] = v[b, h, j]
-                for j in range(V):
-                    o[b, h, j] = 0
-                for i in range(K):  # S += k u^T, then o = S^T q
-                    for j in range(V):
-                        Sb[i, j] += ks[i] * u[j]
-                        o[b, h, j] += Sb[i, j] * qs[i]
+                _recurrence_head(q[b, h // rep], k[b, h // rep], v[b, h],  S[b, h],
+                                 g[b, h:h + 1] if g.shape[0] > 0 else none1,
+                                 gk[b, h] if gk.shape[0] > 0 else none2[0],
+                                 beta[b, h:h + 1] if beta.shape[0] > 0 else none1, scale, l2, qs, ks, u, o[b, h])
         return o
+
+    @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
+    def _nb_conv_recurrence_step(proj, win_q, win_k, win_v, w, cb, acts, g, gk, beta, S, scale, l2):  # pragma: no cover
+        # An fla layer's token from its projections to its recurrence's output: proj [B, >= C], its first
+        # C = Ck + Ck + Cv columns q, k, v before their short convs; win_q, win_k, win_v [B, C_*, W] (slid in
+        # place); w [C, W], cb [C] or empty: the three convs' weights and biases in that order; acts [3]:
+        # silu after each conv; then `_recurrence_head` per (row, head) with q, k in Hk heads of K and v in
+        # H heads of V (S [B, H, K, V], updated in place); g [B, H], gk [B, H, K], beta [B, H] or 0-length
+        # first axis -> o [B, H, V]
+        B, H, K, V = S.shape
+        Ck, Cv = win_q.shape[1], win_v.shape[1]
+        rep = H // (Ck // K)
+        o = _np.empty((B, H, V), _np.float32)
+        xc = _np.empty(Ck + Ck + Cv, _np.float32)
+        qs, ks, u = _np.empty(K, _np.float32), _np.empty(K, _np.float32), _np.empty(V, _np.float32)
+        none1, none2 = _np.empty(0, _np.float32), _np.empty((1, 0), _np.float32)
+        nb = cb.shape[0] > 0
+        for b in range(B):
+            _conv_tap_step(proj[b, :Ck], win_q[b], w[:Ck], cb[:Ck] if nb else cb, acts[0], xc[:Ck])
+            _conv_tap_step(proj[b, Ck:2 * Ck], win_k[b], w[Ck:2 * Ck], cb[Ck:2 * Ck] if nb else cb, acts[1],
+                           xc[Ck:2 * Ck])
+            _conv_tap_step(proj[b, 2 * Ck:2 * Ck + Cv], win_v[b], w[2 * Ck:], cb[2 * Ck:] if nb else cb, acts[2],
+                           xc[2 * Ck:])
+            for h in range(H):
+                hk = h // rep
+                _recurrence_head(xc[hk * K:(hk + 1) * K], xc[Ck + hk * K:Ck + (hk + 1) * K],
+                                 xc[2 * Ck + h * V:2 * Ck + (h + 1) * V], S[b, h],
+                                 g[b, h:h + 1] if g.shape[0] > 0 else none1,
+                                 gk[b, h] if gk.shape[0] > 0 else none2[0],
+                                 beta[b, h:h + 1] if beta.shape[0] > 0 else none1, scale, l2, qs, ks, u, o[b, h])
+        return o
+
+    @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
+    def _nb_gated_rms_rows(x, w, bias, eps, z, act):  # pragma: no cover - jitted
+        # x [R, V] -> rmsnorm(x) * w (+ bias), times silu(z) (act 1) or sigmoid(z) (act 2), z [R, V]
+        R, V = x.shape
+        out = _np.empty((R, V), _np.float32)
+        for r in range(R):
+            ss = _np.float32(0.0)
+            for j in range(V):
+                ss += x[r, j] * x[r, j]
+            rs = _np.float32(1.0) / _np.sqrt(ss / _np.float32(V) + eps)
+            for j in range(V):
+                y = x[r, j] * rs * w[j]
+                if bias.shape[0] > 0:
+                    y += bias[j]
+                out[r, j] = y
+            if act == 1:
+                for j in range(V):
+                    out[r, j] *= _silu(z[r, j])
+            elif act == 2:
+                for j in range(V):
+                    out[r, j] *= _np.float32(1.0) / (_np.float32(1.0) + _vexp(-z[r, j]))
+        return out
 
     @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
     def _nb_mamba2_step(zxbcdt, conv, w, cb, dt_bias, A_log, D, nw, eps, h, d_inner, ngroups):  # pragma: no cover
@@ -1211,6 +1279,35 @@ def recurrence_step(q: Tensor, k: Tensor, v: Tensor, state: Tensor, g: Tensor | 
         _np32(q), _np32(k), _np32(v), none2 if g is None else _np32(g), none3 if gk is None else _np32(gk),
         none2 if beta is None else _np32(beta), _inplace(state, "recurrence_step: state"),
         _np.float32(K**-0.5 if scale is None else scale), l2norm_qk))
+
+
+def conv_recurrence_step(proj: Tensor, windows: tuple[Tensor, Tensor, Tensor], weight: Tensor, bias: Tensor | None,
+                         acts: tuple[bool, bool, bool], state: Tensor, g: Tensor | None = None,
+                         gk: Tensor | None = None, beta: Tensor | None = None, scale: float | None = None,
+                         l2norm_qk: bool = False) -> Tensor:
+    """`short_conv_step` on q, k and v, then `recurrence_step`, as one pass per row: proj [B, >= C] float32
+    CPU, its first C = Ck + Ck + Cv columns q, k, v before their convs; windows ([B, C_*, W] each, slid in
+    place), weight [C, W] and bias [C] or None (the three convs' in that order), acts (silu after each);
+    state [B, H, K, V] (updated in place), g [B, H] / gk [B, H, K] / beta [B, H] -> o [B, H, V]."""
+    K = state.shape[2]
+    none2, none3 = _np.zeros((0, 0), _np.float32), _np.zeros((0, 0, 0), _np.float32)
+    return torch.from_numpy(_nb_conv_recurrence_step(
+        _np32(proj), *(_inplace(w, "conv_recurrence_step: window") for w in windows), _np32(weight),
+        _NO_BIAS if bias is None else _np32(bias), _np.array(acts, _np.bool_),
+        none2 if g is None else _np32(g), none3 if gk is None else _np32(gk),
+        none2 if beta is None else _np32(beta), _inplace(state, "conv_recurrence_step: state"),
+        _np.float32(K**-0.5 if scale is None else scale), l2norm_qk))
+
+
+def gated_rms_rows(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float, gate: Tensor | None = None,
+                   activation: str = "silu") -> Tensor:
+    """rms_norm(x) * weight (+ bias), times silu(gate) or sigmoid(gate) when given: x, gate [R, V] float32
+    CPU -> [R, V] (fla's RMSNorm and FusedRMSNormGated on a decoding step's rows, equal to float32
+    rounding; the references are `backbones.fla`'s `_rms_norm_ref` and `_rms_norm_gated_ref`)."""
+    act = 0 if gate is None else 2 if activation == "sigmoid" else 1
+    return torch.from_numpy(_nb_gated_rms_rows(
+        _np32(x), _np32(weight), _NO_BIAS if bias is None else _np32(bias), _np.float32(eps),
+        _np32(x if gate is None else gate), act))
 
 
 def mamba3_step_consts(dt_bias: Tensor, B_bias: Tensor, C_bias: Tensor, B_norm: Tensor, C_norm: Tensor,
