@@ -18,8 +18,11 @@ cheap intermediates in the backward instead of saving them.
   `mamba3_step_fused` (in_proj's output to the gate), `mamba_step_fused` (two passes around x_proj),
   `s4d_step_fused` (the recurrence, GELU and the output layer), `s5_step_fused` (its three products,
   the recurrence, GELU and the gate), and for the fla layers `recurrence_step` (one token of the gated
-  (delta-rule) linear-attention recurrence; its reference is `backbones.fla.linear_recurrence`) and
-  `short_conv_step` (their short convolutions; its reference is `backbones.fla.ref_causal_conv1d`).
+  (delta-rule) linear-attention recurrence; its reference is `backbones.fla.linear_recurrence`),
+  `short_conv_step` (their short convolutions; its reference is `backbones.fla.ref_causal_conv1d`),
+  both together as `conv_recurrence_step`, and `gated_rms_rows` (their output norm and its gate; the
+  references are `backbones.fla`'s norm forwards), which the fla layers' fused steps
+  (`backbones.fla._STEPS`) call and which share their per-row and per-head code with the first two.
   Eager torch ran a step as 20-40 small ops per layer, ~8 us of dispatch each; these run every row
   on the calling thread. What a mixer's pass reads of the parameters comes from its `*_step_consts`,
   kept by the mixer while they are unchanged (`backbones.base.while_unchanged`). The references are
@@ -425,7 +428,7 @@ if _nb is not None:
         none1, none2 = _np.empty(0, _np.float32), _np.empty((1, 0), _np.float32)
         for b in range(B):
             for h in range(H):
-                _recurrence_head(q[b, h // rep], k[b, h // rep], v[b, h],  S[b, h],
+                _recurrence_head(q[b, h // rep], k[b, h // rep], v[b, h], S[b, h],
                                  g[b, h:h + 1] if g.shape[0] > 0 else none1,
                                  gk[b, h] if gk.shape[0] > 0 else none2[0],
                                  beta[b, h:h + 1] if beta.shape[0] > 0 else none1, scale, l2, qs, ks, u, o[b, h])
