@@ -93,12 +93,17 @@ class RMSNorm(nn.Module):
         return while_unchanged(self, "_step_consts", (w,), lambda: fused_cpu.rms_norm_consts(w, self.eps), self.eps)
 
 
+def step_product(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear(x, weight, bias) for a decoding step's rows x [B, D]: `fused_cpu.linear_rows` where
+    `fused_cpu.rows_usable` (equal to float32 rounding), else F.linear."""
+    if fused_cpu.rows_usable(x, weight):
+        return fused_cpu.linear_rows(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
 def step_linear(layer: nn.Linear, x: Tensor) -> Tensor:
-    """layer(x) for a decoding step's rows x [B, D]: `fused_cpu.linear_rows` where `fused_cpu.rows_usable`
-    (equal to float32 rounding), else the layer."""
-    if fused_cpu.rows_usable(x, layer.weight):
-        return fused_cpu.linear_rows(x, layer.weight, layer.bias)
-    return layer(x)
+    """layer(x) for a decoding step's rows x [B, D] (`step_product` of its weight and bias)."""
+    return step_product(x, layer.weight, layer.bias)
 
 
 class MLP(nn.Module):

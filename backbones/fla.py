@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from backbones.base import Backbone, Mixer, State, register, while_unchanged
+from backbones.base import Backbone, Mixer, State, register, step_linear, step_product, while_unchanged
 from backbones.ops import fused_cpu
 from backbones.ops.dispatch import KernelSwitch, check_mode, kernel_available, load_kernel
 
@@ -302,8 +302,8 @@ def _refs() -> tuple[dict, dict]:
 
 # ----------------------------------------------------------------------------- fused decoding steps
 # One token of a catalogue layer, written from its forward (fla 0.6.0) for a decoding step: the projections
-# that read the input as one row product (`fused_cpu.linear_rows` on their weights concatenated while
-# unchanged), the short convolutions, the recurrence and the norm as numba passes, the gates in torch.
+# that read the input as one row product (`step_product` on their weights concatenated while unchanged),
+# the short convolutions, the recurrence and the norm as numba passes, the gates in torch.
 # fla's forward runs ~60 small ops per token (a step cost 0.5-1.6 ms a layer); this runs ~10.
 # `FlaMixer.step` takes it where `_STEPS` has the layer and its check passes; else the forward runs.
 
@@ -326,17 +326,8 @@ def _consts(mixer, mods) -> tuple:
 
 def _rows(cs: tuple, x: Tensor) -> tuple[Tensor, list[Tensor]]:
     """x [B, D] through the projections of `_consts` cs as one row product -> ([B, sum of widths], its parts)."""
-    proj = _product(x, cs[0], cs[1])
+    proj = step_product(x, cs[0], cs[1])
     return proj, list(proj.split(cs[2], -1))
-
-
-def _linear(mod, x: Tensor) -> Tensor:
-    return _product(x, mod.weight, mod.bias)
-
-
-def _product(x: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
-    """x W^T + b for a step's rows: the row kernel up to `fused_cpu.STEP_ROWS_MAX` rows, MKL's beyond."""
-    return fused_cpu.linear_rows(x, W, b) if x.shape[0] <= fused_cpu.STEP_ROWS_MAX else F.linear(x, W, b)
 
 
 def _conv_recurrence(cs: tuple, proj: Tensor, c: dict, v_first: bool, **kw) -> Tensor:
@@ -365,10 +356,10 @@ def _heads(t: Tensor, d: int) -> Tensor:  # [B, H * d] -> [B, H, d]
 def _gated_norm(norm, o: Tensor, gate: Tensor | None) -> Tensor:
     """The output norm per head (fla's RMSNorm, or FusedRMSNormGated with gate [B, H * V]) on o [B, H, V]
     -> [B, H * V]: one numba pass (`fused_cpu.gated_rms_rows`), or the reference without a weight."""
-    rows = o.reshape(-1, o.shape[-1])
     if norm.weight is None:
         y = _rms_norm_ref(norm, o) if gate is None else _rms_norm_gated_ref(norm, o, gate.view(o.shape))
     else:
+        rows = o.reshape(-1, o.shape[-1])
         y = fused_cpu.gated_rms_rows(rows, norm.weight, getattr(norm, "bias", None), norm.eps,
                                      None if gate is None else gate.reshape(rows.shape),
                                      getattr(norm, "activation", "silu"))
@@ -384,7 +375,7 @@ def _step_delta_net(m, x, c):
     cs = _consts(m, [L.q_proj, L.k_proj, L.v_proj, L.b_proj] + ([L.g_proj] if L.use_gate else []))
     proj, (_, _, _, b, *g) = _rows(cs, x)
     o = _conv_recurrence(cs, proj, c, False, beta=_beta_of(L, b), l2norm_qk=True)
-    return _linear(L.o_proj, _gated_norm(L.o_norm, o, g[0] if g else None))
+    return step_linear(L.o_proj, _gated_norm(L.o_norm, o, g[0] if g else None))
 
 
 def _step_gated_delta_net(m, x, c):
@@ -393,24 +384,24 @@ def _step_gated_delta_net(m, x, c):
     proj, (_, _, _, a, b, *g) = _rows(cs, x)
     decay = -L.A_log.exp() * F.softplus(a + L.dt_bias)  # [B, Hv]: fla's naive_gdn_gate
     o = _conv_recurrence(cs, proj, c, True, g=decay, beta=_beta_of(L, b), l2norm_qk=True)
-    return _linear(L.o_proj, _gated_norm(L.o_norm, o, g[0] if g else None))
+    return step_linear(L.o_proj, _gated_norm(L.o_norm, o, g[0] if g else None))
 
 
 def _step_kda(m, x, c):
     L = m.layer
     cs = _consts(m, [L.q_proj, L.k_proj, L.v_proj, L.f_proj[0], L.b_proj, L.g_proj[0]])
     proj, (_, _, _, f, b, g) = _rows(cs, x)
-    f = _heads(_linear(L.f_proj[1], f), L.head_k_dim)  # [B, Hv, K]
+    f = _heads(step_linear(L.f_proj[1], f), L.head_k_dim)  # [B, Hv, K]
     decay = -L.A_log.exp()[:, None] * F.softplus(f + L.dt_bias.view(f.shape[1:]))  # fla's naive_kda_gate
     o = _conv_recurrence(cs, proj, c, True, gk=decay, beta=_beta_of(L, b), l2norm_qk=True)
-    return _linear(L.o_proj, _gated_norm(L.o_norm, o, _linear(L.g_proj[1], g)))
+    return step_linear(L.o_proj, _gated_norm(L.o_norm, o, step_linear(L.g_proj[1], g)))
 
 
 def _gla_out(L, o: Tensor, g: Tensor | None) -> Tensor:
     """GLA's and SimpleGLA's output: the norm with its swish gate fused (or, without a gate, the norm), o_proj.
     (Their unfused `gate_fn` is an fla Triton op held by the layer, which no path here replaces.)"""
     y = _gated_norm(L.g_norm, o, None) if g is None else _gated_norm(L.g_norm_swish_gate, o, g)
-    return _linear(L.o_proj, y)
+    return step_linear(L.o_proj, y)
 
 
 def _step_simple_gla(m, x, c):
@@ -430,7 +421,7 @@ def _step_gla(m, x, c):
     L = m.layer
     cs = _consts(m, [L.q_proj, L.k_proj, L.v_proj, L.gk_proj[0]] + ([L.g_proj] if L.use_output_gate else []))
     proj, (q, k, v, gk, *g) = _rows(cs, x)
-    gk = F.logsigmoid(_linear(L.gk_proj[1], gk)) / L.gate_logit_normalizer
+    gk = F.logsigmoid(step_linear(L.gk_proj[1], gk)) / L.gate_logit_normalizer
     if L.clamp_min is not None:
         gk = torch.clamp_min(gk, L.clamp_min)
     gk = _heads(gk, L.head_k_dim)  # [B, H, K]

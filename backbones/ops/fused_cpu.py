@@ -467,7 +467,8 @@ if _nb is not None:
 
     @_nb.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
     def _nb_gated_rms_rows(x, w, bias, eps, z, act):  # pragma: no cover - jitted
-        # x [R, V] -> rmsnorm(x) * w (+ bias), times silu(z) (act 1) or sigmoid(z) (act 2), z [R, V]
+        # x [R, V] -> rmsnorm(x) * w (+ bias), times silu(z) (act 1) or sigmoid(z) (act 2), z [R, V] (act 0:
+        # not read). Not `_nb_rms_norm` (ATen's sum order, no fastmath): this one also gates, in the same pass
         R, V = x.shape
         out = _np.empty((R, V), _np.float32)
         for r in range(R):
@@ -996,6 +997,7 @@ def rms_norm_rows(x: Tensor, weight: Tensor, eps: float, lanes: int | None = Non
 #: from 16 rows on, MKL's is faster
 STEP_ROWS_MAX = 8
 _NO_BIAS = _np.zeros(0, _np.float32)
+_NONE2, _NONE3 = _np.zeros((0, 0), _np.float32), _np.zeros((0, 0, 0), _np.float32)  # an absent 2-d / 3-d input
 
 
 def rows_usable(x: Tensor, weight: Tensor) -> bool:
@@ -1276,12 +1278,20 @@ def recurrence_step(q: Tensor, k: Tensor, v: Tensor, state: Tensor, g: Tensor | 
     its reference, at T = 1), one pass per (row, head): q, k [B, Hk, K], v [B, H, V], g [B, H] or gk
     [B, H, K] (log decays), beta [B, H] or None, state [B, H, K, V] float32 (updated in place) -> o
     [B, H, V]. scale defaults to K^-1/2."""
-    K = q.shape[-1]
-    none2, none3 = _np.zeros((0, 0), _np.float32), _np.zeros((0, 0, 0), _np.float32)  # absent g / beta, gk
     return torch.from_numpy(_nb_recurrence_step(
-        _np32(q), _np32(k), _np32(v), none2 if g is None else _np32(g), none3 if gk is None else _np32(gk),
-        none2 if beta is None else _np32(beta), _inplace(state, "recurrence_step: state"),
-        _np.float32(K**-0.5 if scale is None else scale), l2norm_qk))
+        _np32(q), _np32(k), _np32(v), *_gates(g, gk, beta), _inplace(state, "recurrence_step: state"),
+        _scale(q.shape[-1], scale), l2norm_qk))
+
+
+def _gates(g: Tensor | None, gk: Tensor | None, beta: Tensor | None) -> tuple:
+    """g [B, H], gk [B, H, K], beta [B, H] as the recurrence passes read them: an absent one as a
+    0-length array of its rank."""
+    return (_NONE2 if g is None else _np32(g), _NONE3 if gk is None else _np32(gk),
+            _NONE2 if beta is None else _np32(beta))
+
+
+def _scale(K: int, scale: float | None) -> _np.float32:
+    return _np.float32(K**-0.5 if scale is None else scale)
 
 
 def conv_recurrence_step(proj: Tensor, windows: tuple[Tensor, Tensor, Tensor], weight: Tensor, bias: Tensor | None,
@@ -1292,14 +1302,10 @@ def conv_recurrence_step(proj: Tensor, windows: tuple[Tensor, Tensor, Tensor], w
     CPU, its first C = Ck + Ck + Cv columns q, k, v before their convs; windows ([B, C_*, W] each, slid in
     place), weight [C, W] and bias [C] or None (the three convs' in that order), acts (silu after each);
     state [B, H, K, V] (updated in place), g [B, H] / gk [B, H, K] / beta [B, H] -> o [B, H, V]."""
-    K = state.shape[2]
-    none2, none3 = _np.zeros((0, 0), _np.float32), _np.zeros((0, 0, 0), _np.float32)
     return torch.from_numpy(_nb_conv_recurrence_step(
         _np32(proj), *(_inplace(w, "conv_recurrence_step: window") for w in windows), _np32(weight),
-        _NO_BIAS if bias is None else _np32(bias), _np.array(acts, _np.bool_),
-        none2 if g is None else _np32(g), none3 if gk is None else _np32(gk),
-        none2 if beta is None else _np32(beta), _inplace(state, "conv_recurrence_step: state"),
-        _np.float32(K**-0.5 if scale is None else scale), l2norm_qk))
+        _NO_BIAS if bias is None else _np32(bias), _np.array(acts, _np.bool_), *_gates(g, gk, beta),
+        _inplace(state, "conv_recurrence_step: state"), _scale(state.shape[2], scale), l2norm_qk))
 
 
 def gated_rms_rows(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float, gate: Tensor | None = None,
@@ -1310,7 +1316,7 @@ def gated_rms_rows(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float, g
     act = 0 if gate is None else 2 if activation == "sigmoid" else 1
     return torch.from_numpy(_nb_gated_rms_rows(
         _np32(x), _np32(weight), _NO_BIAS if bias is None else _np32(bias), _np.float32(eps),
-        _np32(x if gate is None else gate), act))
+        _NONE2 if gate is None else _np32(gate), act))
 
 
 def mamba3_step_consts(dt_bias: Tensor, B_bias: Tensor, C_bias: Tensor, B_norm: Tensor, C_norm: Tensor,
